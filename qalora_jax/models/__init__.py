@@ -1,0 +1,1 @@
+"""LLaMA-family decoders and their loaders."""

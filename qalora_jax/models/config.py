@@ -1,0 +1,133 @@
+"""The hyperparameters of a LLaMA-family decoder, shared by every loader and by the model code."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+ARCHITECTURES = ("llama", "mistral", "qwen2")
+DTYPES = ("float32", "bfloat16")
+ROPE_SCALINGS = ("llama3",)
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Llama-3-style frequency scaling of RoPE (rope_type "llama3" in Hugging Face configs).
+
+  With wavelength lambda_i = 2 pi / f_i of each base frequency f_i, and L = original_max_position:
+    lambda_i < L / high_freq_factor  -> f_i unchanged (high frequencies)
+    lambda_i > L / low_freq_factor   -> f_i / factor   (low frequencies)
+    otherwise                        -> (1 - s) f_i / factor + s f_i,
+                                        s = (L / lambda_i - low_freq_factor) / (high_freq_factor - low_freq_factor)
+  """
+
+  factor: float
+  low_freq_factor: float
+  high_freq_factor: float
+  original_max_position: int
+  kind: str = "llama3"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """A decoder's shape and numerics. Frozen and hashable: it is a static argument of jitted functions.
+
+  Attributes:
+    arch: the checkpoint family ("llama", "mistral", "qwen2"); the code path is the same for all three.
+    vocab_size, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads, head_dim: shapes.
+    rope_theta: RoPE base; rope_scaling: optional llama-3-style scaling.
+    rms_eps: epsilon of RMSNorm.
+    max_seq_len: the context length; longer inputs are rejected.
+    tie_embeddings: the output head is the transposed token embedding (no params["lm_head"]).
+    qkv_bias: q/k/v projections carry a bias (Qwen2); o_bias: the output projection does too.
+    sliding_window: keys further back than this many positions are masked (Mistral); None: no window.
+    dtype: compute dtype ("float32" or "bfloat16"); parameters keep their own dtype and are cast in use.
+    remat: recompute each block's activations in the backward pass (jax.checkpoint).
+    scan_layers: run the blocks with jax.lax.scan (one compiled block) or as an unrolled Python loop.
+    bos_id, eos_ids, pad_id: special token ids (generation stops at any of eos_ids).
+  """
+
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rope_theta: float = 10000.0
+  rope_scaling: RopeScaling | None = None
+  rms_eps: float = 1e-5
+  max_seq_len: int = 2048
+  tie_embeddings: bool = False
+  qkv_bias: bool = False
+  o_bias: bool = False
+  sliding_window: int | None = None
+  arch: str = "llama"
+  dtype: str = "float32"
+  remat: bool = False
+  scan_layers: bool = True
+  bos_id: int | None = None
+  eos_ids: tuple[int, ...] = ()
+  pad_id: int | None = None
+
+  def __post_init__(self):
+    check_choice("arch", self.arch, ARCHITECTURES)
+    check_choice("dtype", self.dtype, DTYPES)
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                 "head_dim", "max_seq_len"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name}={value!r} is not supported; allowed: a positive integer")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}; "
+                       f"allowed: num_kv_heads dividing num_heads")
+    if self.head_dim % 2:
+      raise ValueError(f"head_dim={self.head_dim} is not supported; allowed: an even number (RoPE rotates pairs)")
+    if self.rope_scaling is not None:
+      check_choice("rope_scaling.kind", self.rope_scaling.kind, ROPE_SCALINGS)
+    if not isinstance(self.eos_ids, tuple):
+      object.__setattr__(self, "eos_ids", tuple(self.eos_ids))
+
+  @property
+  def q_size(self) -> int:
+    return self.num_heads * self.head_dim
+
+  @property
+  def kv_size(self) -> int:
+    return self.num_kv_heads * self.head_dim
+
+  def replace(self, **changes) -> Config:
+    return dataclasses.replace(self, **changes)
+
+  def num_params(self) -> int:
+    """Number of weights, counting a tied embedding once."""
+    d, f, L = self.hidden_size, self.intermediate_size, self.num_layers
+    attn = d * self.q_size + 2 * d * self.kv_size + self.q_size * d
+    attn += (self.q_size + 2 * self.kv_size) * self.qkv_bias + d * self.o_bias
+    block = attn + 3 * d * f + 2 * d
+    head = 0 if self.tie_embeddings else d * self.vocab_size
+    return self.vocab_size * d + L * block + d + head
+
+
+def check_choice(name: str, value, allowed) -> None:
+  """Raises ValueError naming the parameter and its allowed values when `value` is not among them."""
+  if value not in allowed:
+    raise ValueError(f"{name}={value!r} is not supported; allowed: {', '.join(map(str, allowed))}")
+
+
+def rope_frequencies(config: Config):
+  """The head_dim / 2 rotation frequencies f_i = theta^(-2i / head_dim), llama-3-scaled if configured."""
+  import numpy as np
+
+  d = config.head_dim
+  freqs = 1.0 / (config.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+  s = config.rope_scaling
+  if s is not None:
+    wavelength = 2 * math.pi / freqs
+    low_wavelength = s.original_max_position / s.low_freq_factor
+    high_wavelength = s.original_max_position / s.high_freq_factor
+    smooth = (s.original_max_position / wavelength - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    blended = (1 - smooth) * freqs / s.factor + smooth * freqs
+    freqs = np.where(wavelength < high_wavelength, freqs,
+                     np.where(wavelength > low_wavelength, freqs / s.factor, blended))
+  return freqs.astype(np.float32)

@@ -1,0 +1,243 @@
+"""A LLaMA-family decoder (LLaMA, Mistral, Qwen2) as pure functions over a nested-dict parameter tree.
+
+Per block (pre-norm residual):
+    h = x + o_proj(attention(rope(q_proj(norm(x))), rope(k_proj(norm(x))), v_proj(norm(x))))
+    y = h + down_proj(silu(gate_proj(norm(h))) * up_proj(norm(h)))
+and logits = head(norm(y_last_block)), the head being lm_head or the transposed embedding when tied.
+
+Parameter layout (kernels are [in, out]; the block weights are stacked along a leading layer axis L, in both
+the scanned and the unrolled execution, so one tree serves both):
+
+    params = {
+      "embed":      {"embedding": [V, D]},
+      "blocks": {
+        "attn_norm": {"scale": [L, D]},
+        "attn": {"q_proj": {"kernel": [L, D, H*d], "bias": [L, H*d] (qkv_bias only)},
+                 "k_proj": {"kernel": [L, D, K*d], "bias": [L, K*d] (qkv_bias only)},
+                 "v_proj": {"kernel": [L, D, K*d], "bias": [L, K*d] (qkv_bias only)},
+                 "o_proj": {"kernel": [L, H*d, D], "bias": [L, D]   (o_bias only)}},
+        "mlp_norm":  {"scale": [L, D]},
+        "mlp":  {"gate_proj": {"kernel": [L, D, F]}, "up_proj": {"kernel": [L, D, F]},
+                 "down_proj": {"kernel": [L, F, D]}},
+      },
+      "final_norm": {"scale": [D]},
+      "lm_head":    {"kernel": [D, V]},            # absent when config.tie_embeddings
+    }
+
+Any kernel may be a QTensor instead of an array; a QTensor stacked over layers has a leading L axis on each of
+its array leaves (its metadata describes one layer), and the scan body sees one layer's slice. Paths are
+written "/"-joined, e.g. "blocks/attn/q_proj/kernel" (see `param_paths`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from qalora_jax.models import layers
+from qalora_jax.models.config import Config, rope_frequencies
+from qalora_jax.quant import QTensor
+
+ATTN_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
+
+
+def param_shapes(config: Config) -> dict:
+  """The parameter tree of `config` with shape tuples as leaves (the layout in the module docstring)."""
+  d, f, L, v = config.hidden_size, config.intermediate_size, config.num_layers, config.vocab_size
+  q, kv = config.q_size, config.kv_size
+  attn = {"q_proj": {"kernel": (L, d, q)}, "k_proj": {"kernel": (L, d, kv)}, "v_proj": {"kernel": (L, d, kv)},
+          "o_proj": {"kernel": (L, q, d)}}
+  if config.qkv_bias:
+    attn["q_proj"]["bias"], attn["k_proj"]["bias"], attn["v_proj"]["bias"] = (L, q), (L, kv), (L, kv)
+  if config.o_bias:
+    attn["o_proj"]["bias"] = (L, d)
+  shapes = {
+      "embed": {"embedding": (v, d)},
+      "blocks": {
+          "attn_norm": {"scale": (L, d)},
+          "attn": attn,
+          "mlp_norm": {"scale": (L, d)},
+          "mlp": {"gate_proj": {"kernel": (L, d, f)}, "up_proj": {"kernel": (L, d, f)},
+                  "down_proj": {"kernel": (L, f, d)}},
+      },
+      "final_norm": {"scale": (d,)},
+  }
+  if not config.tie_embeddings:
+    shapes["lm_head"] = {"kernel": (d, v)}
+  return shapes
+
+
+def init_params(config: Config, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> dict:
+  """Random parameters: normal(0, std) kernels, embeddings and biases; norm scales of one."""
+  shapes = param_shapes(config)
+  paths = list(flatten(shapes, is_leaf=lambda s: isinstance(s, tuple)))
+  keys = dict(zip([p for p, _ in paths], jax.random.split(key, len(paths))))
+  leaves = {}
+  for path, shape in paths:
+    if path.endswith("/scale"):
+      leaves[path] = jnp.ones(shape, dtype)
+    else:
+      leaves[path] = (std * jax.random.normal(keys[path], shape, jnp.float32)).astype(dtype)
+  return unflatten(leaves)
+
+
+def flatten(tree: dict, prefix: str = "", is_leaf=None):
+  """Yields ("a/b/c", leaf) over a nested dict; QTensors (and whatever `is_leaf` accepts) are leaves."""
+  for name, value in tree.items():
+    path = f"{prefix}/{name}" if prefix else name
+    if isinstance(value, dict) and not (is_leaf and is_leaf(value)):
+      yield from flatten(value, path, is_leaf)
+    else:
+      yield path, value
+
+
+def unflatten(leaves: dict) -> dict:
+  """The inverse of `flatten`: {"a/b/c": leaf} -> nested dict."""
+  tree: dict = {}
+  for path, value in leaves.items():
+    node = tree
+    *parents, last = path.split("/")
+    for name in parents:
+      node = node.setdefault(name, {})
+    node[last] = value
+  return tree
+
+
+def param_paths(params: dict) -> list[str]:
+  """The "/"-joined paths of the parameter tree's leaves (a QTensor counts as one leaf)."""
+  return [path for path, _ in flatten(params)]
+
+
+def layer_slice(blocks: dict, i: int) -> dict:
+  """The parameters of block i (index i on the leading axis of every array leaf, QTensors included)."""
+  return jax.tree.map(lambda a: a[i], blocks)
+
+
+def embed(config: Config, params: dict, tokens: jax.Array) -> jax.Array:
+  table = params["embed"]["embedding"]
+  if isinstance(table, QTensor):
+    table = table.dequantize(jnp.float32)
+  return jnp.take(table, tokens, axis=0).astype(config.dtype)
+
+
+def head(config: Config, params: dict, x: jax.Array) -> jax.Array:
+  """Logits in float32: x W_head, with W_head = embedding^T when the embeddings are tied."""
+  if config.tie_embeddings:
+    table = layers.materialize(params["embed"]["embedding"], x.dtype)
+    logits = jnp.einsum("...d,vd->...v", x, table)
+  else:
+    logits = layers.dense(x, params["lm_head"]["kernel"])
+  return logits.astype(jnp.float32)
+
+
+def block(config: Config, p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+          kv: tuple[jax.Array, jax.Array] | None, index: jax.Array):
+  """One decoder block. With a cache `kv` ([b, S, K, d] each), this step's keys and values are written at
+  slot `index` and attention runs over all S slots; returns (x, updated kv or None)."""
+  b, t, _ = x.shape
+  dt = x.dtype
+  h = layers.rms_norm(x, p["attn_norm"]["scale"], config.rms_eps)
+  attn = p["attn"]
+  q = layers.linear(h, attn["q_proj"]).reshape(b, t, config.num_heads, config.head_dim)
+  k = layers.linear(h, attn["k_proj"]).reshape(b, t, config.num_kv_heads, config.head_dim)
+  v = layers.linear(h, attn["v_proj"]).reshape(b, t, config.num_kv_heads, config.head_dim)
+  q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
+  if kv is not None:
+    k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
+    v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
+    kv = (k, v)
+  a = layers.attention(q, k.astype(dt), v.astype(dt), mask)
+  x = x + layers.linear(a.reshape(b, t, config.q_size), attn["o_proj"])
+  h = layers.rms_norm(x, p["mlp_norm"]["scale"], config.rms_eps)
+  x = x + layers.swiglu(h, p["mlp"])
+  return x, kv
+
+
+def attention_mask(config: Config, key_mask: jax.Array, num_queries: int, index) -> jax.Array:
+  """[b, t, S] mask over cache slots: query slot index + i sees key slot j if j <= index + i, key j is valid,
+  and (with a sliding window) index + i - j < window."""
+  q_slots = index + jnp.arange(num_queries)[:, None]
+  k_slots = jnp.arange(key_mask.shape[1])[None, :]
+  allowed = k_slots <= q_slots
+  if config.sliding_window is not None:
+    allowed = allowed & (q_slots - k_slots < config.sliding_window)
+  return allowed[None] & key_mask[:, None, :]
+
+
+def default_positions(key_mask: jax.Array) -> jax.Array:
+  """Positions counting real tokens only: p = cumsum(mask) - 1 (left padding gets position 0)."""
+  return jnp.maximum(jnp.cumsum(key_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def forward(config: Config, params: dict, tokens: jax.Array, positions: jax.Array, key_mask: jax.Array,
+            cache: dict | None = None, index=0):
+  """Logits [b, t, V] (float32) and the updated cache.
+
+  Args:
+    tokens, positions: [b, t] int.
+    key_mask: [b, S] bool, which key slots hold real tokens; S = t without a cache, the cache length with one.
+    cache: None, or {"k", "v"}: [L, b, S, K, d] each; this call's keys and values go to slots index..index+t-1.
+  """
+  x = embed(config, params, tokens)
+  cos, sin = layers.rope_angles(positions, rope_frequencies(config))
+  mask = attention_mask(config, key_mask, tokens.shape[1], index)
+  step = functools.partial(block, config)
+  if config.remat:
+    step = jax.checkpoint(step, prevent_cse=not config.scan_layers)
+  blocks = params["blocks"]
+  kvs = None if cache is None else (cache["k"], cache["v"])
+  if config.scan_layers:
+    def body(x, layer):
+      p, kv = layer
+      x, kv = step(p, x, cos, sin, mask, kv, index)
+      return x, kv
+
+    x, kvs = jax.lax.scan(body, x, (blocks, kvs))
+  else:
+    new = []
+    for i in range(config.num_layers):
+      kv = None if kvs is None else (kvs[0][i], kvs[1][i])
+      x, kv = step(layer_slice(blocks, i), x, cos, sin, mask, kv, index)
+      new.append(kv)
+    if kvs is not None:
+      kvs = (jnp.stack([kv[0] for kv in new]), jnp.stack([kv[1] for kv in new]))
+  x = layers.rms_norm(x, params["final_norm"]["scale"], config.rms_eps)
+  logits = head(config, params, x)
+  return logits, (None if cache is None else {"k": kvs[0], "v": kvs[1]})
+
+
+def check_tokens(config: Config, tokens) -> None:
+  shape = getattr(tokens, "shape", None)
+  if shape is None or len(shape) != 2:
+    raise ValueError(f"tokens must be a [batch, seq] integer array, got shape {shape}")
+  if shape[1] > config.max_seq_len:
+    raise ValueError(f"sequence of {shape[1]} tokens exceeds the context length max_seq_len={config.max_seq_len}")
+
+
+def apply(config: Config, params: dict, tokens: jax.Array, positions: jax.Array | None = None,
+          padding_mask: jax.Array | None = None) -> jax.Array:
+  """Logits [batch, seq, vocab] (float32) of a causal forward pass.
+
+  padding_mask [batch, seq] (True: a real token) excludes padded keys; positions default to the count of real
+  tokens before each one, so a left-padded row is computed as if unpadded.
+  """
+  check_tokens(config, tokens)
+  tokens = jnp.asarray(tokens, jnp.int32)
+  key_mask = jnp.ones(tokens.shape, bool) if padding_mask is None else jnp.asarray(padding_mask, bool)
+  if positions is None:
+    positions = default_positions(key_mask)
+  logits, _ = forward(config, params, tokens, positions, key_mask)
+  return logits
+
+
+apply_jit = jax.jit(apply, static_argnums=0)
+
+
+def init_cache(config: Config, batch: int, length: int, dtype=None) -> dict:
+  """An empty KV cache: {"k", "v"} of zeros [L, batch, length, K, d] in the compute dtype."""
+  shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+  dtype = dtype or config.dtype
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

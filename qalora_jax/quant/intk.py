@@ -1,0 +1,140 @@
+"""`int`: group-wise INT-k round-to-nearest, the base format of QA-LoRA.
+
+Each output column is cut along `in` into groups of g inputs. Per group (QA-LoRA paper, Eq. 1):
+
+    scale = (max - min) / (2^k - 1),  offset = min,  q = clip(round((w - offset) / scale), 0, 2^k - 1),
+    w~ = scale * q + offset.
+
+The offset is a float, not an integer zero point, so a QA-LoRA merge adds exactly to it. Scale and offset
+are stored in `scale_dtype` (float16 by default: INT4 g128 costs 4 + 32/128 = 4.25 bits a weight) and the
+codes are computed against the stored values, so the bound below holds for what is stored.
+With `symmetric=True`: scale = max|w| / (2^(k-1) - 1), q = clip(round(w / scale), -2^(k-1), 2^(k-1) - 1)
+stored as q + 2^(k-1), no offset array, w~ = scale * (q - 2^(k-1)).
+
+Arrays: `codes` (k-bit codes packed along `in` into uint32, see packing.py), `scale` [ceil(in/g), out] and,
+when asymmetric, `offset` [ceil(in/g), out]. A group size that does not divide `in` leaves a
+shorter last group.
+
+Error bound, per element: |w - w~| <= scale / 2 + 2 eps_s M + 8 eps_32 M + (2^k - 1) tiny_s, where M is the
+group's max |w|, eps_s and tiny_s the machine epsilon and smallest subnormal of the storage dtype: half a
+step, plus what rounding scale and offset to their storage dtype can add at the clipped ends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qalora_jax.quant import packing
+from qalora_jax.quant.qtensor import QMeta, QTensor
+from qalora_jax.quant.registry import Quantizer, check_choice, check_group_size, register
+
+INT_BITS = (2, 3, 4, 5, 6, 7, 8)
+SCALE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def _grouped(x: jax.Array, group_size: int, mode: str = "edge") -> jax.Array:
+  """[in, out] -> [ceil(in / g), g, out]; a short last group is padded (repeating its last row by default,
+  which leaves its min and max unchanged)."""
+  pad = (-x.shape[0]) % group_size
+  if pad:
+    x = jnp.pad(x, [(0, pad), (0, 0)], mode=mode)
+  return x.reshape(-1, group_size, x.shape[1])
+
+
+def _ungrouped(x: jax.Array, n_in: int) -> jax.Array:
+  """[ceil(in / g), g, out] -> [in, out]."""
+  return x.reshape(-1, x.shape[-1])[:n_in]
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "group_size", "symmetric", "scale_dtype"))
+def quantize_affine(w, *, bits, group_size, symmetric, scale_dtype):
+  """Returns (codes [in, out] uint8, scale [in/g, out], offset [in/g, out] or None)."""
+  wg = _grouped(w, group_size)
+  if symmetric:
+    half = 2 ** (bits - 1)
+    scale = (jnp.abs(wg).max(axis=1) / (half - 1)).astype(scale_dtype)
+    s = scale.astype(jnp.float32)[:, None]
+    q = jnp.clip(jnp.round(wg / jnp.where(s == 0, 1.0, s)), -half, half - 1) + half
+    offset = None
+  else:
+    maxq = 2**bits - 1
+    lo, hi = wg.min(axis=1), wg.max(axis=1)
+    scale = ((hi - lo) / maxq).astype(scale_dtype)
+    offset = lo.astype(scale_dtype)
+    s, b = scale.astype(jnp.float32)[:, None], offset.astype(jnp.float32)[:, None]
+    q = jnp.clip(jnp.round((wg - b) / jnp.where(s == 0, 1.0, s)), 0, maxq)
+  return _ungrouped(q.astype(jnp.uint8), w.shape[0]), scale, offset
+
+
+def dequantize_affine(qt: QTensor, dtype=jnp.float32) -> jax.Array:
+  """w~ = scale * q + offset per group (symmetric: scale * (q - 2^(k-1)))."""
+  n_in, n_out = qt.shape
+  q = packing.unpack(qt["codes"], qt.bits, n_in).astype(jnp.float32)
+  qg = _grouped(q, qt.group_size, mode="constant")
+  scale = qt["scale"].astype(jnp.float32)[:, None]
+  if "offset" in qt.arrays:
+    w = qg * scale + qt["offset"].astype(jnp.float32)[:, None]
+  else:
+    w = (qg - 2 ** (qt.bits - 1)) * scale
+  return _ungrouped(w, n_in).astype(dtype)
+
+
+@register("int")
+@dataclasses.dataclass(frozen=True)
+class IntQuantizer(Quantizer):
+  """Group-wise asymmetric (or symmetric) min-max INT-k, round to nearest.
+
+  Options: bits in 2..8; group_size along `in` (-1: one group per output channel); symmetric;
+  scale_dtype for scales and offsets (float16 | bfloat16 | float32).
+  """
+
+  bits: int = 4
+  group_size: int = 128
+  symmetric: bool = False
+  scale_dtype: str = "float16"
+
+  contract_settings = (
+      dict(bits=4, group_size=32),
+      dict(bits=3, group_size=64),
+      dict(bits=2, group_size=-1),
+      dict(bits=8, group_size=32, symmetric=True),
+      dict(bits=4, group_size=32, scale_dtype="float32"),
+  )
+
+  def __post_init__(self):
+    check_choice("bits", self.bits, INT_BITS)
+    check_choice("scale_dtype", self.scale_dtype, SCALE_DTYPES)
+    check_choice("symmetric", self.symmetric, (False, True))
+    if not (self.group_size == -1 or (isinstance(self.group_size, (int, np.integer))
+                                      and not isinstance(self.group_size, bool) and self.group_size > 0)):
+      raise ValueError(f"group_size={self.group_size!r} is not supported; allowed: a positive integer or -1")
+
+  def check_shape(self, shape):
+    check_group_size(self.group_size, shape[0])
+
+  def _quantize(self, w):
+    g = check_group_size(self.group_size, w.shape[0])
+    codes, scale, offset = quantize_affine(
+        w, bits=self.bits, group_size=g, symmetric=self.symmetric, scale_dtype=jnp.dtype(self.scale_dtype))
+    arrays = {"codes": packing.pack(codes, self.bits, np.uint32), "scale": scale}
+    if offset is not None:
+      arrays["offset"] = offset
+    meta = QMeta("int", tuple(w.shape), self.bits, g, (("symmetric", self.symmetric),))
+    return QTensor(arrays, meta)
+
+  dequantize = staticmethod(dequantize_affine)
+
+  def error_bound(self, w, qt):
+    sdt = jnp.dtype(self.scale_dtype)
+    wg = _grouped(jnp.asarray(w, jnp.float32), qt.group_size)
+    m = jnp.abs(wg).max(axis=1, keepdims=True)
+    step = qt["scale"].astype(jnp.float32)[:, None]
+    eps_s, tiny_s = float(jnp.finfo(sdt).eps), float(jnp.finfo(sdt).smallest_subnormal)
+    eps32 = float(jnp.finfo(jnp.float32).eps)
+    bound = step / 2 + (2 * eps_s + 8 * eps32) * m + (2**self.bits - 1) * tiny_s
+    return _ungrouped(jnp.broadcast_to(bound, wg.shape), w.shape[0])

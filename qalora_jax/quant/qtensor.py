@@ -1,0 +1,89 @@
+"""QTensor: a quantized [in, out] weight as a pytree of arrays plus static metadata."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class QMeta:
+  """Static description of a QTensor; hashable, so it is part of the treedef and of jit's cache key.
+
+  Attributes:
+    format: name of the registered quantizer whose `dequantize` decodes the arrays (a quantizer may emit
+      another one's format, as GPTQ emits `int`).
+    shape: the [in, out] shape of the float weight.
+    bits: bits per code.
+    group_size: inputs per group (or block) sharing one set of parameters; groups run along `in`.
+    options: format-specific settings as sorted (name, value) pairs, e.g. (("symmetric", False),).
+  """
+
+  format: str
+  shape: tuple[int, int]
+  bits: int
+  group_size: int
+  options: tuple[tuple[str, Any], ...] = ()
+
+  def option(self, name: str, default: Any = None) -> Any:
+    return dict(self.options).get(name, default)
+
+
+@jax.tree_util.register_pytree_with_keys_class
+@dataclasses.dataclass(frozen=True)
+class QTensor:
+  """A quantized weight: `arrays` are the pytree leaves (packed codes, scales, offsets, ...), `meta` is
+  static. `dequantize(dtype)` returns the [in, out] float weight; `nbytes` is the true storage size."""
+
+  arrays: Mapping[str, jax.Array]
+  meta: QMeta
+
+  def tree_flatten_with_keys(self):
+    keys = sorted(self.arrays)
+    return [(jax.tree_util.DictKey(k), self.arrays[k]) for k in keys], (tuple(keys), self.meta)
+
+  @classmethod
+  def tree_unflatten(cls, aux, leaves):
+    keys, meta = aux
+    return cls(dict(zip(keys, leaves)), meta)
+
+  def __getitem__(self, name: str) -> jax.Array:
+    return self.arrays[name]
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return self.meta.shape
+
+  @property
+  def format(self) -> str:
+    return self.meta.format
+
+  @property
+  def bits(self) -> int:
+    return self.meta.bits
+
+  @property
+  def group_size(self) -> int:
+    return self.meta.group_size
+
+  @property
+  def nbytes(self) -> int:
+    """Storage size in bytes: the sum of the array leaves' sizes."""
+    return sum(int(a.size) * jnp.dtype(a.dtype).itemsize for a in self.arrays.values())
+
+  @property
+  def bits_per_weight(self) -> float:
+    return 8 * self.nbytes / (self.shape[0] * self.shape[1])
+
+  def dequantize(self, dtype=jnp.float32) -> jax.Array:
+    from qalora_jax.quant import registry  # the registry imports this module
+
+    return registry.quantizer_class(self.meta.format).dequantize(self, dtype)
+
+  def __repr__(self) -> str:
+    arrays = ", ".join(f"{k}={a.dtype}{list(a.shape)}" for k, a in sorted(self.arrays.items()))
+    return (f"QTensor({self.meta.format}, shape={list(self.shape)}, bits={self.bits}, "
+            f"group_size={self.group_size}, {arrays})")

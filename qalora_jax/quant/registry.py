@@ -1,0 +1,139 @@
+"""The quantizer protocol and the registry: the public extension API.
+
+A quantizer is a frozen dataclass whose fields are its options, registered under a name:
+
+    @register("myquant")
+    @dataclasses.dataclass(frozen=True)
+    class MyQuant(Quantizer):
+      bits: int = 4
+      def _quantize(self, w): ...            # float32 [in, out] -> QTensor (validated input)
+      @staticmethod
+      def dequantize(qt, dtype): ...         # QTensor -> [in, out] array
+      def error_bound(self, w, qt): ...      # element-wise bound on |w - dequantize(qt)|
+
+`get("myquant", bits=3)` builds one, `available()` lists the names. The contract tests
+(tests/test_quant_contract.py) run every registered quantizer under each option set in its
+`contract_settings`, so a new quantizer is tested as soon as it is registered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qalora_jax.quant.qtensor import QTensor
+
+_REGISTRY: dict[str, type[Quantizer]] = {}
+
+
+class Quantizer:
+  """Base class: validates the weight, then calls the subclass's `_quantize`."""
+
+  name: ClassVar[str]
+  # Option sets the shared contract tests run this quantizer with (each is passed to `get`).
+  contract_settings: ClassVar[tuple[dict[str, Any], ...]] = ({},)
+
+  def quantize(self, w) -> QTensor:
+    """Quantizes a float [in, out] weight."""
+    w = check_weight(w)
+    self.check_shape(w.shape)
+    return self._quantize(jnp.asarray(w, jnp.float32))
+
+  def check_shape(self, shape: tuple[int, int]) -> None:
+    """Raises ValueError if this quantizer cannot take a weight of this [in, out] shape."""
+
+  def _quantize(self, w: jax.Array) -> QTensor:
+    raise NotImplementedError
+
+  @staticmethod
+  def dequantize(qt: QTensor, dtype=jnp.float32) -> jax.Array:
+    raise NotImplementedError
+
+  def error_bound(self, w, qt: QTensor) -> jax.Array:
+    """Element-wise upper bound on |w - qt.dequantize()| that this quantizer guarantees."""
+    raise NotImplementedError
+
+  def options(self) -> dict[str, Any]:
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def register(name: str):
+  """Class decorator: registers a Quantizer subclass under `name`."""
+
+  def wrap(cls):
+    if name in _REGISTRY:
+      raise ValueError(f"quantizer name {name!r} is already registered (by {_REGISTRY[name].__qualname__})")
+    if not (isinstance(cls, type) and issubclass(cls, Quantizer) and dataclasses.is_dataclass(cls)):
+      raise TypeError(f"register({name!r}) expects a dataclass subclass of Quantizer, got {cls!r}")
+    cls.name = name
+    _REGISTRY[name] = cls
+    return cls
+
+  return wrap
+
+
+def available() -> list[str]:
+  """Names of the registered quantizers, sorted."""
+  return sorted(_REGISTRY)
+
+
+def quantizer_class(name: str) -> type[Quantizer]:
+  if name not in _REGISTRY:
+    raise ValueError(f"unknown quantizer {name!r}; available: {', '.join(available())}")
+  return _REGISTRY[name]
+
+
+def get(name: str, **options) -> Quantizer:
+  """Builds the quantizer registered as `name` with the given options, e.g. get("int", bits=4, group_size=128)."""
+  cls = quantizer_class(name)
+  allowed = [f.name for f in dataclasses.fields(cls)]
+  for key in options:
+    if key not in allowed:
+      near = difflib.get_close_matches(key, allowed, n=1)
+      hint = f" (did you mean {near[0]!r}?)" if near else ""
+      raise ValueError(f"unknown option {key!r} for quantizer {name!r}{hint}; allowed: {', '.join(allowed)}")
+  return cls(**options)
+
+
+def check_weight(w) -> np.ndarray | jax.Array:
+  """Checks that `w` is a finite, 2-D, floating-point [in, out] array; returns it unchanged."""
+  shape = getattr(w, "shape", None)
+  dtype = getattr(w, "dtype", None)
+  if shape is None or dtype is None:
+    raise TypeError(f"weight must be an array, got {type(w).__name__}")
+  if len(shape) != 2:
+    raise ValueError(f"weight must be 2-D [in, out], got shape {tuple(shape)}")
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"weight dtype must be floating (float16, bfloat16, float32, float64), got {dtype}")
+  if not isinstance(w, jax.core.Tracer) and not bool(jnp.isfinite(w).all()):
+    raise ValueError("weight contains NaN or Inf; quantizers accept finite weights only")
+  return w
+
+
+def check_choice(name: str, value: Any, allowed) -> None:
+  """Raises ValueError naming the option and its allowed values when `value` is not among them."""
+  if value not in allowed:
+    raise ValueError(f"{name}={value!r} is not supported; allowed: {', '.join(map(str, allowed))}")
+
+
+def check_group_size(group_size: int, fan_in: int, name: str = "group_size") -> int:
+  """Validates a group size along the input dimension; returns the effective size (-1 -> fan_in).
+
+  A group size that does not divide `fan_in` leaves a shorter last group (ceil(fan_in / g) groups), as GPTQ
+  does: SmolLM2's 576-wide projections at g128 have four groups of 128 and one of 64.
+  """
+  if group_size == -1:
+    return fan_in
+  if not isinstance(group_size, (int, np.integer)) or isinstance(group_size, bool) or not 0 < group_size <= fan_in:
+    raise ValueError(f"{name}={group_size!r} is not supported for input dimension {fan_in}; "
+                     f"allowed: an integer in 1..{fan_in}, or -1 (per channel)")
+  return int(group_size)
+
+
+def num_groups(fan_in: int, group_size: int) -> int:
+  return -(-fan_in // group_size)
