@@ -21,7 +21,8 @@ float32 [in / B, out], or `absmax_codes` uint8 [in / B, out], `absmax_scale` flo
 `absmax_offset` float32 []. NF4 block 64 with double quantization: 4 + 8/64 + 32/(64 * 256) = 4.127 bits.
 
 Quantization runs in numpy float32 (eagerly), so its rounding is the IEEE rounding bitsandbytes' CPU path
-does; dequantization is a jittable JAX function.
+does; dequantization is a jittable JAX function, bit-exact with bitsandbytes when run eagerly. Under jit,
+XLA fuses the double-quantized absmax's multiply and add into one FMA: up to 1 ulp apart.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Evaluation: quantization error reports, perplexity, few-shot multiple choice, generation samples."""

@@ -1,0 +1,90 @@
+"""How much a quantizer costs on a model's linear weights: storage and reconstruction error.
+
+For each layer, the relative squared reconstruction error is ||W - W~||_F^2 / ||W||_F^2; the report gives
+its mean over layers, the total stored bytes, and bits per weight = 8 * bytes / number of weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from qalora_jax import quant
+
+
+@jax.jit
+def relative_error(w: jax.Array, w_hat: jax.Array) -> jax.Array:
+  """||w - w_hat||^2 / ||w||^2."""
+  return jnp.sum(jnp.square(w - w_hat)) / jnp.sum(jnp.square(w))
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportRow:
+  quantizer: str
+  bits: int
+  group_size: int
+  bits_per_weight: float
+  bytes: int
+  weight_rel_error: float
+  options: dict[str, Any]
+
+  def to_json(self) -> dict[str, Any]:
+    return {"quantizer": self.quantizer, "bits": self.bits, "group_size": self.group_size,
+            "bits_per_weight": self.bits_per_weight, "bytes": self.bytes,
+            "weight_rel_error": self.weight_rel_error, "options": self.options}
+
+
+def settings(quantizers: Sequence[str], bits: Sequence[int] | None, group_sizes: Sequence[int] | None,
+             **extra) -> list[tuple[str, dict[str, Any]]]:
+  """The (name, options) product of the requested values, each option applied to the quantizers that
+  have it (`group_sizes` to `group_size` or `block_size`); duplicates removed, order kept."""
+  out = []
+  for name in quantizers:
+    fields = {f.name for f in dataclasses.fields(quant.registry.quantizer_class(name))}
+    axes = {}
+    if bits and "bits" in fields:
+      axes["bits"] = list(bits)
+    size_key = "group_size" if "group_size" in fields else "block_size" if "block_size" in fields else None
+    if group_sizes and size_key:
+      axes[size_key] = list(group_sizes)
+    axes.update({k: [v] for k, v in extra.items() if v is not None and k in fields})
+    for values in itertools.product(*axes.values()):
+      item = (name, dict(zip(axes, values)))
+      if item not in out:
+        out.append(item)
+  return out
+
+
+def quantization_report(kernels: Iterable[tuple[str, np.ndarray]], setting_list, progress: bool = True
+                        ) -> list[ReportRow]:
+  """Quantizes every kernel ([in, out] float) under every setting; one row per setting."""
+  kernels = list(kernels)
+  n_weights = sum(k.size for _, k in kernels)
+  rows = []
+  for name, options in setting_list:
+    quantizer = quant.get(name, **options)
+    total_bytes, errors = 0, []
+    for _, w in tqdm(kernels, desc=f"{name} {options}", disable=not progress, leave=False):
+      qt = quantizer.quantize(w)
+      total_bytes += qt.nbytes
+      errors.append(relative_error(jnp.asarray(w), qt.dequantize(jnp.float32)))
+    rows.append(ReportRow(name, qt.bits, qt.group_size if options.get("group_size") != -1 else -1,
+                          8 * total_bytes / n_weights, total_bytes, float(np.mean(jax.device_get(errors))),
+                          quantizer.options()))
+  return rows
+
+
+def format_table(rows: Sequence[ReportRow]) -> str:
+  """A Markdown table of the rows."""
+  lines = ["| quantizer | bits | group | bits/weight | bytes | weight rel. error |",
+           "|---|---:|---:|---:|---:|---:|"]
+  for r in rows:
+    lines.append(f"| {r.quantizer} | {r.bits} | {r.group_size} | {r.bits_per_weight:.3f} | {r.bytes:,} | "
+                 f"{r.weight_rel_error:.3e} |")
+  return "\n".join(lines)

@@ -1,0 +1,131 @@
+"""The contract every registered quantizer meets. A quantizer registered later is tested here as soon as it
+is imported: the cases come from `available()` and each quantizer's `contract_settings`."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from qalora_jax import quant
+
+CASES = [(name, opts) for name in quant.available()
+         for opts in quant.registry.quantizer_class(name).contract_settings]
+IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in opts.items()) or 'default'}" for name, opts in CASES]
+
+
+@pytest.fixture(params=CASES, ids=IDS)
+def case(request):
+  name, opts = request.param
+  w = (np.random.default_rng(0).standard_t(5, size=(128, 24)) * 0.05).astype(np.float32)
+  quantizer = quant.get(name, **opts)
+  return quantizer, w, quantizer.quantize(w)
+
+
+def test_every_quantizer_is_covered():
+  assert {"int", "nf4", "fp4"} <= set(quant.available())
+  assert {name for name, _ in CASES} == set(quant.available())
+
+
+def test_shapes_and_dtypes(case):
+  _, w, qt = case
+  assert qt.shape == w.shape
+  for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+    out = qt.dequantize(dtype)
+    assert out.shape == w.shape and out.dtype == dtype
+
+
+def test_error_bound(case):
+  quantizer, w, qt = case
+  err = np.abs(np.asarray(qt.dequantize(jnp.float32)) - w)
+  bound = np.asarray(quantizer.error_bound(w, qt))
+  assert bound.shape == w.shape
+  assert (err <= bound).all(), f"max excess {np.max(err - bound)}"
+  assert err.max() > 0  # a real quantizer loses something on t-distributed weights
+
+
+def test_jit_matches_eager(case):
+  _, _, qt = case
+  eager = qt.dequantize(jnp.float32)
+  jitted = jax.jit(lambda t: t.dequantize(jnp.float32))(qt)
+  # XLA may fuse a multiply-add into one FMA under jit: allow an ulp or two of the largest term.
+  eager = np.asarray(eager)
+  np.testing.assert_allclose(np.asarray(jitted), eager, rtol=0, atol=4e-7 * np.abs(eager).max())
+
+
+def test_pytree_round_trip(case):
+  _, _, qt = case
+  leaves, treedef = jax.tree.flatten(qt)
+  assert all(isinstance(x, jax.Array) for x in leaves)
+  again = jax.tree.unflatten(treedef, leaves)
+  assert again.meta == qt.meta
+  # tree maps keep the type and the metadata
+  doubled = jax.tree.map(lambda x: x, qt)
+  assert isinstance(doubled, quant.QTensor) and doubled.meta == qt.meta
+  np.testing.assert_array_equal(np.asarray(again.dequantize()), np.asarray(qt.dequantize()))
+
+
+def test_nbytes_is_sum_of_leaves(case):
+  _, w, qt = case
+  assert qt.nbytes == sum(x.nbytes for x in jax.tree.leaves(qt))
+  assert qt.nbytes < w.nbytes / 2  # really packed: under 16 bits a weight
+
+
+def test_deterministic(case):
+  quantizer, w, qt = case
+  again = quantizer.quantize(w.copy())
+  for a, b in zip(jax.tree.leaves(qt), jax.tree.leaves(again)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_orbax_round_trip(case, tmp_path):
+  _, _, qt = case
+  tree = {"layer": {"kernel": qt}}
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(tmp_path / "ckpt", tree)
+  ckpt.wait_until_finished()
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+  restored = ckpt.restore(tmp_path / "ckpt", target)
+  got = restored["layer"]["kernel"]
+  assert isinstance(got, quant.QTensor) and got.meta == qt.meta
+  for a, b in zip(jax.tree.leaves(qt), jax.tree.leaves(got)):
+    assert a.dtype == b.dtype
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_accepts_half_precision_weights(case):
+  quantizer, w, _ = case
+  qt = quantizer.quantize(jnp.asarray(w, jnp.bfloat16))
+  assert qt.shape == w.shape
+
+
+@pytest.mark.parametrize("bad, error, message", [
+    (np.zeros((128,), np.float32), ValueError, "2-D"),
+    (np.zeros((2, 128, 4), np.float32), ValueError, "2-D"),
+    (np.zeros((128, 4), np.int32), TypeError, "floating"),
+    (np.full((128, 4), np.nan, np.float32), ValueError, "NaN or Inf"),
+    (np.full((128, 4), np.inf, np.float32), ValueError, "NaN or Inf"),
+    ([[1.0, 2.0]], TypeError, "array"),
+])
+def test_bad_weights(case, bad, error, message):
+  quantizer, _, _ = case
+  with pytest.raises(error, match=message):
+    quantizer.quantize(bad)
+
+
+def test_unknown_option_names_the_allowed_ones(case):
+  quantizer, _, _ = case
+  with pytest.raises(ValueError, match="unknown option 'bogus'.*allowed"):
+    quant.get(quantizer.name, bogus=1)
+
+
+def test_unknown_quantizer_lists_available():
+  with pytest.raises(ValueError, match="unknown quantizer 'nope'; available: .*int.*nf4"):
+    quant.get("nope")
+
+
+def test_register_rejects_duplicates_and_non_quantizers():
+  with pytest.raises(ValueError, match="already registered"):
+    quant.register("int")(quant.registry.quantizer_class("nf4"))
+  with pytest.raises(TypeError, match="dataclass subclass of Quantizer"):
+    quant.register("not-a-quantizer")(object)
