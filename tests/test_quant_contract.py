@@ -65,6 +65,15 @@ def test_pytree_round_trip(case):
   np.testing.assert_array_equal(np.asarray(again.dequantize()), np.asarray(qt.dequantize()))
 
 
+def test_stacked_tensors_dequantize_per_layer(case):
+  quantizer, w, qt = case
+  other = quantizer.quantize(w[::-1].copy())
+  stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), qt, other)
+  got = np.asarray(stacked.dequantize(jnp.float32))
+  np.testing.assert_array_equal(got[0], np.asarray(qt.dequantize()))
+  np.testing.assert_array_equal(got[1], np.asarray(other.dequantize()))
+
+
 def test_nbytes_is_sum_of_leaves(case):
   _, w, qt = case
   assert qt.nbytes == sum(x.nbytes for x in jax.tree.leaves(qt))

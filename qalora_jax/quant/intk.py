@@ -98,6 +98,7 @@ class IntQuantizer(Quantizer):
   symmetric: bool = False
   scale_dtype: str = "float16"
 
+  group_offset = True  # asymmetric: w~ = scale * q + offset; symmetric tensors carry no offset
   contract_settings = (
       dict(bits=4, group_size=32),
       dict(bits=3, group_size=64),

@@ -79,9 +79,14 @@ class QTensor:
     return 8 * self.nbytes / (self.shape[0] * self.shape[1])
 
   def dequantize(self, dtype=jnp.float32) -> jax.Array:
+    """The float weight [..., in, out]; leading axes (e.g. stacked layers) are mapped over."""
     from qalora_jax.quant import registry  # the registry imports this module
 
-    return registry.quantizer_class(self.meta.format).dequantize(self, dtype)
+    decode = registry.quantizer_class(self.meta.format).dequantize
+    fn = lambda qt: decode(qt, dtype)  # noqa: E731
+    for _ in range(self.arrays["codes"].ndim - 2):
+      fn = jax.vmap(fn)
+    return fn(self)
 
   def __repr__(self) -> str:
     arrays = ", ".join(f"{k}={a.dtype}{list(a.shape)}" for k, a in sorted(self.arrays.items()))

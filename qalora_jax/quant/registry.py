@@ -11,6 +11,7 @@ A quantizer is a frozen dataclass whose fields are its options, registered under
       def dequantize(qt, dtype): ...         # QTensor -> [in, out] array
       def error_bound(self, w, qt): ...      # element-wise bound on |w - dequantize(qt)|
 
+Every format stores its codes as a 2-D array named `codes` (its leading axes count stacked layers).
 `get("myquant", bits=3)` builds one, `available()` lists the names. The contract tests
 (tests/test_quant_contract.py) run every registered quantizer under each option set in its
 `contract_settings`, so a new quantizer is tested as soon as it is registered.
@@ -37,6 +38,10 @@ class Quantizer:
   name: ClassVar[str]
   # Option sets the shared contract tests run this quantizer with (each is passed to `get`).
   contract_settings: ClassVar[tuple[dict[str, Any], ...]] = ({},)
+  # True when this format's dequantize ADDS a float `offset` [ceil(in / g), out] to every weight of group l
+  # (w~ = f(codes, ...) + offset[l]) over contiguous groups of `group_size` inputs. QA-LoRA relies on it:
+  # its adapter is pooled over those groups and merges by adding to `offset`.
+  group_offset: ClassVar[bool] = False
 
   def quantize(self, w) -> QTensor:
     """Quantizes a float [in, out] weight."""
@@ -60,6 +65,11 @@ class Quantizer:
 
   def options(self) -> dict[str, Any]:
     return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def has_group_offset(qt: QTensor) -> bool:
+  """Whether QA-LoRA can pool over `qt`'s groups and merge into its offsets (see Quantizer.group_offset)."""
+  return quantizer_class(qt.format).group_offset and "offset" in qt.arrays
 
 
 def register(name: str):

@@ -1,0 +1,135 @@
+"""Low-rank adapters on a linear layer: LoRA and QA-LoRA, as one pytree type.
+
+    LoRA:     y = x W + s * (dropout(x) A) B,          A [in, r],       B [r, out]
+    QA-LoRA:  y = x W~ + s * (pool(dropout(x)) A) B,   A [in / g, r],   B [r, out]
+
+with s = alpha / r (rsLoRA: alpha / sqrt(r)) and B = 0 at initialisation (PEFT's init: A ~ U(-1/sqrt(n),
+1/sqrt(n)), n = A's input size). `pool` sums the inputs of each of the base quantizer's groups of g:
+
+    pool(x)_l = sum_{i in group l} x_i                                   (QA-LoRA paper; SUM pooling)
+
+This module is the one place that convention lives. Because pool(x) A B is constant inside a group, it
+folds into the base's per-group offsets (merge.py); PEFT's `use_qalora` pools with the mean times
+(in // g) instead, a different constant that peft_io.py converts.
+
+An `Adapter` is a pytree: `a` and `b` are its leaves (the trainable parameters), the kind, scale, group
+size and dropout rate are static metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+METHODS = ("lora", "qalora")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterMeta:
+  """Static description of an adapter.
+
+  Attributes:
+    kind: "lora" or "qalora".
+    scale: s, the factor on the adapter branch (alpha / r, or alpha / sqrt(r) with rsLoRA).
+    group_size: g, the pooling window of QA-LoRA (0 for LoRA).
+    n_in: the layer's input size (QA-LoRA's last group may be shorter than g).
+    dropout: dropout rate on the adapter branch's input.
+  """
+
+  kind: str
+  scale: float
+  group_size: int = 0
+  n_in: int = 0
+  dropout: float = 0.0
+
+
+@jax.tree_util.register_pytree_with_keys_class
+@dataclasses.dataclass(frozen=True)
+class Adapter:
+  """Low-rank factors `a` [..., in or in / g, r] and `b` [..., r, out] (leading axes: stacked layers)."""
+
+  a: jax.Array
+  b: jax.Array
+  meta: AdapterMeta
+
+  def tree_flatten_with_keys(self):
+    return [(jax.tree_util.GetAttrKey("a"), self.a), (jax.tree_util.GetAttrKey("b"), self.b)], self.meta
+
+  @classmethod
+  def tree_unflatten(cls, meta, leaves):
+    return cls(*leaves, meta)
+
+  @property
+  def rank(self) -> int:
+    return self.b.shape[-2]
+
+  @property
+  def nbytes(self) -> int:
+    return self.a.nbytes + self.b.nbytes
+
+
+def pool_groups(x: jax.Array, group_size: int) -> jax.Array:
+  """Sum pooling over groups of `group_size` consecutive inputs: [..., in] -> [..., ceil(in / g)].
+
+  pool(x)_l = sum_{i = l g}^{min((l + 1) g, in) - 1} x_i.
+  """
+  n_in = x.shape[-1]
+  pad = (-n_in) % group_size
+  if pad:
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+  return x.reshape(x.shape[:-1] + (-1, group_size)).sum(axis=-1)
+
+
+def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
+  """s = alpha / r, or rsLoRA's alpha / sqrt(r)."""
+  return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def init_adapter(key: jax.Array, kind: str, n_in: int, n_out: int, rank: int, *, alpha: float,
+                 rslora: bool = False, group_size: int = 0, dropout: float = 0.0,
+                 lead: tuple[int, ...] = (), dtype=jnp.float32) -> Adapter:
+  """A fresh adapter: A ~ U(-1/sqrt(n), 1/sqrt(n)) with n = A's input size, B = 0 (PEFT's init).
+
+  `lead` adds leading axes (e.g. the layer axis of a scanned model), each slice drawn independently.
+  """
+  if kind not in METHODS:
+    raise ValueError(f"adapter kind={kind!r} is not supported; allowed: {', '.join(METHODS)}")
+  if not (isinstance(rank, int) and rank > 0):
+    raise ValueError(f"rank={rank!r} must be a positive integer")
+  if not 0.0 <= dropout < 1.0:
+    raise ValueError(f"dropout={dropout!r} must be in [0, 1)")
+  if kind == "qalora":
+    if not (isinstance(group_size, int) and 0 < group_size <= n_in):
+      raise ValueError(f"group_size={group_size!r} must be in 1..{n_in} for a qalora adapter")
+    a_in = -(-n_in // group_size)
+  else:
+    a_in, group_size = n_in, 0
+  bound = 1.0 / math.sqrt(a_in)
+  a = jax.random.uniform(key, lead + (a_in, rank), dtype, -bound, bound)
+  b = jnp.zeros(lead + (rank, n_out), dtype)
+  meta = AdapterMeta(kind, lora_scale(alpha, rank, rslora), group_size, n_in, float(dropout))
+  return Adapter(a, b, meta)
+
+
+def adapter_delta(x: jax.Array, adapter: Adapter, *, dropout_rng: jax.Array | None = None) -> jax.Array:
+  """The adapter branch s * (pool(dropout(x)) A) B for one layer (a, b without leading axes).
+
+  Dropout applies only when `dropout_rng` is given and the rate is positive (training)."""
+  meta = adapter.meta
+  if dropout_rng is not None and meta.dropout > 0:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - meta.dropout, x.shape)
+    x = jnp.where(keep, x / (1.0 - meta.dropout), 0).astype(x.dtype)
+  if meta.kind == "qalora":
+    x = pool_groups(x, meta.group_size)
+  h = x @ adapter.a.astype(x.dtype)
+  return (h @ adapter.b.astype(x.dtype)) * jnp.asarray(meta.scale, x.dtype)
+
+
+def delta_weight(adapter: Adapter) -> jax.Array:
+  """The adapter as a weight update, s * A B: [..., in, out] for LoRA, [..., ceil(in / g), out] per group for
+  QA-LoRA (every input of group l gets row l)."""
+  return adapter.meta.scale * jnp.einsum("...ir,...ro->...io", adapter.a.astype(jnp.float32),
+                                         adapter.b.astype(jnp.float32))
