@@ -1,0 +1,90 @@
+"""Pure training steps: next-token loss, gradients w.r.t. the trainable tree only, an optax update.
+
+    loss(trainable) = mean over unmasked positions of -log softmax(apply(combine(frozen, trainable), x))[y]
+
+The frozen tree is an argument of the step, never differentiated; the optimizer state mirrors the trainable
+tree alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from qalora_jax.nn.adapt import combine
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+  step: jax.Array
+  trainable: dict
+  opt_state: optax.OptState
+
+
+def next_token_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """(mean cross-entropy over positions where mask is 1, number of such positions); computed in float32."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  mask = jnp.ones_like(nll) if mask is None else mask.astype(jnp.float32)
+  count = mask.sum()
+  return (nll * mask).sum() / jnp.maximum(count, 1.0), count
+
+
+def make_optimizer(learning_rate: float, *, total_steps: int = 1, warmup_steps: int = 0, schedule: str = "constant",
+                   max_grad_norm: float | None = 0.3, weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999
+                   ) -> optax.GradientTransformation:
+  """AdamW with global-norm clipping (the QA-LoRA / QLoRA default 0.3) and a constant or cosine schedule
+  after a linear warmup."""
+  if schedule == "constant":
+    lr = optax.join_schedules([optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1)),
+                               optax.constant_schedule(learning_rate)], [warmup_steps]) if warmup_steps else learning_rate
+  elif schedule == "cosine":
+    lr = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, max(total_steps, warmup_steps + 1))
+  else:
+    raise ValueError(f"schedule={schedule!r} is not supported; allowed: constant, cosine")
+  parts = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm else []
+  parts.append(optax.adamw(lr, b1=b1, b2=b2, weight_decay=weight_decay))
+  return optax.chain(*parts)
+
+
+def make_train_step(apply_fn: Callable, optimizer: optax.GradientTransformation, accum_steps: int = 1):
+  """Returns (init, step): init(trainable) -> TrainState; step(state, frozen, batch, rng) -> (state, metrics).
+
+  `apply_fn(params, tokens, dropout_rng=...)` gives logits [batch, seq, vocab]; `batch` has "inputs",
+  "targets" and optionally "mask" [batch, seq]. With accum_steps = k the batch is split into k micro-batches
+  whose gradients are averaged (weighted by their token counts) before one update.
+  """
+
+  def init(trainable) -> TrainState:
+    return TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable))
+
+  def loss_fn(trainable, frozen, micro, rng):
+    logits = apply_fn(combine(frozen, trainable), micro["inputs"], dropout_rng=rng)
+    loss, count = next_token_loss(logits, micro["targets"], micro.get("mask"))
+    return loss * count, count
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def step(state: TrainState, frozen, batch, rng):
+    micro = jax.tree.map(lambda x: x.reshape((accum_steps, -1) + x.shape[1:]), batch)
+
+    def accumulate(carry, inputs):
+      grads, total, count = carry
+      i, mb = inputs
+      (loss_sum, n), g = grad_fn(state.trainable, frozen, mb, jax.random.fold_in(rng, i))
+      return (jax.tree.map(jnp.add, grads, g), total + loss_sum, count + n), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+    (grads, total, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), (jnp.arange(accum_steps), micro))
+    grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    metrics = {"loss": total / jnp.maximum(count, 1.0), "tokens": count, "grad_norm": optax.tree.norm(grads)}
+    return TrainState(state.step + 1, trainable, opt_state), metrics
+
+  return init, step
