@@ -40,6 +40,16 @@ def linear_layers(tree: dict, prefix: str = "") -> Iterator[tuple[str, dict]]:
         yield from linear_layers(value, path)
 
 
+def adapter_layers(adapters: dict, prefix: str = "") -> Iterator[tuple[str, Adapter]]:
+  """Yields ("/"-joined layer path, Adapter) for every adapter in an adapter tree."""
+  for key, value in adapters.items():
+    path = f"{prefix}/{key}" if prefix else str(key)
+    if isinstance(value, Adapter) and key == "adapter":
+      yield prefix, value
+    elif isinstance(value, dict):
+      yield from adapter_layers(value, path)
+
+
 def kernel_shape(kernel) -> tuple[tuple[int, ...], int, int]:
   """(leading axes, in, out) of a float kernel or a (possibly stacked) QTensor."""
   if isinstance(kernel, QTensor):
@@ -108,10 +118,11 @@ def merge_params(frozen: dict, adapters: dict, requantize: Quantizer | None = No
   adapters give float kernels, re-quantized with `requantize` when given.
   """
   merged = jax.tree.map(lambda x: x, frozen, is_leaf=lambda x: isinstance(x, QTensor))  # a fresh copy of the dicts
-  for path, layer in linear_layers(combine(frozen, adapters)):
-    adapter = layer.get("adapter")
-    if isinstance(adapter, Adapter):
-      _set(merged, f"{path}/kernel", merge_adapter(layer["kernel"], adapter, requantize))
+  layers = dict(linear_layers(frozen))
+  for path, adapter in adapter_layers(adapters):
+    if path not in layers:
+      raise ValueError(f"{path}: an adapter for a layer the frozen tree does not have")
+    _set(merged, f"{path}/kernel", merge_adapter(layers[path]["kernel"], adapter, requantize))
   return merged
 
 

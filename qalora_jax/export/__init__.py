@@ -1,0 +1,1 @@
+"""Interop: PEFT adapter directories (and, later, GPTQ-layout checkpoints)."""

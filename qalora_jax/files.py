@@ -1,0 +1,48 @@
+"""Atomic file and directory writes: write beside the target, then rename into place."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
+  """Yields a temporary directory that replaces `target` when the block ends without error; on error the
+  temporary directory is removed and `target` is untouched."""
+  target = Path(target)
+  if target.exists() and not overwrite:
+    raise FileExistsError(f"{target} exists; choose another output directory or allow overwriting")
+  target.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+  try:
+    yield tmp
+    if target.exists():
+      old = target.with_name(f".{target.name}-old-{os.getpid()}")
+      os.rename(target, old)
+      os.rename(tmp, target)
+      shutil.rmtree(old)
+    else:
+      os.rename(tmp, target)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+  """Writes JSON atomically (temporary file in the same directory, then rename)."""
+  path = Path(path)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump(obj, f, indent=2, sort_keys=True)
+      f.write("\n")
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
