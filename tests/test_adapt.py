@@ -63,7 +63,7 @@ def tiny_frozen(method):
 @pytest.mark.parametrize("method", ["lora", "qalora"])
 def test_combine_and_merge(method):
   frozen = tiny_frozen(method)
-  adapters = nn.add_adapters(frozen, method, rank=4, alpha=8, key=jax.random.PRNGKey(0))
+  adapters = nn.add_adapters(frozen, method, rank=2, alpha=8, key=jax.random.PRNGKey(0))
   assert list(path for path, _ in nn.linear_layers(nn.combine(frozen, adapters))) == ["blocks/attn/q_proj", "lm_head"]
   adapter = adapters["blocks"]["attn"]["q_proj"]["adapter"]
   adapters["blocks"]["attn"]["q_proj"]["adapter"] = nn.Adapter(adapter.a, adapter.b + 0.1, adapter.meta)

@@ -41,16 +41,16 @@ def trained(adapters, seed=0):
 @pytest.mark.parametrize("method", ["lora", "qalora"])
 def test_round_trip(method, tmp_path):
   frozen = stacked_frozen(method)
-  adapters = trained(nn.add_adapters(frozen, method, rank=4, alpha=8, key=jax.random.PRNGKey(0)))
+  adapters = trained(nn.add_adapters(frozen, method, rank=2, alpha=4, key=jax.random.PRNGKey(0)))
   out = peft_io.export_peft(adapters, tmp_path / "peft", base_model="toy")
   config = json.loads((out / "adapter_config.json").read_text())
-  assert config["r"] == 4 and config["lora_alpha"] == 8 and config["use_qalora"] == (method == "qalora")
+  assert config["r"] == 2 and config["lora_alpha"] == 4 and config["use_qalora"] == (method == "qalora")
   assert config["target_modules"] == ["down_proj", "k_proj", "q_proj"]
   tensors = load_file(str(out / "adapter_model.safetensors"))
   a_in = 64 // 32 if method == "qalora" else 64
-  assert tensors["base_model.model.model.layers.1.self_attn.k_proj.lora_A.weight"].shape == (4, a_in)
-  assert tensors["base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight"].shape == (32, 4)
-  assert tensors["base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"].shape == (64, 4)
+  assert tensors["base_model.model.model.layers.1.self_attn.k_proj.lora_A.weight"].shape == (2, a_in)
+  assert tensors["base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight"].shape == (32, 2)
+  assert tensors["base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"].shape == (64, 2)
   back = peft_io.import_peft(out, frozen)
   assert jax.tree.structure(back) == jax.tree.structure(adapters)
   for a, b in zip(jax.tree.leaves(adapters), jax.tree.leaves(back)):
@@ -84,13 +84,13 @@ def test_qalora_export_matches_peft_forward(tmp_path):
   torch = pytest.importorskip("torch")
   variants = pytest.importorskip("peft.tuners.lora.variants")
   frozen = stacked_frozen("qalora", n_layers=1)
-  adapters = trained(nn.add_adapters(frozen, "qalora", rank=4, alpha=8, key=jax.random.PRNGKey(0),
+  adapters = trained(nn.add_adapters(frozen, "qalora", rank=3, alpha=6, key=jax.random.PRNGKey(0),
                                      targets=".*down_proj"))
   out = peft_io.export_peft(adapters, tmp_path / "peft")
   tensors = load_file(str(out / "adapter_model.safetensors"))
   prefix = "base_model.model.model.layers.0.mlp.down_proj"
-  lora_a = torch.nn.Linear(96 // 32, 4, bias=False)
-  lora_b = torch.nn.Linear(4, 64, bias=False)
+  lora_a = torch.nn.Linear(96 // 32, 3, bias=False)
+  lora_b = torch.nn.Linear(3, 64, bias=False)
   with torch.no_grad():
     lora_a.weight.copy_(torch.from_numpy(tensors[f"{prefix}.lora_A.weight"]))
     lora_b.weight.copy_(torch.from_numpy(tensors[f"{prefix}.lora_B.weight"]))
@@ -100,7 +100,7 @@ def test_qalora_export_matches_peft_forward(tmp_path):
     in_features = 96
     lora_A, lora_B = {"default": lora_a}, {"default": lora_b}
     lora_dropout = {"default": torch.nn.Identity()}
-    scaling = {"default": 8 / 4}
+    scaling = {"default": 6 / 3}
     qalora_group_size = {"default": 32}
 
   x = np.random.default_rng(3).normal(size=(5, 96)).astype(np.float32)

@@ -95,5 +95,9 @@ def assemble(config: Config, names: Mapping[str, str], available: Iterable[str],
     else:
       per_layer.setdefault(path, [None] * config.num_layers)[layer] = w
   for path, ws in per_layer.items():
-    leaves[path] = jnp.asarray(np.stack(ws), dtype)
+    if config.scan_layers:  # stacked layout
+      leaves[path] = jnp.asarray(np.stack(ws), dtype)
+    else:  # per-layer layout: blocks/<i>/...
+      for i, w in enumerate(ws):
+        leaves[path.replace("blocks/", f"blocks/{i}/", 1)] = jnp.asarray(w, dtype)
   return unflatten(leaves)

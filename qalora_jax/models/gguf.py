@@ -33,6 +33,7 @@ SUPPORTED_TYPES = (_T.F32, _T.F16, _T.BF16, _T.F64, _T.Q8_0, _T.Q4_0, _T.Q4_1, _
                    _T.Q2_K, _T.Q3_K, _T.Q4_K, _T.Q5_K, _T.Q6_K)
 ARCHITECTURES = ("llama", "qwen2")
 
+
 def _tensor_names() -> dict[str, str]:
   """Parameter path -> GGUF tensor name ("{i}": the block)."""
   names = {
@@ -89,8 +90,9 @@ def read_metadata(reader: gguf.GGUFReader) -> dict:
   return {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
 
 
-def config_from_metadata(meta: dict, tensor_names: set[str], where: str = "GGUF file") -> Config:
-  """The model configuration stated by a GGUF file's metadata."""
+def config_from_metadata(meta: dict, tensor_shapes: dict[str, tuple[int, ...]], where: str = "GGUF file") -> Config:
+  """The model configuration stated by a GGUF file's metadata (and, for what metadata may omit, by the names
+  and numpy shapes of its tensors)."""
   arch = meta.get("general.architecture")
   if arch not in ARCHITECTURES:
     raise ValueError(f"{where}: general.architecture={arch!r} is not supported; allowed: {', '.join(ARCHITECTURES)}")
@@ -102,11 +104,16 @@ def config_from_metadata(meta: dict, tensor_names: set[str], where: str = "GGUF 
     return value
 
   scaling = meta.get(f"{arch}.rope.scaling.type", "none")
-  if scaling not in ("none", None) or "rope_freqs.weight" in tensor_names:
+  if scaling not in ("none", None) or "rope_freqs.weight" in tensor_shapes:
     raise ValueError(f"{where}: {arch}.rope.scaling.type={scaling!r} is not supported; allowed: none")
   hidden, heads = int(key("embedding_length")), int(key("attention.head_count"))
   tokens = meta.get("tokenizer.ggml.tokens")
-  vocab = len(tokens) if tokens is not None else int(key("vocab_size"))
+  if tokens is not None:
+    vocab = len(tokens)
+  elif "token_embd.weight" in tensor_shapes:
+    vocab = int(tensor_shapes["token_embd.weight"][0])
+  else:
+    vocab = int(key("vocab_size"))
   eos = meta.get("tokenizer.ggml.eos_token_id")
   bos = meta.get("tokenizer.ggml.bos_token_id")
   pad = meta.get("tokenizer.ggml.padding_token_id")
@@ -122,9 +129,9 @@ def config_from_metadata(meta: dict, tensor_names: set[str], where: str = "GGUF 
       rope_theta=float(key("rope.freq_base", 10000.0)),
       rms_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
       max_seq_len=int(key("context_length")),
-      tie_embeddings="output.weight" not in tensor_names,
-      qkv_bias="blk.0.attn_q.bias" in tensor_names,
-      o_bias="blk.0.attn_output.bias" in tensor_names,
+      tie_embeddings="output.weight" not in tensor_shapes,
+      qkv_bias="blk.0.attn_q.bias" in tensor_shapes,
+      o_bias="blk.0.attn_output.bias" in tensor_shapes,
       bos_id=None if bos is None else int(bos),
       eos_ids=() if eos is None else (int(eos),),
       pad_id=None if pad is None else int(pad),
@@ -137,10 +144,11 @@ def load(path: str | Path, dtype="float32", param_dtype=np.float32, **config_ove
   path = Path(path)
   reader = gguf.GGUFReader(str(path))
   tensors = {t.name: t for t in reader.tensors}
-  meta = read_metadata(reader)
-  config = config_from_metadata(meta, set(tensors), where=str(path)).replace(dtype=dtype, **config_overrides)
   for t in tensors.values():
     check_type(t)
+  shapes = {name: tuple(int(d) for d in reversed(t.shape)) for name, t in tensors.items()}
+  meta = read_metadata(reader)
+  config = config_from_metadata(meta, shapes, where=str(path)).replace(dtype=dtype, **config_overrides)
 
   def transform(param_path, name, w):
     if config.arch == "llama" and "/q_proj/" in param_path:
@@ -150,7 +158,7 @@ def load(path: str | Path, dtype="float32", param_dtype=np.float32, **config_ove
     return w
 
   params = checkpoint.assemble(
-      config, NAMES, tensors, shape_of=lambda n: tuple(int(d) for d in reversed(tensors[n].shape)),
+      config, NAMES, tensors, shape_of=lambda n: shapes[n],
       read=lambda n: tensor_to_numpy(tensors[n]), where=str(path), transform=transform, dtype=param_dtype,
       ignore=lambda n: n == "rope_freqs.weight")
   return config, params, from_gguf_metadata(meta)

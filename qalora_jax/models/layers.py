@@ -1,7 +1,7 @@
 """The building blocks of the decoder as pure functions: dense, RMSNorm, RoPE, attention, SwiGLU.
 
-`dense` is the single place where a weight meets an activation, so every method (float, quantized, and
-later adapted weights) runs through the same model code.
+Every linear layer goes through `qalora_jax.nn.linear.linear`, the one place a weight (a float kernel, a
+QTensor, and optionally an adapter) meets an activation, so every method runs through the same model code.
 """
 
 from __future__ import annotations
@@ -9,22 +9,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from qalora_jax.quant import QTensor
+from qalora_jax.nn.linear import linear, materialize
 
-
-def materialize(kernel, dtype) -> jax.Array:
-  """A kernel as a float array of `dtype`: a QTensor is dequantized, a float array is cast."""
-  if isinstance(kernel, QTensor):
-    return kernel.dequantize(dtype)
-  return jnp.asarray(kernel).astype(dtype)
+__all__ = ["apply_rope", "attention", "dense", "linear", "materialize", "rms_norm", "rope_angles", "swiglu"]
 
 
 def dense(x: jax.Array, kernel, bias=None) -> jax.Array:
-  """y = x W + b, with W [in, out] a float kernel or a QTensor (dequantized to x.dtype here)."""
-  y = jnp.einsum("...i,io->...o", x, materialize(kernel, x.dtype))
-  if bias is not None:
-    y = y + bias.astype(x.dtype)
-  return y
+  """y = x W + b, with W [in, out] a float kernel or a QTensor (dequantized to x.dtype)."""
+  return linear(x, {"kernel": kernel, "bias": bias})
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -70,12 +62,5 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
 
 
 def swiglu(x: jax.Array, p: dict) -> jax.Array:
-  """SwiGLU MLP: down(silu(x W_gate) * (x W_up))."""
-  gate = dense(x, p["gate_proj"]["kernel"])
-  up = dense(x, p["up_proj"]["kernel"])
-  return dense(jax.nn.silu(gate) * up, p["down_proj"]["kernel"])
-
-
-def linear(x: jax.Array, p: dict) -> jax.Array:
-  """`dense` on a {"kernel", optional "bias"} parameter dict."""
-  return dense(x, p["kernel"], p.get("bias"))
+  """SwiGLU MLP: down(silu(gate(x)) * up(x)), each projection a `linear` on its parameter dict."""
+  return linear(jax.nn.silu(linear(x, p["gate_proj"])) * linear(x, p["up_proj"]), p["down_proj"])

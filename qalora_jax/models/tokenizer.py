@@ -2,7 +2,10 @@
 
 A GGUF stores a byte-level BPE vocabulary ("tokenizer.ggml.model" = "gpt2") as its tokens, merges and token
 types, and names the pre-tokenizer ("tokenizer.ggml.pre") that splits text before the merges apply. The split
-rules below follow llama.cpp's definitions of those names.
+rules below follow llama.cpp's definitions of those names. For "smollm" that means every numeric character
+alone, as SmolLM2's own tokenizer.json does (a Digits pre-tokenizer); transformers' GGUF tokenizer omits that
+step, which agrees on ASCII digits (the vocabulary has no multi-digit tokens) but not on other numeric
+characters such as "½" or "²".
 """
 
 from __future__ import annotations

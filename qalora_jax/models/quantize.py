@@ -1,0 +1,122 @@
+"""Quantizing a model's parameters with any registered quantizer, the weights chosen by regex rules.
+
+    frozen, summary = quantize_params(params, quant.get("int", bits=4, group_size=128))
+    frozen, summary = quantize_params(params, [
+        (r"blocks/mlp/.*/kernel", quant.get("int", bits=3, group_size=64)),
+        (r"blocks/attn/.*/kernel", quant.get("nf4")),
+        (r"lm_head/kernel", None),                                   # None: keep float
+    ])
+
+Rules are (pattern, quantizer or None) pairs matched in order with `re.fullmatch` against the "/"-joined
+parameter paths of `llama.param_paths` ("blocks/attn/q_proj/kernel", "embed/embedding", "lm_head/kernel",
+...); the first matching rule decides, and a path no rule matches stays float. A stacked block kernel
+[L, in, out] is quantized layer by layer and the L QTensors are stacked into one (leaves get a leading L axis).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qalora_jax.models.llama import flatten, unflatten
+from qalora_jax.quant import Quantizer, QTensor
+
+# Every linear layer of the blocks; embeddings, the output head and the norms stay float.
+BLOCK_LINEARS = r"blocks/(attn|mlp)/[a-z_]+_proj/kernel"
+
+Rule = tuple[str, Optional[Quantizer]]
+
+
+@dataclasses.dataclass(frozen=True)
+class RuleStats:
+  pattern: str
+  quantizer: str  # repr of the quantizer, "float" for a None rule
+  tensors: int  # parameter leaves matched (a stacked kernel counts once)
+  matrices: int  # [in, out] matrices quantized (a stacked kernel counts L)
+  weights: int
+  bytes_before: int
+  bytes_after: int
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeSummary:
+  """What `quantize_params` did: total bytes before and after, and per-rule counts."""
+
+  bytes_before: int
+  bytes_after: int
+  rules: tuple[RuleStats, ...]
+
+  def __str__(self) -> str:
+    lines = [f"{'rule':<36} {'quantizer':<48} {'tensors':>7} {'matrices':>8} {'MB before':>10} {'MB after':>9}"]
+    for r in self.rules:
+      lines.append(f"{r.pattern:<36} {r.quantizer[:48]:<48} {r.tensors:>7} {r.matrices:>8} "
+                   f"{r.bytes_before / 1e6:>10.2f} {r.bytes_after / 1e6:>9.2f}")
+    lines.append(f"{'total':<36} {'':<48} {'':>7} {'':>8} {self.bytes_before / 1e6:>10.2f} "
+                 f"{self.bytes_after / 1e6:>9.2f}")
+    return "\n".join(lines)
+
+
+def nbytes(leaf) -> int:
+  """Storage size of a parameter leaf (QTensor: its true packed size)."""
+  if isinstance(leaf, QTensor):
+    return leaf.nbytes
+  return int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+
+
+def quantize_matrix(quantizer: Quantizer, w) -> QTensor:
+  """Quantizes a kernel [in, out], or a stacked [L, in, out] into one QTensor with leading-L leaves."""
+  if w.ndim == 2:
+    return quantizer.quantize(w)
+  parts = [quantizer.quantize(w[i]) for i in range(w.shape[0])]
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *parts)
+
+
+def quantize_params(params: dict, rules: Quantizer | Sequence[Rule] | None = None) -> tuple[dict, QuantizeSummary]:
+  """The frozen parameter tree (selected kernels as QTensors, the rest unchanged) and a summary.
+
+  `rules` is a list of (regex, quantizer or None), or a single quantizer meaning [(BLOCK_LINEARS, quantizer)].
+  A rule that matches no path, or matches a leaf that is not a matrix, is an error.
+  """
+  if rules is None or isinstance(rules, Quantizer):
+    if rules is None:
+      raise ValueError("rules=None is not supported; allowed: a quantizer, or a list of (regex, quantizer or None)")
+    rules = [(BLOCK_LINEARS, rules)]
+  rules = list(rules)
+  for i, rule in enumerate(rules):
+    if not (isinstance(rule, tuple) and len(rule) == 2 and isinstance(rule[0], str)
+            and (rule[1] is None or isinstance(rule[1], Quantizer))):
+      raise ValueError(f"rules[{i}]={rule!r} is not supported; allowed: a (regex, quantizer or None) pair")
+  compiled = [re.compile(pattern) for pattern, _ in rules]
+  stats = [dict(tensors=0, matrices=0, weights=0, bytes_before=0, bytes_after=0) for _ in rules]
+  leaves = {}
+  for path, leaf in flatten(params):
+    k = None if isinstance(leaf, QTensor) else next((i for i, rx in enumerate(compiled) if rx.fullmatch(path)), None)
+    leaves[path] = leaf  # already-quantized leaves are kept as they are
+    if k is None:
+      continue
+    pattern, quantizer = rules[k]
+    if quantizer is not None:
+      if leaf.ndim not in (2, 3):
+        raise ValueError(f"rule {pattern!r} matched {path} of shape {list(leaf.shape)}; allowed: kernels "
+                         f"[in, out] or stacked [layers, in, out]")
+      leaves[path] = quantize_matrix(quantizer, leaf)
+    s = stats[k]
+    s["tensors"] += 1
+    s["matrices"] += leaf.shape[0] if leaf.ndim == 3 else 1
+    s["weights"] += int(np.prod(leaf.shape))
+    s["bytes_before"] += nbytes(leaf)
+    s["bytes_after"] += nbytes(leaves[path])
+  for (pattern, _), s in zip(rules, stats):
+    if s["tensors"] == 0:
+      raise ValueError(f"rule {pattern!r} matches no parameter; paths look like: "
+                       f"{', '.join(p for p, _ in list(flatten(params))[:4])}, ...")
+  summary = QuantizeSummary(
+      bytes_before=sum(nbytes(leaf) for _, leaf in flatten(params)),
+      bytes_after=sum(nbytes(leaf) for _, leaf in leaves.items()),
+      rules=tuple(RuleStats(pattern, "float" if q is None else repr(q), **s) for (pattern, q), s in zip(rules, stats)))
+  return unflatten(leaves), summary
