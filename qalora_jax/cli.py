@@ -42,6 +42,94 @@ def _quantize_report(args) -> int:
   return 0
 
 
+def _train(args) -> int:
+  from qalora_jax.train import config as config_lib
+  from qalora_jax.train import loop
+
+  cfg = config_lib.load(args.config, args.overrides)
+  result = loop.run(cfg, args.workdir, overwrite=args.overwrite, log=lambda m: print(m, file=sys.stderr))
+  print(json.dumps({k: v for k, v in result.items() if k != "config"}))
+  return 0
+
+
+def _eval_params(args):
+  from qalora_jax.train import loop
+
+  r, trainable, step = loop.restore(args.workdir, log=lambda m: print(m, file=sys.stderr))
+  return r, (r.merged(trainable) if args.merged else r.params(trainable)), step
+
+
+def _eval(args) -> int:
+  from qalora_jax import models
+  from qalora_jax.train import loop
+
+  r, params, step = _eval_params(args)
+  if args.data:
+    text = open(args.data, encoding="utf-8").read()
+    if not text.strip():
+      raise ValueError(f"--data {args.data}: the file is empty")
+    ids = r.lm.tokenizer.encode(text)
+  else:
+    _, _, ids = loop.training_data(r.cfg, r.lm)
+  window = min(args.window, r.lm.config.max_seq_len, len(ids))
+  ppl = models.perplexity(r.lm, ids, window=window, params=params)
+  n = (len(ids) // window) * (window - 1)
+  print(json.dumps({"ppl": ppl, "tokens": n, "step": step, "merged": args.merged}))
+  return 0
+
+
+def _merge(args) -> int:
+  import orbax.checkpoint as ocp
+  from pathlib import Path
+
+  from qalora_jax import nn
+  from qalora_jax.files import atomic_dir, write_json
+  from qalora_jax.train import loop
+
+  r, trainable, step = loop.restore(args.workdir, log=lambda m: print(m, file=sys.stderr))
+  merged = r.merged(trainable)
+  with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save((tmp / "params").absolute(), merged)
+    ckpt.wait_until_finished()
+    config = json.loads((Path(args.workdir) / "config.json").read_text())
+    write_json(tmp / "merged.json", {"config": config, "step": step, "bytes": nn.tree_nbytes(merged),
+                                     "source": str(Path(args.workdir).absolute())})
+  print(json.dumps({"out": str(args.out), "bytes": nn.tree_nbytes(merged), "step": step}))
+  return 0
+
+
+def _generate(args) -> int:
+  from qalora_jax import models
+
+  if args.workdir:
+    r, params, _ = _eval_params(args)
+    lm = r.lm
+  else:
+    lm = models.load(args.model)
+    params = None
+  for prompt in args.prompt:
+    text = models.generate(lm, [prompt], args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                           seed=args.seed, params=params)[0]
+    print(text)
+  return 0
+
+
+def _export(args) -> int:
+  from qalora_jax.export import peft
+  from qalora_jax.train import loop
+  from qalora_jax.train.partition import partition
+
+  r, trainable, _ = loop.restore(args.workdir, log=lambda m: print(m, file=sys.stderr))
+  adapters, extra = partition(trainable, r".*/adapter")
+  if extra:
+    raise ValueError("--format peft: the run also trains non-adapter leaves "
+                     f"({r.cfg.adapter.extra_trainable}); PEFT adapter files hold adapters only")
+  out = peft.export_peft(adapters, args.out, base_model=r.cfg.model.name, overwrite=args.overwrite)
+  print(json.dumps({"out": str(out), "format": args.format}))
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="qalora", description="Fine-tune quantized language models with LoRA, QLoRA and QA-LoRA in JAX.")
@@ -63,15 +151,60 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--double-quant", action="store_true", help="double-quantize absmax (nf4/fp4)")
   p.add_argument("--json", action="store_true", help="one JSON object per setting instead of a table")
   p.set_defaults(run=_quantize_report)
+
+  p = sub.add_parser("train", help="fine-tune with LoRA, QLoRA or QA-LoRA from a config",
+                     description="Train from configs/<x>.py[:k=v,...]; resumes when the workdir holds a "
+                                 "checkpoint. Override fields with --config.section.key=value.")
+  p.add_argument("--config", required=True, help="configs/<name>.py[:k=v,k=v]")
+  p.add_argument("--workdir", required=True, help="run directory (checkpoints, metrics.jsonl, result.json)")
+  p.add_argument("--overwrite", action="store_true", help="discard a different run found in the workdir")
+  p.set_defaults(run=_train)
+
+  p = sub.add_parser("eval", help="held-out perplexity of a trained run (JSON line)")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--data", help="a text file to evaluate on (default: the config's held-out plays)")
+  p.add_argument("--merged", action="store_true", help="evaluate with the adapters merged into the base")
+  p.add_argument("--window", type=int, default=512, help="tokens per perplexity window")
+  p.set_defaults(run=_eval)
+
+  p = sub.add_parser("merge", help="fold a run's adapters into its base and save the merged parameters")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--out", required=True)
+  p.add_argument("--overwrite", action="store_true")
+  p.set_defaults(run=_merge)
+
+  p = sub.add_parser("generate", help="continue prompts with a model or a trained run")
+  source = p.add_mutually_exclusive_group()
+  source.add_argument("--model", default="smollm2-135m", help="asset name, GGUF path or HF directory")
+  source.add_argument("--workdir", help="a training workdir (its base + adapters)")
+  p.add_argument("--merged", action="store_true", help="with --workdir: merge the adapters first")
+  p.add_argument("--prompt", required=True, action="append", help="a prompt (repeatable)")
+  p.add_argument("--max-new-tokens", type=int, default=64)
+  p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+  p.add_argument("--top-p", type=float, default=1.0)
+  p.add_argument("--seed", type=int, default=0)
+  p.set_defaults(run=_generate)
+
+  p = sub.add_parser("export", help="write a run's adapters in another tool's format")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--format", required=True, choices=["peft"])
+  p.add_argument("--out", required=True)
+  p.add_argument("--overwrite", action="store_true")
+  p.set_defaults(run=_export)
   return parser
 
 
 def main(argv=None) -> int:
   parser = build_parser()
-  args = parser.parse_args(argv)
+  args, extra = parser.parse_known_args(argv)
+  overrides = [a for a in extra if a.startswith("--config.")]
+  unknown = [a for a in extra if not a.startswith("--config.")]
+  if unknown or (overrides and args.command != "train"):
+    parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+  args.overrides = overrides
   try:
     return args.run(args)
-  except (ValueError, TypeError, RuntimeError, FileNotFoundError) as e:
+  except (ValueError, TypeError, RuntimeError, FileNotFoundError, FileExistsError) as e:
     print(f"qalora {args.command}: error: {e}", file=sys.stderr)
     return 2
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from qalora_jax.nn.linear import linear, materialize
 
-__all__ = ["apply_rope", "attention", "dense", "linear", "materialize", "rms_norm", "rope_angles", "swiglu"]
+__all__ = ["apply_rope", "attention", "dense", "fold", "linear", "materialize", "rms_norm", "rope_angles", "swiglu"]
 
 
 def dense(x: jax.Array, kernel, bias=None) -> jax.Array:
@@ -61,6 +61,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
   return out.reshape(b, t, h, d)
 
 
-def swiglu(x: jax.Array, p: dict) -> jax.Array:
+def fold(rng: jax.Array | None, i: int) -> jax.Array | None:
+  """A distinct key per use of a (possibly absent) dropout key."""
+  return None if rng is None else jax.random.fold_in(rng, i)
+
+
+def swiglu(x: jax.Array, p: dict, dropout_rng: jax.Array | None = None) -> jax.Array:
   """SwiGLU MLP: down(silu(gate(x)) * up(x)), each projection a `linear` on its parameter dict."""
-  return linear(jax.nn.silu(linear(x, p["gate_proj"])) * linear(x, p["up_proj"]), p["down_proj"])
+  gate = linear(x, p["gate_proj"], dropout_rng=fold(dropout_rng, 0))
+  up = linear(x, p["up_proj"], dropout_rng=fold(dropout_rng, 1))
+  return linear(jax.nn.silu(gate) * up, p["down_proj"], dropout_rng=fold(dropout_rng, 2))

@@ -167,25 +167,26 @@ def head(config: Config, params: dict, x: jax.Array) -> jax.Array:
 
 
 def block(config: Config, p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-          kv: tuple[jax.Array, jax.Array] | None, index: jax.Array):
+          kv: tuple[jax.Array, jax.Array] | None, index: jax.Array, rng: jax.Array | None = None):
   """One decoder block. With a cache `kv` ([b, S, K, d] each), this step's keys and values are written at
-  slot `index` and attention runs over all S slots; returns (x, updated kv or None)."""
+  slot `index` and attention runs over all S slots; returns (x, updated kv or None). `rng` drives the
+  adapters' dropout (training only)."""
   b, t, _ = x.shape
   dt = x.dtype
   h = layers.rms_norm(x, p["attn_norm"]["scale"], config.rms_eps)
   attn = p["attn"]
-  q = layers.linear(h, attn["q_proj"]).reshape(b, t, config.num_heads, config.head_dim)
-  k = layers.linear(h, attn["k_proj"]).reshape(b, t, config.num_kv_heads, config.head_dim)
-  v = layers.linear(h, attn["v_proj"]).reshape(b, t, config.num_kv_heads, config.head_dim)
+  q = layers.linear(h, attn["q_proj"], dropout_rng=layers.fold(rng, 0)).reshape(b, t, config.num_heads, config.head_dim)
+  k = layers.linear(h, attn["k_proj"], dropout_rng=layers.fold(rng, 1)).reshape(b, t, config.num_kv_heads, config.head_dim)
+  v = layers.linear(h, attn["v_proj"], dropout_rng=layers.fold(rng, 2)).reshape(b, t, config.num_kv_heads, config.head_dim)
   q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
   if kv is not None:
     k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
     v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
     kv = (k, v)
   a = layers.attention(q, k.astype(dt), v.astype(dt), mask)
-  x = x + layers.linear(a.reshape(b, t, config.q_size), attn["o_proj"])
+  x = x + layers.linear(a.reshape(b, t, config.q_size), attn["o_proj"], dropout_rng=layers.fold(rng, 3))
   h = layers.rms_norm(x, p["mlp_norm"]["scale"], config.rms_eps)
-  x = x + layers.swiglu(h, p["mlp"])
+  x = x + layers.swiglu(h, p["mlp"], dropout_rng=layers.fold(rng, 4))
   return x, kv
 
 
@@ -206,7 +207,7 @@ def default_positions(key_mask: jax.Array) -> jax.Array:
 
 
 def forward(config: Config, params: dict, tokens: jax.Array, positions: jax.Array, key_mask: jax.Array,
-            cache: dict | None = None, index=0):
+            cache: dict | None = None, index=0, dropout_rng: jax.Array | None = None):
   """Logits [b, t, V] (float32) and the updated cache.
 
   Args:
@@ -214,6 +215,7 @@ def forward(config: Config, params: dict, tokens: jax.Array, positions: jax.Arra
     key_mask: [b, S] bool, which key slots hold real tokens; S = t without a cache, the cache length with one.
     cache: None, or {"k", "v"}: [L, b, S, K, d] each, or lists of L arrays [b, S, K, d] (see `init_cache`);
       this call's keys and values go to slots index..index+t-1.
+    dropout_rng: a key for the adapters' dropout (training); None disables dropout.
   """
   x = embed(config, params, tokens)
   cos, sin = layers.rope_angles(positions, rope_frequencies(config))
@@ -226,16 +228,16 @@ def forward(config: Config, params: dict, tokens: jax.Array, positions: jax.Arra
   kvs = None if cache is None else (cache["k"], cache["v"])
   if scanned:
     def body(x, layer):
-      p, kv = layer
-      x, kv = step(p, x, cos, sin, mask, kv, index)
+      p, kv, i = layer
+      x, kv = step(p, x, cos, sin, mask, kv, index, layers.fold(dropout_rng, i))
       return x, kv
 
-    x, kvs = jax.lax.scan(body, x, (blocks, kvs))
+    x, kvs = jax.lax.scan(body, x, (blocks, kvs, jnp.arange(config.num_layers)))
   else:
     new = []
     for i in range(config.num_layers):
       kv = None if kvs is None else (kvs[0][i], kvs[1][i])
-      x, kv = step(layer_slice(blocks, i), x, cos, sin, mask, kv, index)
+      x, kv = step(layer_slice(blocks, i), x, cos, sin, mask, kv, index, layers.fold(dropout_rng, i))
       new.append(kv)
     if kvs is not None:
       kvs = ([kv[0] for kv in new], [kv[1] for kv in new])
@@ -255,18 +257,19 @@ def check_tokens(config: Config, tokens) -> None:
 
 
 def apply(config: Config, params: dict, tokens: jax.Array, positions: jax.Array | None = None,
-          padding_mask: jax.Array | None = None) -> jax.Array:
+          padding_mask: jax.Array | None = None, dropout_rng: jax.Array | None = None) -> jax.Array:
   """Logits [batch, seq, vocab] (float32) of a causal forward pass.
 
   padding_mask [batch, seq] (True: a real token) excludes padded keys; positions default to the count of real
-  tokens before each one, so a left-padded row is computed as if unpadded.
+  tokens before each one, so a left-padded row is computed as if unpadded. dropout_rng enables the adapters'
+  dropout (training).
   """
   check_tokens(config, tokens)
   tokens = jnp.asarray(tokens, jnp.int32)
   key_mask = jnp.ones(tokens.shape, bool) if padding_mask is None else jnp.asarray(padding_mask, bool)
   if positions is None:
     positions = default_positions(key_mask)
-  logits, _ = forward(config, params, tokens, positions, key_mask)
+  logits, _ = forward(config, params, tokens, positions, key_mask, dropout_rng=dropout_rng)
   return logits
 
 

@@ -1,0 +1,223 @@
+"""Experiment configs: ml_collections ConfigDicts, the schema they follow, loading and overrides.
+
+A config file in configs/ defines `get_config(arg)` (arg: a "k=v,k=v" variant string, big_vision style)
+and starts from `base_config()`. `load(spec, overrides)` reads "configs/x.py[:arg]", applies command-line
+overrides such as `--config.adapter.rank=8`, and validates every field against the schema before anything
+runs: unknown keys name the nearest valid one, wrong types and values name the allowed ones.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from qalora_jax.nn.adapt import ALL_LINEARS
+
+CHOICES = {
+    "model.dtype": ("float32", "bfloat16"),
+    "adapter.method": ("lora", "qalora"),
+    "optim.schedule": ("constant", "cosine"),
+}
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field a run reads, with its default (QA-LoRA, INT4 g32 base, r = 16 on SmolLM2 + Shakespeare)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.steps = 100
+  c.log_every = 10
+  c.eval_every = 0  # 0: evaluate at the start and the end only
+  c.checkpoint_every = 50
+  c.sample_prompt = ""  # when set, a greedy continuation is printed before and after training
+  c.sample_tokens = 32
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "smollm2-135m"  # asset name, GGUF path, Hugging Face directory, or "tiny" (random, for tests)
+  c.model.dtype = "float32"
+  c.model.remat = False
+  c.model.scan_layers = True
+
+  c.base = ml_collections.ConfigDict()
+  c.base.quantizer = "int"  # a registered quantizer, or "none" for a float base (LoRA)
+  c.base.options = ml_collections.ConfigDict({"bits": 4, "group_size": 32})  # passed to quant.get
+  c.base.targets = r"blocks/(attn|mlp)/[a-z_]+_proj/kernel"  # which weights are quantized
+
+  c.adapter = ml_collections.ConfigDict()
+  c.adapter.method = "qalora"
+  c.adapter.rank = 16
+  c.adapter.alpha = 32.0
+  c.adapter.dropout = 0.0
+  c.adapter.rslora = False
+  c.adapter.targets = ALL_LINEARS
+  c.adapter.extra_trainable = ""  # regex over frozen leaf paths that train too, e.g. ".*norm/scale"
+
+  c.data = ml_collections.ConfigDict()
+  c.data.corpus = "shakespeare"  # asset name or a directory of .md / .txt files
+  c.data.jsonl = ""  # an Alpaca-style instruction file instead of the corpus
+  c.data.heldout = ("romances/the-tempest",)
+  c.data.seq_len = 128
+  c.data.batch_size = 4
+  c.data.eval_tokens = 8192  # held-out tokens used for perplexity (first N)
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 2e-4
+  c.optim.schedule = "constant"
+  c.optim.warmup_steps = 0
+  c.optim.max_grad_norm = 0.3
+  c.optim.weight_decay = 0.0
+  c.optim.accum_steps = 1
+  return c
+
+
+def parse_arg(arg: str | None) -> dict[str, Any]:
+  """"k=v,k2=v2" -> {"k": v, ...} with Python literals where they parse ("3" -> 3), strings otherwise."""
+  out = {}
+  for item in filter(None, (arg or "").split(",")):
+    if "=" not in item:
+      raise ValueError(f"config argument {item!r} must look like key=value")
+    key, value = item.split("=", 1)
+    out[key.strip()] = _literal(value.strip())
+  return out
+
+
+def _literal(text: str) -> Any:
+  if text.lower() in ("true", "false"):
+    return text.lower() == "true"
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def load(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+  """Loads "path/to/config.py[:arg]", applies "--config.a.b=v" overrides, validates, returns the config."""
+  path, _, arg = spec.partition(":")
+  if not Path(path).is_file():
+    raise ValueError(f"--config {path}: no such config file")
+  module_spec = importlib.util.spec_from_file_location(f"qalora_config_{Path(path).stem}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"--config {path}: defines no get_config(arg)")
+  config = module.get_config(arg or None)
+  for item in overrides:
+    apply_override(config, item)
+  validate(config)
+  return config
+
+
+def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
+  """Applies one "--config.a.b=value" (or "a.b=value") override, coercing to the field's type."""
+  text = item[2:] if item.startswith("--") else item
+  if not text.startswith("config.") or "=" not in text:
+    raise ValueError(f"override {item!r} must look like --config.section.key=value")
+  dotted, value = text[len("config."):].split("=", 1)
+  keys = dotted.split(".")
+  node = config
+  for depth, key in enumerate(keys[:-1]):
+    if key not in node or not isinstance(node[key], ml_collections.ConfigDict):
+      _unknown(".".join(keys[: depth + 1]), node)
+    node = node[key]
+  key = keys[-1]
+  free_form = dotted.startswith("base.options.")
+  if key not in node and not free_form:
+    _unknown(dotted, node)
+  current = node[key] if key in node else None
+  node[key] = _coerce(dotted, value, current)
+
+
+def _unknown(dotted: str, node: ml_collections.ConfigDict) -> None:
+  key = dotted.split(".")[-1]
+  near = difflib.get_close_matches(key, list(node.keys()), n=1)
+  hint = f" (did you mean {'.'.join(dotted.split('.')[:-1] + [near[0]])!r}?)" if near else ""
+  raise ValueError(f"unknown config key {dotted!r}{hint}; valid keys here: {', '.join(sorted(node.keys()))}")
+
+
+def _coerce(dotted: str, text: str, current: Any) -> Any:
+  value = _literal(text)
+  if current is None:
+    return value
+  if isinstance(current, bool):
+    if not isinstance(value, bool):
+      raise ValueError(f"config.{dotted}={text!r}: expected true or false")
+    return value
+  if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if isinstance(current, tuple):
+    return tuple(v.strip() for v in text.split(",") if v.strip()) if isinstance(value, str) else tuple(value)
+  if isinstance(current, str):
+    return text
+  if type(value) is not type(current):
+    raise ValueError(f"config.{dotted}={text!r}: expected {type(current).__name__}")
+  return value
+
+
+def from_json(obj: dict) -> ml_collections.ConfigDict:
+  """The config of a run from its config.json (lists become the tuples the schema has); validated."""
+  def convert(schema, values, prefix=""):
+    for key, value in values.items():
+      if key not in schema and not prefix.startswith("base.options"):
+        _unknown(f"{prefix}{key}", schema)
+      current = schema[key] if key in schema else None
+      if isinstance(current, ml_collections.ConfigDict) and isinstance(value, dict):
+        if f"{prefix}{key}" == "base.options":
+          schema[key] = ml_collections.ConfigDict(value)
+        else:
+          convert(current, value, f"{prefix}{key}.")
+      else:
+        schema[key] = tuple(value) if isinstance(current, tuple) else value
+
+  config = base_config()
+  convert(config, obj)
+  validate(config)
+  return config
+
+
+def validate(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict | None = None, prefix: str = ""
+             ) -> None:
+  """Checks keys and types against `base_config()` and the value constraints; raises ValueError."""
+  top = schema is None
+  schema = base_config() if top else schema
+  for key in config.keys():
+    dotted = f"{prefix}{key}"
+    if key not in schema:
+      _unknown(dotted, schema)
+    value, expected = config[key], schema[key]
+    if dotted == "base.options":
+      continue  # validated by the quantizer itself below
+    if isinstance(expected, ml_collections.ConfigDict):
+      if not isinstance(value, ml_collections.ConfigDict):
+        raise ValueError(f"config.{dotted} must be a section, got {value!r}")
+      validate(value, expected, f"{dotted}.")
+    elif isinstance(expected, float) and isinstance(value, int) and not isinstance(value, bool):
+      continue
+    elif type(value) is not type(expected):
+      raise ValueError(f"config.{dotted}={value!r}: expected {type(expected).__name__}")
+  if not top:
+    return
+  for dotted, allowed in CHOICES.items():
+    section, key = dotted.split(".")
+    if config[section][key] not in allowed:
+      raise ValueError(f"config.{dotted}={config[section][key]!r} is not supported; allowed: {', '.join(allowed)}")
+  for dotted in ("steps", "data.seq_len", "data.batch_size", "adapter.rank", "optim.accum_steps"):
+    node = config
+    for key in dotted.split("."):
+      node = node[key]
+    if node < 1:
+      raise ValueError(f"config.{dotted}={node} must be at least 1")
+  if config.data.batch_size % config.optim.accum_steps:
+    raise ValueError(f"config.data.batch_size={config.data.batch_size} must be a multiple of "
+                     f"config.optim.accum_steps={config.optim.accum_steps}")
+  if not 0.0 <= config.adapter.dropout < 1.0:
+    raise ValueError(f"config.adapter.dropout={config.adapter.dropout} must be in [0, 1)")
+  from qalora_jax import quant
+
+  if config.base.quantizer != "none":
+    quant.get(config.base.quantizer, **config.base.options.to_dict())
+  elif config.adapter.method == "qalora":
+    raise ValueError("config.adapter.method='qalora' needs a group-quantized base; config.base.quantizer is 'none'")

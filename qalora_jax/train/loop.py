@@ -1,0 +1,336 @@
+"""A training run from a config: model, quantized base, adapters, data, the loop, evaluation, result.json.
+
+    result = run(config, workdir)
+
+The workdir holds config.json (the resolved config), metrics.jsonl (one line per logged step and per
+evaluation), checkpoints/ (orbax: trainable leaves + optimizer state + step) and, at the end, result.json.
+A workdir that already holds a checkpoint of the same config is resumed; batches and dropout keys are pure
+functions of (seed, step), so a resumed run computes exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from qalora_jax import assets, data, models, nn, quant
+from qalora_jax.files import write_json
+from qalora_jax.train import checkpoints
+from qalora_jax.train.config import from_json, validate
+from qalora_jax.train.partition import partition
+from qalora_jax.train.step import make_optimizer, make_train_step
+
+
+class NonFiniteLoss(RuntimeError):
+  """The loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+def tiny_model(seed: int = 0, max_seq_len: int = 256) -> models.LanguageModel:
+  """A 2-block random LLaMA over bytes (vocab 256 + BOS + EOS): the tests' model."""
+  import tokenizers
+  from tokenizers import decoders, pre_tokenizers
+
+  alphabet = pre_tokenizers.ByteLevel.alphabet()
+  vocab = {symbol: i for i, symbol in enumerate(sorted(alphabet))}
+  vocab.update({"<s>": 256, "</s>": 257})
+  backend = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, []))
+  backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+  backend.decoder = decoders.ByteLevel()
+  backend.add_special_tokens(["<s>", "</s>"])
+  config = models.Config(vocab_size=258, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=16, max_seq_len=max_seq_len, tie_embeddings=True,
+                         bos_id=256, eos_ids=(257,))
+  params = models.init_params(config, jax.random.PRNGKey(seed))
+  return models.LanguageModel(config, params, models.Tokenizer(backend, bos_id=256, eos_ids=(257,)))
+
+
+def build_model(cfg: ml_collections.ConfigDict) -> models.LanguageModel:
+  m = cfg.model
+  if m.name == "tiny":
+    lm = tiny_model(cfg.seed)
+    return lm.replace(config=lm.config.replace(dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers))
+  return models.load(m.name, dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers)
+
+
+def quantize_base(cfg, params: dict) -> tuple[dict, str]:
+  """The frozen tree: params with the weights matching cfg.base.targets quantized (or all float)."""
+  if cfg.base.quantizer == "none":
+    return params, "float base"
+  quantizer = quant.get(cfg.base.quantizer, **cfg.base.options.to_dict())
+  frozen, summary = models.quantize_params(params, [(cfg.base.targets, quantizer)])
+  return frozen, str(summary)
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def _token_cache_key(cfg, tokenizer, files: list[Path]) -> str:
+  h = hashlib.sha256()
+  h.update(tokenizer.backend.to_str().encode())
+  for f in files:
+    h.update(f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
+  return h.hexdigest()[:20]
+
+
+def corpus_tokens(cfg, tokenizer) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """(train documents, held-out documents) as token arrays; tokenized once, cached under the asset cache."""
+  root = assets.fetch(cfg.data.corpus) if cfg.data.corpus in assets.ASSETS else Path(cfg.data.corpus)
+  if not root.is_dir():
+    raise ValueError(f"config.data.corpus={cfg.data.corpus!r}: not an asset name or a directory")
+  plays = data.load_plays(root)
+  files = sorted(root.rglob("*.md"))
+  cache = assets.cache_dir() / "tokens" / f"{_token_cache_key(cfg, tokenizer, files)}.npz"
+  if cache.exists():
+    with np.load(cache, allow_pickle=False) as z:
+      tokens = {k: z[k] for k in z.files}
+  else:
+    tokens = {name.replace("/", "__"): np.asarray(tokenizer.encode(text), np.int32) for name, text in plays.items()}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f".{cache.name}.tmp.npz")
+    np.savez(tmp, **tokens)
+    tmp.replace(cache)
+  docs = {k.replace("__", "/"): v for k, v in tokens.items()}
+  train, held = data.split_plays(docs, tuple(cfg.data.heldout))
+  return train, held
+
+
+def training_data(cfg, lm) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+  """(blocks [n, seq_len + 1], loss mask or None, held-out token ids for perplexity)."""
+  eos = lm.config.eos_ids[0] if lm.config.eos_ids else 0
+  if cfg.data.seq_len > lm.config.max_seq_len:
+    raise ValueError(f"config.data.seq_len={cfg.data.seq_len} exceeds the model's context "
+                     f"max_seq_len={lm.config.max_seq_len}")
+  train, held = corpus_tokens(cfg, lm.tokenizer)
+  held_ids = np.concatenate(list(held.values()))[: cfg.data.eval_tokens]
+  if cfg.data.jsonl:
+    from qalora_jax.data.instructions import encode_instructions
+
+    examples = data.read_instructions(cfg.data.jsonl)
+    blocks, mask = encode_instructions(examples, lm.tokenizer.encode, cfg.data.seq_len, eos,
+                                       lm.config.pad_id or 0)
+    return blocks, mask, held_ids
+  return data.pack_blocks(train.values(), cfg.data.seq_len, eos), None, held_ids
+
+
+# ----------------------------------------------------------------------------------------------- run
+
+
+def _config_json(cfg) -> dict:
+  return json.loads(cfg.to_json_best_effort())
+
+
+def _check_workdir(workdir: Path, cfg, overwrite: bool) -> None:
+  saved = workdir / "config.json"
+  if saved.exists() and not overwrite:
+    old = json.loads(saved.read_text())
+    if old != _config_json(cfg):
+      diff = sorted(k for k in set(_flat(old)) | set(_flat(_config_json(cfg)))
+                    if _flat(old).get(k) != _flat(_config_json(cfg)).get(k))
+      raise ValueError(f"workdir {workdir} holds a run with a different config (differs in: {', '.join(diff)}); "
+                       f"use another workdir or --overwrite")
+  if overwrite and workdir.exists():
+    import shutil
+
+    for name in ("checkpoints", "metrics.jsonl", "result.json"):
+      p = workdir / name
+      shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def evaluate_ppl(lm, params, ids, window: int) -> float:
+  return models.perplexity(lm, ids, window=min(window, len(ids)), params=params)
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything a run builds from its config before the first step."""
+
+  cfg: ml_collections.ConfigDict
+  lm: models.LanguageModel
+  frozen: dict  # quantized base, without the extra trainable leaves
+  trainable: dict  # adapters (+ extra trainable leaves), freshly initialised
+  optimizer: optax.GradientTransformation
+
+  def params(self, trainable: dict) -> dict:
+    """The model's parameters with the given trainable leaves."""
+    return nn.combine(self.frozen, trainable)
+
+  def base_params(self) -> dict:
+    """The quantized base alone (no adapters), with the extra trainable leaves at their initial values."""
+    return frozen_with(self.frozen, partition(self.trainable, r".*/adapter")[1])
+
+  def merged(self, trainable: dict) -> dict:
+    """The adapters folded into the base (QA-LoRA: into the offsets), extra trained leaves kept."""
+    adapters, extra = partition(trainable, r".*/adapter")
+    return nn.merge_params(frozen_with(self.frozen, extra), adapters)
+
+  def apply(self, params, tokens, dropout_rng=None):
+    return models.apply(self.lm.config, params, tokens, dropout_rng=dropout_rng)
+
+
+def build(cfg: ml_collections.ConfigDict, log=print) -> Run:
+  """Model, quantized base, adapters and optimizer of `cfg`."""
+  validate(cfg)
+  lm = build_model(cfg)
+  frozen, summary = quantize_base(cfg, lm.params)
+  log(summary)
+  key = jax.random.PRNGKey(cfg.seed)
+  adapters = nn.add_adapters(frozen, cfg.adapter.method, rank=cfg.adapter.rank, alpha=cfg.adapter.alpha,
+                             key=jax.random.fold_in(key, 1), targets=cfg.adapter.targets, rslora=cfg.adapter.rslora,
+                             dropout=cfg.adapter.dropout)
+  extra, frozen = partition(frozen, cfg.adapter.extra_trainable or None)
+  optimizer = make_optimizer(cfg.optim.learning_rate, total_steps=cfg.steps, warmup_steps=cfg.optim.warmup_steps,
+                             schedule=cfg.optim.schedule, max_grad_norm=cfg.optim.max_grad_norm or None,
+                             weight_decay=cfg.optim.weight_decay)
+  return Run(cfg, lm.replace(params=None), frozen, nn.combine(adapters, extra), optimizer)
+
+
+def restore(workdir: str | Path, log=print) -> tuple[Run, dict, int]:
+  """(the run, its trained leaves, the step) from a workdir's config.json and newest readable checkpoint."""
+  workdir = Path(workdir)
+  if not (workdir / "config.json").exists():
+    raise ValueError(f"--workdir {workdir}: no config.json; not a training workdir")
+  r = build(from_json(json.loads((workdir / "config.json").read_text())), log=lambda m: None)
+  init, _ = make_train_step(r.apply, r.optimizer, r.cfg.optim.accum_steps)
+  step, state = checkpoints.restore_latest(checkpoints.manager(workdir / "checkpoints"), init(r.trainable), report=log)
+  if state is None:
+    raise ValueError(f"--workdir {workdir}: no readable checkpoint")
+  return r, state.trainable, step
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str | Path, *, overwrite: bool = False, progress: bool = True,
+        log=print, stop_after: int | None = None) -> dict:
+  """Trains `cfg` in `workdir` (resuming when it holds a checkpoint) and returns the result dict.
+
+  `stop_after` ends the loop after that many steps of this call without finishing the run (for tests of
+  resuming); the result is then {}."""
+  validate(cfg)
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  _check_workdir(workdir, cfg, overwrite)
+  write_json(workdir / "config.json", _config_json(cfg))
+  t_start = time.time()
+
+  r = build(cfg, log)
+  lm, frozen = r.lm, r.frozen
+  key = jax.random.PRNGKey(cfg.seed)
+  blocks, mask, held_ids = training_data(cfg, lm)
+  window = min(512, lm.config.max_seq_len)
+  init, step_fn = make_train_step(r.apply, r.optimizer, cfg.optim.accum_steps)
+  step_fn = jax.jit(step_fn, donate_argnums=0)
+  state = init(r.trainable)
+
+  mgr = checkpoints.manager(workdir / "checkpoints")
+  start, restored = checkpoints.restore_latest(mgr, state, report=log)
+  metrics_path = workdir / "metrics.jsonl"
+  if restored is not None:
+    state = restored
+    log(f"resuming from step {start}")
+    base_ppl = json.loads(metrics_path.read_text().splitlines()[0])["base_ppl"]
+    _truncate_metrics(metrics_path, start)
+  else:
+    start = 0
+    base_ppl = evaluate_ppl(lm, r.base_params(), held_ids, window)
+    log(f"held-out perplexity of the base: {base_ppl:.3f}")
+    if cfg.sample_prompt:
+      log(f"sample before training: {cfg.sample_prompt!r} -> {sample(r, r.base_params())!r}")
+    metrics_path.write_text(json.dumps({"step": 0, "base_ppl": base_ppl}) + "\n")
+
+  tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+  bar = tqdm(total=cfg.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
+  t_loop, steps_timed, compile_s = None, 0, None
+  last_saved = start
+  with open(metrics_path, "a") as metrics_file:
+    for step in range(start, cfg.steps):
+      if stop_after is not None and step - start >= stop_after:
+        bar.close()
+        return {}
+      batch = jax.tree.map(jnp.asarray, data.batch_at(blocks, cfg.data.batch_size, cfg.seed, step, mask))
+      t0 = time.time()
+      state, m = step_fn(state, frozen, batch, jax.random.fold_in(jax.random.fold_in(key, 2), step))
+      loss = float(m["loss"])
+      if compile_s is None:
+        compile_s = time.time() - t0
+        t_loop = time.time()
+      else:
+        steps_timed += 1
+      if not math.isfinite(loss):
+        bar.close()
+        raise NonFiniteLoss(f"loss is {loss} at step {step + 1}; stopped. The last good checkpoint "
+                            f"(step {last_saved}) is kept in {workdir / 'checkpoints'}")
+      tok_s = steps_timed * tokens_per_step / (time.time() - t_loop) if steps_timed else 0.0
+      bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:.0f}")
+      bar.update(1)
+      done = step + 1
+      if done % cfg.log_every == 0 or done == cfg.steps:
+        metrics_file.write(json.dumps({"step": done, "loss": loss, "grad_norm": float(m["grad_norm"]),
+                                       "tokens_per_s": tok_s}) + "\n")
+        metrics_file.flush()
+      if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
+        ppl = evaluate_ppl(lm, r.params(state.trainable), held_ids, window)
+        metrics_file.write(json.dumps({"step": done, "eval_ppl": ppl}) + "\n")
+        metrics_file.flush()
+      if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+        checkpoints.save(mgr, done, state)
+        last_saved = done
+  bar.close()
+  train_s = time.time() - t_loop if t_loop else 0.0
+
+  ppl = evaluate_ppl(lm, r.params(state.trainable), held_ids, window)
+  merged = r.merged(state.trainable)
+  merged_ppl = evaluate_ppl(lm, merged, held_ids, window)
+  if cfg.sample_prompt:
+    log(f"sample after training (merged): {cfg.sample_prompt!r} -> {sample(r, merged)!r}")
+  result = {
+      "base_ppl": base_ppl, "ppl": ppl, "merged_ppl": merged_ppl,
+      "trainable_params": nn.count_params(state.trainable),
+      "frozen_bytes": nn.tree_nbytes(frozen), "adapter_bytes": nn.tree_nbytes(state.trainable),
+      "merged_bytes": nn.tree_nbytes(merged),
+      "tokens_per_s": steps_timed * tokens_per_step / train_s if steps_timed and train_s else 0.0,
+      "compile_s": compile_s or 0.0, "wall_s": time.time() - t_start, "steps": cfg.steps,
+      "config": _config_json(cfg),
+  }
+  write_json(workdir / "result.json", result)
+  log(f"held-out perplexity: base {base_ppl:.3f} -> trained {ppl:.3f} -> merged {merged_ppl:.3f}")
+  return result
+
+
+def sample(r: Run, params: dict) -> str:
+  """Greedy continuation of the config's sample prompt."""
+  return models.generate(r.lm, [r.cfg.sample_prompt], r.cfg.sample_tokens, params=params)[0]
+
+
+def frozen_with(frozen: dict, extra: dict) -> dict:
+  """The frozen tree with extra trained leaves put back (for evaluating or merging without adapters)."""
+  return nn.combine(frozen, extra) if extra else frozen
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+  """Drops metric lines logged after `step` (a resumed run logs them again); rewrites atomically."""
+  lines = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+  tmp = path.with_name(f".{path.name}.tmp")
+  tmp.write_text("".join(line + "\n" for line in lines))
+  tmp.replace(path)
