@@ -1,0 +1,137 @@
+"""The training loop on the tiny config: methods, exact resume after SIGKILL, corrupted checkpoints,
+non-finite losses, workdir protection, and the CLI around it."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from qalora_jax import cli, nn
+from qalora_jax.train import config as config_lib
+from qalora_jax.train import loop
+
+TINY = "configs/tiny.py"
+quiet = lambda message: None  # noqa: E731
+
+
+def tiny(overrides=(), arg="method=qalora"):
+  return config_lib.load(f"{TINY}:{arg}", list(overrides))
+
+
+def loss_lines(workdir):
+  return [(d["step"], d["loss"], d["grad_norm"]) for d in map(json.loads, open(workdir / "metrics.jsonl")) if "loss" in d]
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "qalora"])
+def test_each_method_trains_and_merges(method, tmp_path):
+  result = loop.run(tiny(arg=f"method={method}"), tmp_path, progress=False, log=quiet)
+  assert {"base_ppl", "ppl", "merged_ppl", "trainable_params", "frozen_bytes", "adapter_bytes", "tokens_per_s",
+          "wall_s", "steps", "config"} <= set(result)
+  assert result["ppl"] < result["base_ppl"]
+  assert result["merged_ppl"] == pytest.approx(result["ppl"], rel=1e-4)
+  if method == "qalora":
+    assert result["merged_bytes"] == result["frozen_bytes"]  # still the INT4 model
+  assert json.loads((tmp_path / "result.json").read_text())["steps"] == 12
+
+
+def test_exact_resume_after_sigkill(tmp_path):
+  reference = tmp_path / "reference"
+  loop.run(tiny(), reference, progress=False, log=quiet)
+  killed = tmp_path / "killed"
+  proc = subprocess.Popen([sys.executable, "-m", "qalora_jax.cli", "train", "--config", TINY, "--workdir", str(killed)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while not (killed / "checkpoints" / "4").exists() and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.05)
+  time.sleep(random.uniform(0, 0.5))  # somewhere after the first checkpoint
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  assert not (killed / "result.json").exists()
+  loop.run(tiny(), killed, progress=False, log=quiet)
+  _, ref_trained, ref_step = loop.restore(reference, log=quiet)
+  _, trained, step = loop.restore(killed, log=quiet)
+  assert step == ref_step == 12
+  for a, b in zip(jax.tree.leaves(ref_trained), jax.tree.leaves(trained)):
+    assert float(np.abs(np.asarray(a) - np.asarray(b)).max()) <= 1e-6
+  np.testing.assert_allclose(np.array(loss_lines(killed)), np.array(loss_lines(reference)), rtol=1e-6)
+  ref_result = json.loads((reference / "result.json").read_text())
+  result = json.loads((killed / "result.json").read_text())
+  assert result["ppl"] == pytest.approx(ref_result["ppl"], rel=1e-6)
+
+
+def test_corrupted_checkpoint_falls_back_to_the_previous_one(tmp_path):
+  loop.run(tiny(), tmp_path, progress=False, log=quiet)  # checkpoints kept: 8 and 12
+  for f in (tmp_path / "checkpoints" / "12").rglob("*"):
+    if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
+      f.write_bytes(b"\0" * 7)
+  messages = []
+  _, _, step = loop.restore(tmp_path, log=messages.append)
+  assert step == 8
+  assert any("checkpoint at step 12 is unreadable" in m and "falling back" in m for m in messages)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+  real = loop.make_train_step
+
+  def poisoned(*args, **kwargs):
+    init, step = real(*args, **kwargs)
+
+    def bad_step(state, frozen, batch, rng):
+      state, metrics = step(state, frozen, batch, rng)
+      return state, {**metrics, "loss": jax.numpy.where(state.step >= 6, jax.numpy.nan, metrics["loss"])}
+
+    return init, bad_step
+
+  monkeypatch.setattr(loop, "make_train_step", poisoned)
+  with pytest.raises(loop.NonFiniteLoss, match=r"loss is nan at step 6; stopped. The last good checkpoint \(step 4\)"):
+    loop.run(tiny(), tmp_path, progress=False, log=quiet)
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["4"]
+
+
+def test_workdir_with_another_config_is_refused(tmp_path):
+  loop.run(tiny(["--config.steps=4"]), tmp_path, progress=False, log=quiet)
+  with pytest.raises(ValueError, match=r"holds a run with a different config \(differs in: adapter.rank\)"):
+    loop.run(tiny(["--config.steps=4", "--config.adapter.rank=2"]), tmp_path, progress=False, log=quiet)
+  assert (tmp_path / "result.json").exists()  # nothing lost
+  result = loop.run(tiny(["--config.steps=4", "--config.adapter.rank=2"]), tmp_path, overwrite=True, progress=False,
+                    log=quiet)
+  assert result["config"]["adapter"]["rank"] == 2
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--config.adapter.rnak=2"], "unknown config key 'adapter.rnak' \\(did you mean 'adapter.rank'\\?\\)"),
+    (["--config.steps=many"], "config.steps='many': expected int"),
+    (["--config.data.seq_len=1000"], "config.data.seq_len=1000 exceeds the model's context max_seq_len=256"),
+    (["--config.adapter.method=dora"], "config.adapter.method='dora' is not supported; allowed: lora, qalora"),
+])
+def test_bad_configs(overrides, message, tmp_path):
+  with pytest.raises(ValueError, match=message):
+    loop.run(tiny(overrides), tmp_path, progress=False, log=quiet)
+
+
+def test_cli_train_eval_merge_export(tmp_path, capsys):
+  work = tmp_path / "run"
+  assert cli.main(["train", "--config", TINY, "--workdir", str(work), "--config.steps=4"]) == 0
+  result = json.loads(capsys.readouterr().out)
+  assert cli.main(["eval", "--workdir", str(work)]) == 0
+  unmerged = json.loads(capsys.readouterr().out)
+  assert cli.main(["eval", "--workdir", str(work), "--merged"]) == 0
+  merged = json.loads(capsys.readouterr().out)
+  assert unmerged["ppl"] == pytest.approx(result["ppl"], rel=1e-6) and unmerged["step"] == 4
+  assert merged["ppl"] == pytest.approx(result["merged_ppl"], rel=1e-6)
+  assert cli.main(["merge", "--workdir", str(work), "--out", str(tmp_path / "merged")]) == 0
+  assert json.loads(capsys.readouterr().out)["bytes"] == result["frozen_bytes"]
+  assert cli.main(["export", "--workdir", str(work), "--format", "peft", "--out", str(tmp_path / "peft")]) == 0
+  capsys.readouterr()
+  assert (tmp_path / "peft" / "adapter_config.json").exists()
+  assert cli.main(["generate", "--workdir", str(work), "--prompt", "To be", "--max-new-tokens", "4"]) == 0
+  assert capsys.readouterr().out.endswith("\n")  # one continuation (the tiny random model writes noise)
+  assert cli.main(["eval", "--workdir", str(tmp_path / "nothing")]) == 2
+  assert "no config.json" in capsys.readouterr().err
