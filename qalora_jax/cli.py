@@ -64,6 +64,13 @@ def _eval(args) -> int:
   from qalora_jax.train import loop
 
   r, params, step = _eval_params(args)
+  if args.mc:
+    from qalora_jax.eval import multiple_choice
+
+    result = multiple_choice.evaluate(multiple_choice.model_logits_fn(r.lm, params), r.lm.tokenizer.encode,
+                                      args.mc, k_shot=args.shots, max_len=r.lm.config.max_seq_len)
+    print(json.dumps({**result, "step": step, "merged": args.merged}))
+    return 0
   if args.data:
     text = open(args.data, encoding="utf-8").read()
     if not text.strip():
@@ -165,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--data", help="a text file to evaluate on (default: the config's held-out plays)")
   p.add_argument("--merged", action="store_true", help="evaluate with the adapters merged into the base")
   p.add_argument("--window", type=int, default=512, help="tokens per perplexity window")
+  p.add_argument("--mc", metavar="DIR", help="few-shot multiple choice on an MMLU-format directory instead")
+  p.add_argument("--shots", type=int, default=5, help="few-shot examples per question (with --mc)")
   p.set_defaults(run=_eval)
 
   p = sub.add_parser("merge", help="fold a run's adapters into its base and save the merged parameters")
