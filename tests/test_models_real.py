@@ -102,3 +102,57 @@ def test_perplexity_matches_transformers(ours, theirs, play):
   print(f"The Tempest, first 2048 tokens, 512-token windows: perplexity ours {got:.6f}, transformers {want:.6f}, "
         f"relative difference {abs(got - want) / want:.1e}")
   assert abs(got - want) / want <= 1e-3
+
+
+def _their_peft_logits(base, adapter_dir, ids):
+  import copy
+
+  peft = pytest.importorskip("peft")
+  model = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(adapter_dir)).eval()
+  with torch.no_grad():
+    return model(torch.tensor([ids])).logits.numpy()
+
+
+def test_peft_export_loads_in_peft_with_the_same_logits(ours, theirs, play, tmp_path):
+  """LoRA adapters trained here for a few steps, exported, loaded with transformers + PEFT."""
+  import jax
+
+  from qalora_jax import nn, train
+  from qalora_jax.export import peft as peft_io
+
+  adapters = nn.add_adapters(ours.params, "lora", rank=4, alpha=8, key=jax.random.PRNGKey(0))
+  ids = ours.tokenizer.encode(play[:3000])[:65]
+  batch = {"inputs": jnp.asarray([ids[:-1]]), "targets": jnp.asarray([ids[1:]])}
+  apply_fn = lambda p, t, dropout_rng=None: models.apply(ours.config, p, t)  # noqa: E731
+  init, step = train.make_train_step(apply_fn, train.make_optimizer(1e-2))
+  state = init(adapters)
+  step = jax.jit(step)
+  for i in range(3):
+    state, _ = step(state, ours.params, batch, jax.random.PRNGKey(i))
+  assert float(jnp.abs(state.trainable["blocks"]["attn"]["q_proj"]["adapter"].b).max()) > 0
+  peft_io.export_peft(state.trainable, tmp_path / "adapter", base_model="smollm2-135m")
+  got = np.asarray(ours.apply(nn.combine(ours.params, state.trainable), jnp.asarray([ids])))
+  want = _their_peft_logits(theirs, tmp_path / "adapter", ids)
+  print(f"PEFT round trip, max |logit diff|: {np.abs(got - want).max():.2e}")
+  assert np.abs(got - want).max() <= 1e-3
+
+
+def test_adapters_made_by_peft_import_with_the_same_logits(ours, theirs, play, tmp_path):
+  import copy
+
+  peft = pytest.importorskip("peft")
+  from qalora_jax import nn
+  from qalora_jax.export import peft as peft_io
+
+  torch.manual_seed(0)
+  config = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+  model = peft.get_peft_model(copy.deepcopy(theirs), config)
+  model.save_pretrained(str(tmp_path / "made-by-peft"))
+  adapters = peft_io.import_peft(tmp_path / "made-by-peft", ours.params)
+  ids = ours.tokenizer.encode(play[5000:8000])[:64]
+  got = np.asarray(ours.apply(nn.combine(ours.params, adapters), jnp.asarray([ids])))
+  with torch.no_grad():
+    want = model.eval()(torch.tensor([ids])).logits.numpy()
+  print(f"PEFT import, max |logit diff|: {np.abs(got - want).max():.2e}")
+  assert np.abs(got - want).max() <= 1e-3
