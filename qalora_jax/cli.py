@@ -94,7 +94,14 @@ def _merge(args) -> int:
   from qalora_jax.train import loop
 
   r, trainable, step = loop.restore(args.workdir, log=lambda m: print(m, file=sys.stderr))
-  merged = r.merged(trainable)
+  requantize = None
+  if args.requantize:
+    from qalora_jax import quant
+    from qalora_jax.train.config import parse_arg
+
+    name, _, options = args.requantize.partition(":")
+    requantize = quant.get(name, **parse_arg(options))
+  merged = r.merged(trainable, requantize)
   with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
     ckpt = ocp.StandardCheckpointer()
     ckpt.save((tmp / "params").absolute(), merged)
@@ -179,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("merge", help="fold a run's adapters into its base and save the merged parameters")
   p.add_argument("--workdir", required=True)
   p.add_argument("--out", required=True)
+  p.add_argument("--requantize", metavar="NAME[:k=v,...]",
+                 help="LoRA/QLoRA runs: re-quantize the merged float weights, e.g. int:bits=3,group_size=32")
   p.add_argument("--overwrite", action="store_true")
   p.set_defaults(run=_merge)
 

@@ -128,6 +128,14 @@ def test_cli_train_eval_merge_export(tmp_path, capsys):
   assert merged["ppl"] == pytest.approx(result["merged_ppl"], rel=1e-6)
   assert cli.main(["merge", "--workdir", str(work), "--out", str(tmp_path / "merged")]) == 0
   assert json.loads(capsys.readouterr().out)["bytes"] == result["frozen_bytes"]
+  lora = tmp_path / "lora"
+  assert cli.main(["train", "--config", f"{TINY}:method=qlora", "--workdir", str(lora), "--config.steps=2"]) == 0
+  capsys.readouterr()
+  assert cli.main(["merge", "--workdir", str(lora), "--out", str(tmp_path / "requantized"),
+                   "--requantize", "int:bits=3,group_size=32"]) == 0
+  requantized = json.loads(capsys.readouterr().out)["bytes"]
+  assert cli.main(["merge", "--workdir", str(lora), "--out", str(tmp_path / "float")]) == 0
+  assert requantized < json.loads(capsys.readouterr().out)["bytes"]  # INT3 weights instead of float32
   assert cli.main(["export", "--workdir", str(work), "--format", "peft", "--out", str(tmp_path / "peft")]) == 0
   capsys.readouterr()
   assert (tmp_path / "peft" / "adapter_config.json").exists()

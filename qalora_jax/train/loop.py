@@ -182,10 +182,11 @@ class Run:
     """The quantized base alone (no adapters), with the extra trainable leaves at their initial values."""
     return frozen_with(self.frozen, partition(self.trainable, r".*/adapter")[1])
 
-  def merged(self, trainable: dict) -> dict:
-    """The adapters folded into the base (QA-LoRA: into the offsets), extra trained leaves kept."""
+  def merged(self, trainable: dict, requantize: quant.Quantizer | None = None) -> dict:
+    """The adapters folded into the base (QA-LoRA: into the offsets; LoRA: float, or re-quantized with
+    `requantize`), extra trained leaves kept."""
     adapters, extra = partition(trainable, r".*/adapter")
-    return nn.merge_params(frozen_with(self.frozen, extra), adapters)
+    return nn.merge_params(frozen_with(self.frozen, extra), adapters, requantize)
 
   def apply(self, params, tokens, dropout_rng=None):
     return models.apply(self.lm.config, params, tokens, dropout_rng=dropout_rng)
