@@ -16,14 +16,13 @@ def _fetch(args) -> int:
 
 
 def _quantize_report(args) -> int:
-  from qalora_jax import assets
+  from qalora_jax import assets, quant
   from qalora_jax.eval import quant_report
   from qalora_jax.models import gguf
 
   setting_list = quant_report.settings(args.quantizer, args.bits, args.group_size,
                                        double_quant=args.double_quant or None)
   for name, options in setting_list:  # validate every setting before the slow part
-    from qalora_jax import quant
     quant.get(name, **options)
   path = args.model
   if path in assets.ASSETS:

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -134,20 +135,18 @@ def _config_json(cfg) -> dict:
 
 
 def _check_workdir(workdir: Path, cfg, overwrite: bool) -> None:
+  """Refuses a workdir holding another config (unless overwriting, which clears the old run's outputs)."""
   saved = workdir / "config.json"
   if saved.exists() and not overwrite:
-    old = json.loads(saved.read_text())
-    if old != _config_json(cfg):
-      diff = sorted(k for k in set(_flat(old)) | set(_flat(_config_json(cfg)))
-                    if _flat(old).get(k) != _flat(_config_json(cfg)).get(k))
+    old, new = _flat(json.loads(saved.read_text())), _flat(_config_json(cfg))
+    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if diff:
       raise ValueError(f"workdir {workdir} holds a run with a different config (differs in: {', '.join(diff)}); "
                        f"use another workdir or --overwrite")
   if overwrite and workdir.exists():
-    import shutil
-
-    for name in ("checkpoints", "metrics.jsonl", "result.json"):
-      p = workdir / name
-      shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
+    for name in ("metrics.jsonl", "result.json"):
+      (workdir / name).unlink(missing_ok=True)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
