@@ -13,7 +13,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from qalora_jax import data, models, nn
 from qalora_jax.train import config as config_lib

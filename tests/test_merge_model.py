@@ -3,7 +3,6 @@ adapter leaves, same storage; PEFT-style counts of optimizer state."""
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from qalora_jax import data, nn, quant

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from qalora_jax import cli, nn
+from qalora_jax import cli
 from qalora_jax.train import config as config_lib
 from qalora_jax.train import loop
 

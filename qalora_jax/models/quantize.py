@@ -19,12 +19,11 @@ import dataclasses
 import re
 from typing import Optional, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from qalora_jax.models.llama import flatten, unflatten
-from qalora_jax.quant import Quantizer, QTensor
+from qalora_jax.quant import Quantizer, QTensor, quantize_stacked
 
 # Every linear layer of the blocks; embeddings, the output head and the norms stay float.
 BLOCK_LINEARS = r"blocks/(attn|mlp)/[a-z_]+_proj/kernel"
@@ -68,14 +67,6 @@ def nbytes(leaf) -> int:
   return int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
 
 
-def quantize_matrix(quantizer: Quantizer, w) -> QTensor:
-  """Quantizes a kernel [in, out], or a stacked [L, in, out] into one QTensor with leading-L leaves."""
-  if w.ndim == 2:
-    return quantizer.quantize(w)
-  parts = [quantizer.quantize(w[i]) for i in range(w.shape[0])]
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *parts)
-
-
 def quantize_params(params: dict, rules: Quantizer | Sequence[Rule] | None = None) -> tuple[dict, QuantizeSummary]:
   """The frozen parameter tree (selected kernels as QTensors, the rest unchanged) and a summary.
 
@@ -104,7 +95,7 @@ def quantize_params(params: dict, rules: Quantizer | Sequence[Rule] | None = Non
       if leaf.ndim not in (2, 3):
         raise ValueError(f"rule {pattern!r} matched {path} of shape {list(leaf.shape)}; allowed: kernels "
                          f"[in, out] or stacked [layers, in, out]")
-      leaves[path] = quantize_matrix(quantizer, leaf)
+      leaves[path] = quantize_stacked(quantizer, leaf)
     s = stats[k]
     s["tensors"] += 1
     s["matrices"] += leaf.shape[0] if leaf.ndim == 3 else 1

@@ -15,10 +15,9 @@ quantizer (lossy: the "QLoRA w/ GPTQ" baseline of the QA-LoRA paper).
 from __future__ import annotations
 
 import jax.numpy as jnp
-import numpy as np
 
 from qalora_jax.nn.adapters import Adapter, delta_weight
-from qalora_jax.quant import QTensor, Quantizer, has_group_offset
+from qalora_jax.quant import QTensor, Quantizer, has_group_offset, quantize_stacked
 
 
 def check_qalora_base(kernel, group_size: int, where: str = "layer") -> None:
@@ -52,16 +51,7 @@ def merge_into_kernel(kernel, adapter: Adapter, requantize: Quantizer | None = N
     raise ValueError(f"merge_into_kernel needs a lora adapter, got {adapter.meta.kind!r}")
   base = kernel.dequantize(jnp.float32) if isinstance(kernel, QTensor) else jnp.asarray(kernel, jnp.float32)
   merged = base + delta_weight(adapter)
-  if requantize is None:
-    return merged
-  if merged.ndim == 2:
-    return requantize.quantize(merged)
-  flat = merged.reshape((-1,) + merged.shape[-2:])
-  parts = [requantize.quantize(w) for w in flat]
-  import jax
-
-  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *parts)
-  return jax.tree.map(lambda x: x.reshape(merged.shape[:-2] + x.shape[1:]), stacked)
+  return merged if requantize is None else quantize_stacked(requantize, merged)
 
 
 def merge_adapter(kernel, adapter: Adapter, requantize: Quantizer | None = None):

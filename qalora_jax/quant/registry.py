@@ -67,6 +67,17 @@ class Quantizer:
     return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
+def quantize_stacked(quantizer: Quantizer, w) -> QTensor:
+  """Quantizes a kernel [in, out], or stacked kernels [..., in, out] one matrix at a time into one QTensor
+  whose leaves carry the leading axes (its metadata describes one matrix)."""
+  if w.ndim == 2:
+    return quantizer.quantize(w)
+  flat = w.reshape((-1,) + tuple(w.shape[-2:]))
+  parts = [quantizer.quantize(m) for m in flat]
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *parts)
+  return jax.tree.map(lambda x: x.reshape(tuple(w.shape[:-2]) + x.shape[1:]), stacked)
+
+
 def has_group_offset(qt: QTensor) -> bool:
   """Whether QA-LoRA can pool over `qt`'s groups and merge into its offsets (see Quantizer.group_offset)."""
   return quantizer_class(qt.format).group_offset and "offset" in qt.arrays
