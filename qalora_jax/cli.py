@@ -16,6 +16,10 @@ def _fetch(args) -> int:
 
 
 def _quantize_report(args) -> int:
+  import os
+
+  # Before numpy / jax load OpenBLAS: its threads (LAPACK behind GPTQ's Cholesky) spin-wait on a shared CPU.
+  os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
   from qalora_jax import assets, quant
   from qalora_jax.eval import quant_report
   from qalora_jax.models import gguf
@@ -24,19 +28,37 @@ def _quantize_report(args) -> int:
                                        double_quant=args.double_quant or None)
   for name, options in setting_list:  # validate every setting before the slow part
     quant.get(name, **options)
+  if args.calibration is not None and args.calibration < 1:
+    raise ValueError(f"--calibration {args.calibration} is not supported; allowed: a positive number of segments")
   path = args.model
   if path in assets.ASSETS:
     path = assets.fetch(path, log=lambda m: print(m, file=sys.stderr))
-  kernels = list(gguf.linear_kernels(path))
-  if not kernels:
-    raise ValueError(f"--model {args.model}: no LLaMA block linear weights found")
-  rows = quant_report.quantization_report(kernels, setting_list, progress=not args.json)
+  if args.calibration:
+    from qalora_jax import calibration, models
+
+    lm = models.load(path)
+    tokens = calibration.calibration_tokens(lm, args.calibration, args.calibration_len, args.seed)
+    calibration.check_tokens(lm.config, tokens)
+    held = calibration.heldout_tokens(lm, args.eval_tokens)
+    rows = quant_report.calibrated_report(lm, setting_list, tokens, held, progress=not args.json)
+    n = sum(int(v.size) for p, v in models.llama.flatten(lm.params) if p.endswith("_proj/kernel"))
+    header = (f"{7 * lm.config.num_layers} linear layers, {n:,} weights; calibration {args.calibration} x "
+              f"{args.calibration_len} tokens of the training plays; ppl on the first {len(held)} tokens of "
+              f"The Tempest (512-token windows)")
+  else:
+    if "gptq" in args.quantizer:
+      print("note: gptq without --calibration uses H = I, i.e. round to nearest on GPTQ's grid", file=sys.stderr)
+    kernels = list(gguf.linear_kernels(path))
+    if not kernels:
+      raise ValueError(f"--model {args.model}: no LLaMA block linear weights found")
+    rows = quant_report.quantization_report(kernels, setting_list, progress=not args.json)
+    n = sum(k.size for _, k in kernels)
+    header = f"{len(kernels)} linear layers, {n:,} weights ({4 * n:,} bytes as float32)"
   if args.json:
     for row in rows:
       print(json.dumps(row.to_json()))
   else:
-    n = sum(k.size for _, k in kernels)
-    print(f"{len(kernels)} linear layers, {n:,} weights ({4 * n:,} bytes as float32)")
+    print(header)
     print(quant_report.format_table(rows))
   return 0
 
@@ -163,6 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
                  help="group sizes along the input dim (-1: per channel); block size for nf4/fp4")
   p.add_argument("--double-quant", action="store_true", help="double-quantize absmax (nf4/fp4)")
   p.add_argument("--json", action="store_true", help="one JSON object per setting instead of a table")
+  p.add_argument("--calibration", type=int, metavar="N",
+                 help="quantize block by block on N calibration segments of the training plays (needed by gptq); "
+                      "adds output_rel_error ||XW - XW~||^2/||XW||^2 and held-out perplexity ppl")
+  p.add_argument("--calibration-len", type=int, default=512, help="tokens per calibration segment (default 512)")
+  p.add_argument("--eval-tokens", type=int, default=8192,
+                 help="with --calibration: perplexity on the first N tokens of The Tempest (default 8192)")
+  p.add_argument("--seed", type=int, default=0, help="with --calibration: seed of the segment offsets")
   p.set_defaults(run=_quantize_report)
 
   p = sub.add_parser("train", help="fine-tune with LoRA, QLoRA or QA-LoRA from a config",

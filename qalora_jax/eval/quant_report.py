@@ -2,12 +2,16 @@
 
 For each layer, the relative squared reconstruction error is ||W - W~||_F^2 / ||W||_F^2; the report gives
 its mean over layers, the total stored bytes, and bits per weight = 8 * bytes / number of weights.
+With calibration data (`calibrated_report`) the model is quantized block by block (qalora_jax.calibration)
+and each row adds the mean over layers of the output error ||X W - X W~||^2 / ||X W||^2 on the inputs each
+layer sees in the quantized model, and the held-out perplexity of the quantized model.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 from typing import Any, Iterable, Sequence
 
 import jax
@@ -15,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from qalora_jax import quant
+from qalora_jax import calibration, models, quant
+from qalora_jax.models import llama
 
 
 @jax.jit
@@ -33,11 +38,17 @@ class ReportRow:
   bytes: int
   weight_rel_error: float
   options: dict[str, Any]
+  output_rel_error: float | None = None  # with calibration data only
+  ppl: float | None = None  # held-out perplexity, with calibration data only
+  seconds: float | None = None  # time to quantize the model, with calibration data only
 
   def to_json(self) -> dict[str, Any]:
-    return {"quantizer": self.quantizer, "bits": self.bits, "group_size": self.group_size,
-            "bits_per_weight": self.bits_per_weight, "bytes": self.bytes,
-            "weight_rel_error": self.weight_rel_error, "options": self.options}
+    out = {"quantizer": self.quantizer, "bits": self.bits, "group_size": self.group_size,
+           "bits_per_weight": self.bits_per_weight, "bytes": self.bytes,
+           "weight_rel_error": self.weight_rel_error, "options": self.options}
+    if self.output_rel_error is not None:
+      out.update(output_rel_error=self.output_rel_error, ppl=self.ppl, seconds=self.seconds)
+    return out
 
 
 def settings(quantizers: Sequence[str], bits: Sequence[int] | None, group_sizes: Sequence[int] | None,
@@ -80,11 +91,42 @@ def quantization_report(kernels: Iterable[tuple[str, np.ndarray]], setting_list,
   return rows
 
 
+def calibrated_report(lm, setting_list, tokens, heldout_ids, window: int = 512, progress: bool = True
+                      ) -> list[ReportRow]:
+  """Quantizes the model block by block on calibration `tokens` [segments, seq_len] under every setting
+  (GPTQ with its Hessians, other quantizers on the weights alone); one row per setting, with the mean output
+  error over the linear layers and the perplexity on `heldout_ids` (`window`-token windows)."""
+  floats = dict(llama.flatten(llama.stack_blocks(lm.params)))
+  rows = []
+  for name, options in setting_list:
+    quantizer = quant.get(name, **options)
+    frozen, stats = calibration.quantize_model(lm.config, lm.params, tokens, quantizer, progress=progress)
+    total_bytes, n_weights, errors = 0, 0, []
+    for path, qt in llama.flatten(llama.stack_blocks(frozen)):
+      if not re.fullmatch(models.BLOCK_LINEARS, path):
+        continue
+      w = floats[path]
+      total_bytes += qt.nbytes
+      n_weights += int(np.prod(w.shape))
+      w_hat = qt.dequantize(jnp.float32)
+      errors += [relative_error(jnp.asarray(w[i]), w_hat[i]) for i in range(w.shape[0])]
+    ppl = models.perplexity(lm, heldout_ids, window=window, params=frozen)
+    rows.append(ReportRow(name, quantizer.bits, options.get("group_size", quantizer.group_size),
+                          8 * total_bytes / n_weights, total_bytes, float(np.mean(jax.device_get(errors))),
+                          quantizer.options(), stats.output_rel_error, ppl, stats.seconds))
+  return rows
+
+
 def format_table(rows: Sequence[ReportRow]) -> str:
-  """A Markdown table of the rows."""
-  lines = ["| quantizer | bits | group | bits/weight | bytes | weight rel. error |",
-           "|---|---:|---:|---:|---:|---:|"]
+  """A Markdown table of the rows (with output error and perplexity columns when calibrated)."""
+  calibrated = any(r.output_rel_error is not None for r in rows)
+  extra = " output rel. error | ppl |" if calibrated else ""
+  lines = ["| quantizer | bits | group | bits/weight | bytes | weight rel. error |" + extra,
+           "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if calibrated else "")]
   for r in rows:
-    lines.append(f"| {r.quantizer} | {r.bits} | {r.group_size} | {r.bits_per_weight:.3f} | {r.bytes:,} | "
-                 f"{r.weight_rel_error:.3e} |")
+    line = (f"| {r.quantizer} | {r.bits} | {r.group_size} | {r.bits_per_weight:.3f} | {r.bytes:,} | "
+            f"{r.weight_rel_error:.3e} |")
+    if calibrated:
+      line += (f" {r.output_rel_error:.3e} | {r.ppl:.2f} |" if r.output_rel_error is not None else " | |")
+    lines.append(line)
   return "\n".join(lines)

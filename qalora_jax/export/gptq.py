@@ -1,0 +1,285 @@
+"""GPTQ-layout checkpoints (AutoGPTQ "v1"): export a quantized model, import one back.
+
+A directory holds `model.safetensors`, `quantize_config.json` and, when the model config is given,
+`config.json`. For block linear i (HF module names, torch weights [out, in]; our kernels are [in, out]):
+
+    model.layers.{i}.self_attn.q_proj.qweight  int32 [in * bits / 32, out]  codes packed along `in`
+    model.layers.{i}.self_attn.q_proj.scales   fp16  [n_groups, out]
+    model.layers.{i}.self_attn.q_proj.qzeros   int32 [n_groups, out * bits / 32]  (zero - 1) packed along `out`
+    model.layers.{i}.self_attn.q_proj.g_idx    int32 [in]  = i // group_size (contiguous groups)
+
+and w = scales[g_idx[r]] * (q[r] - zero[g_idx[r]]). Packing (qweight and qzeros): the k-bit values are laid
+end to end, least significant bits first, in 32-bit words: 8 four-bit values per word with value 0 in the
+lowest nibble; for 3 bits, 32 values fill 3 words and values 10 and 21 straddle word boundaries (value 10:
+bits 30-31 of word 0 and bit 0 of word 1; value 21: bit 31 of word 1 and bits 0-1 of word 2). That is the
+stream order of qalora_jax.quant.packing, so `qweight` is our packed `codes` reinterpreted as int32.
+AutoGPTQ's layout needs `in` and `out` to be multiples of 32 (3 bits) or of 32 / bits.
+
+Zeros. Our `int` format stores a float offset (w = scale * q + offset); GPTQ stores an integer zero with
+offset = -scale * zero (qalora_jax.quant.gptq.zero_to_offset, the rule import uses too):
+  zeros="int"   (default) every offset must be -scale * zero for an integer zero in 0..2^k-1, as `gptq`
+                produces; they are written as `qzeros`. Stored is (zero - 1) mod 2^k, as AutoGPTQ writes it: a
+                zero of 0 (a group with no negative weight) reads back here as 0 but as 2^k in AutoGPTQ's v1
+                kernels, which add 1 without masking; `export_gptq` warns when that occurs.
+  zeros="float" offsets that are not integer zeros (a QA-LoRA merge moves them: beta' = beta + s (A B)) are
+                written as `qzeros_float`, float32 [n_groups, out], the float zero -offset / scale, with
+                w = scales * (q - qzeros_float); quantize_config.json then says "checkpoint_format":
+                "gptq_float_zeros", so loaders that only know packed integer zeros refuse it rather than
+                misread it. (The QA-LoRA fork of AutoGPTQ keeps fp16 zeros; float32 makes this round trip
+                exact: fp16(-scale * float32(-offset / scale)) == offset.)
+  zeros="round" rounds each float zero to the nearest integer in 0..2^k-1 and writes `qzeros`; this changes
+                the model: `rounding_cost` measures by how much (perplexity before and after).
+
+Import (`import_gptq`) rebuilds the parameter tree with `int` QTensors; export then import gives bit-identical
+codes, scales, offsets and so dequantized weights. Scales must be float16 (scale_dtype="float16").
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from qalora_jax import models
+from qalora_jax.files import atomic_dir, write_json
+from qalora_jax.models import llama
+from qalora_jax.quant import QMeta, QTensor, pack, unpack
+from qalora_jax.quant.gptq import offset_to_zero, zero_to_offset
+
+GPTQ_BITS = (2, 3, 4, 8)
+ZERO_MODES = ("int", "float", "round")
+LINEARS = {"blocks/attn/q_proj": "self_attn.q_proj", "blocks/attn/k_proj": "self_attn.k_proj",
+           "blocks/attn/v_proj": "self_attn.v_proj", "blocks/attn/o_proj": "self_attn.o_proj",
+           "blocks/mlp/gate_proj": "mlp.gate_proj", "blocks/mlp/up_proj": "mlp.up_proj",
+           "blocks/mlp/down_proj": "mlp.down_proj"}
+NORMS = {"blocks/attn_norm/scale": "input_layernorm.weight", "blocks/mlp_norm/scale": "post_attention_layernorm.weight"}
+TOP = {"embed/embedding": "model.embed_tokens.weight", "final_norm/scale": "model.norm.weight"}
+WEIGHTS_FILE = "model.safetensors"
+
+
+# -------------------------------------------------------------------------------------------- packing
+
+
+def pack_words(values: np.ndarray, bits: int, axis: int) -> np.ndarray:
+  """Packs k-bit values (int) along `axis` into int32 words, LSB first (AutoGPTQ's qweight / qzeros order)."""
+  v = np.moveaxis(np.asarray(values), axis, 0).astype(np.uint32)
+  if v.shape[0] * bits % 32 or (bits == 3 and v.shape[0] % 32):
+    raise ValueError(f"{v.shape[0]} values of {bits} bits do not fill whole 32-bit words; allowed: a multiple "
+                     f"of {32 if bits == 3 else 32 // bits}")
+  words = np.asarray(pack(v, bits, np.uint32))
+  return np.moveaxis(words.view(np.int32), 0, axis)
+
+
+def unpack_words(words: np.ndarray, bits: int, n: int, axis: int) -> np.ndarray:
+  """Inverse of `pack_words`: int32 words -> n values (uint8) along `axis`."""
+  w = np.moveaxis(np.asarray(words), axis, 0).view(np.uint32)
+  return np.moveaxis(np.asarray(unpack(w, bits, n)), 0, axis)
+
+
+# ---------------------------------------------------------------------------------------------- zeros
+
+
+def integer_zeros(qt: QTensor) -> tuple[np.ndarray, np.ndarray]:
+  """(zero [n_groups, out] rounded, whether each offset is exactly -scale * zero with zero in 0..2^k-1)."""
+  scale, offset = np.asarray(qt["scale"]), np.asarray(qt["offset"])
+  zero = np.round(np.asarray(offset_to_zero(scale, offset)))
+  exact = np.asarray(zero_to_offset(scale, zero, offset.dtype)) == offset
+  return zero, exact & (zero >= 0) & (zero <= 2**qt.bits - 1)
+
+
+def round_zeros(frozen: dict) -> dict:
+  """The tree with every `int` QTensor's offsets moved to the nearest integer zero in 0..2^k-1:
+  offset' = -scale * clip(round(-offset / scale), 0, 2^k - 1). Unmerged GPTQ tensors are unchanged."""
+
+  def snap(leaf):
+    if not (isinstance(leaf, QTensor) and leaf.format == "int" and "offset" in leaf.arrays):
+      return leaf
+    zero = jnp.clip(jnp.round(offset_to_zero(leaf["scale"], leaf["offset"])), 0, 2**leaf.bits - 1)
+    return QTensor({**leaf.arrays, "offset": zero_to_offset(leaf["scale"], zero, leaf["offset"].dtype)}, leaf.meta)
+
+  return jax.tree.map(snap, frozen, is_leaf=lambda x: isinstance(x, QTensor))
+
+
+def rounding_cost(lm, frozen: dict, ids, window: int = 512) -> dict:
+  """What zeros="round" costs: {"ppl": with float zeros, "rounded_ppl": with rounded zeros, "delta"}."""
+  ppl = models.perplexity(lm, ids, window=window, params=frozen)
+  rounded = models.perplexity(lm, ids, window=window, params=round_zeros(frozen))
+  return {"ppl": ppl, "rounded_ppl": rounded, "delta": rounded - ppl}
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+
+def layer_tensors(qt: QTensor, zeros: str = "int") -> dict[str, np.ndarray]:
+  """qweight, scales, qzeros (or qzeros_float) and g_idx of one [in, out] `int` QTensor (see module doc)."""
+  if zeros not in ZERO_MODES:
+    raise ValueError(f"zeros={zeros!r} is not supported; allowed: {', '.join(ZERO_MODES)}")
+  if qt.format != "int" or "offset" not in qt.arrays or qt.arrays["codes"].ndim != 2:
+    raise ValueError(f"GPTQ export takes one layer's asymmetric `int` QTensor (from gptq or int), got {qt!r}")
+  if qt.bits not in GPTQ_BITS:
+    raise ValueError(f"bits={qt.bits} is not supported by the GPTQ layout; allowed: {', '.join(map(str, GPTQ_BITS))}")
+  if qt["scale"].dtype != jnp.float16:
+    raise ValueError(f"scale dtype {qt['scale'].dtype} is not supported by the GPTQ layout; allowed: float16 "
+                     f"(quantize with scale_dtype='float16')")
+  n_in, n_out = qt.shape
+  if zeros == "round":
+    qt = round_zeros({"k": qt})["k"]
+  codes = unpack(qt["codes"], qt.bits, n_in)
+  out = {"qweight": pack_words(np.asarray(codes), qt.bits, axis=0),
+         "scales": np.asarray(qt["scale"]),
+         "g_idx": (np.arange(n_in) // qt.group_size).astype(np.int32)}
+  if zeros == "float":
+    if (np.asarray(qt["scale"]) == 0).any():
+      raise ValueError("zeros='float' needs non-zero scales (a zero scale has no float zero); allowed: zeros='int'")
+    out["qzeros_float"] = np.asarray(offset_to_zero(qt["scale"], qt["offset"]), np.float32)
+    return out
+  zero, exact = integer_zeros(qt)
+  if not exact.all():
+    raise ValueError(f"zeros='int': {int((~exact).sum())} of {exact.size} offsets are not -scale * (integer zero "
+                     f"in 0..{2**qt.bits - 1}) (a QA-LoRA merge or `int` round to nearest makes float offsets); "
+                     f"allowed: zeros='float' (float32 qzeros_float) or zeros='round' (see rounding_cost)")
+  out["qzeros"] = pack_words((zero.astype(np.int64) - 1) % 2**qt.bits, qt.bits, axis=1)
+  return out
+
+
+def _hf_config(config: models.Config, quantize_config: dict) -> dict:
+  return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": config.vocab_size,
+          "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
+          "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
+          "num_key_value_heads": config.num_kv_heads, "head_dim": config.head_dim,
+          "max_position_embeddings": config.max_seq_len, "rms_norm_eps": config.rms_eps,
+          "rope_theta": config.rope_theta, "tie_word_embeddings": config.tie_embeddings,
+          "bos_token_id": config.bos_id, "eos_token_id": list(config.eos_ids) if config.eos_ids else None,
+          "hidden_act": "silu", "torch_dtype": "float16", "quantization_config": quantize_config}
+
+
+def export_gptq(frozen: dict, out_dir: str | Path, *, config: models.Config | None = None, zeros: str = "int",
+                desc_act: bool = False, static_groups: bool = False, damp_percent: float = 0.01,
+                overwrite: bool = False) -> Path:
+  """Writes the quantized block linears of `frozen` (plus norms, embeddings, head) as a GPTQ-layout directory,
+  atomically; returns its path. desc_act / static_groups / damp_percent are recorded in quantize_config.json
+  (the checkpoint layout is the same either way: act-order with static groups keeps contiguous groups)."""
+  if zeros not in ZERO_MODES:
+    raise ValueError(f"zeros={zeros!r} is not supported; allowed: {', '.join(ZERO_MODES)}")
+  params = llama.stack_blocks(frozen)
+  tensors, kinds, zero_zeros = {}, set(), 0
+  for path, leaf in llama.flatten(params):
+    module = path.rsplit("/", 1)[0]
+    if module in LINEARS and path.endswith("/kernel"):
+      if not isinstance(leaf, QTensor):
+        raise ValueError(f"{path} is a float kernel; GPTQ export needs every block linear quantized (int or gptq)")
+      kinds.add((leaf.bits, leaf.group_size, leaf.shape[0]))
+      for i in range(leaf["codes"].shape[0]):
+        layer = jax.tree.map(lambda a: a[i], leaf)
+        for name, value in layer_tensors(layer, zeros).items():
+          tensors[f"model.layers.{i}.{LINEARS[module]}.{name}"] = value
+        if zeros != "float":
+          zero_zeros += int((np.asarray(integer_zeros(round_zeros({"k": layer})["k"])[0]) == 0).sum())
+    elif module in LINEARS and path.endswith("/bias"):
+      for i in range(leaf.shape[0]):
+        tensors[f"model.layers.{i}.{LINEARS[module]}.bias"] = np.asarray(leaf[i])
+    elif path in NORMS:
+      for i in range(leaf.shape[0]):
+        tensors[f"model.layers.{i}.{NORMS[path]}"] = np.asarray(leaf[i])
+    elif path in TOP:
+      tensors[TOP[path]] = np.asarray(leaf)
+    elif path == "lm_head/kernel":
+      tensors["lm_head.weight"] = np.ascontiguousarray(np.asarray(leaf).T)
+    else:
+      raise ValueError(f"{path}: not part of a LLaMA GPTQ checkpoint")
+  # One bits and group size for all linears: g for every layer wider than g, -1 when every group is a whole input.
+  partial = {g for _, g, n_in in kinds if g < n_in}
+  group_size = -1 if not partial else max(partial)
+  all_bits = {b for b, _, _ in kinds}
+  if len(all_bits) != 1 or any(g != (n_in if group_size == -1 else min(group_size, n_in)) for _, g, n_in in kinds):
+    raise ValueError(f"GPTQ checkpoints hold one bits / group_size for all linears, got (bits, group, in) "
+                     f"{sorted(kinds)}")
+  bits, = all_bits
+  if zero_zeros:
+    warnings.warn(f"{zero_zeros} integer zeros are 0: stored as {2**bits - 1} (zero - 1 mod 2^{bits}); "
+                  f"AutoGPTQ's v1 kernels read them as {2**bits}")
+  quantize_config = {"bits": bits, "group_size": group_size, "desc_act": desc_act, "static_groups": static_groups,
+                     "sym": False, "true_sequential": True, "damp_percent": damp_percent, "quant_method": "gptq",
+                     "checkpoint_format": "gptq_float_zeros" if zeros == "float" else "gptq",
+                     "model_file_base_name": "model"}
+  if zeros == "float":
+    quantize_config["zeros"] = "qzeros_float: float32 [n_groups, out], w = scales * (q - qzeros_float)"
+  with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE),
+              metadata={"format": "pt"})
+    write_json(tmp / "quantize_config.json", quantize_config)
+    if config is not None:
+      write_json(tmp / "config.json", _hf_config(config, quantize_config))
+  return Path(out_dir)
+
+
+# ---------------------------------------------------------------------------------------------- import
+
+_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+
+def layer_from_tensors(t: dict[str, np.ndarray], bits: int, group_size: int, n_in: int) -> QTensor:
+  """The `int` QTensor of one layer's qweight / scales / qzeros (or qzeros_float) / g_idx."""
+  qweight, scales = np.asarray(t["qweight"]), np.asarray(t["scales"])
+  n_out = qweight.shape[1]
+  g = n_in if group_size == -1 else min(group_size, n_in)
+  if "g_idx" in t and not np.array_equal(np.asarray(t["g_idx"]), np.arange(n_in) // g):
+    raise ValueError("g_idx: groups are not contiguous (act-order without static groups), which the `int` format "
+                     "cannot represent; allowed: g_idx[r] = r // group_size")
+  codes = unpack_words(qweight, bits, n_in, axis=0)
+  if "qzeros_float" in t:
+    zero = np.asarray(t["qzeros_float"], np.float32)
+  else:
+    zero = (unpack_words(np.asarray(t["qzeros"]), bits, n_out, axis=1).astype(np.int64) + 1) % 2**bits
+  offset = zero_to_offset(scales, zero, scales.dtype)
+  arrays = {"codes": pack(codes, bits, np.uint32), "scale": jnp.asarray(scales), "offset": offset}
+  return QTensor(arrays, QMeta("int", (n_in, n_out), bits, g, (("symmetric", False),)))
+
+
+def import_gptq(path: str | Path) -> tuple[dict, dict]:
+  """(parameter tree in our stacked layout with `int` QTensors for the block linears, quantize_config)."""
+  path = Path(path)
+  quantize_config = json.loads((path / "quantize_config.json").read_text())
+  bits, group_size = quantize_config["bits"], quantize_config["group_size"]
+  if bits not in GPTQ_BITS:
+    raise ValueError(f"{path}: bits={bits} is not supported; allowed: {', '.join(map(str, GPTQ_BITS))}")
+  tensors = load_file(str(path / WEIGHTS_FILE))
+  per_layer: dict[int, dict[str, dict[str, np.ndarray]]] = {}
+  leaves = {}
+  by_name = {v: k for k, v in TOP.items()}
+  for key, value in tensors.items():
+    m = _LAYER_KEY.fullmatch(key)
+    if m:
+      module, _, field = m.group(2).rpartition(".")
+      per_layer.setdefault(int(m.group(1)), {}).setdefault(module, {})[field] = value
+    elif key in by_name:
+      leaves[by_name[key]] = jnp.asarray(value)
+    elif key == "lm_head.weight":
+      leaves["lm_head/kernel"] = jnp.asarray(value.T)
+    else:
+      raise ValueError(f"{path}: unexpected tensor {key}")
+  modules = {v: k for k, v in LINEARS.items()}
+  norms = {v.rsplit(".", 1)[0]: k for k, v in NORMS.items()}
+  blocks = []
+  for i in range(len(per_layer)):
+    layer = {}
+    for module, fields in per_layer[i].items():
+      if module in modules:
+        n_in = fields["g_idx"].shape[0] if "g_idx" in fields else fields["qweight"].shape[0] * 32 // bits
+        layer[f"{modules[module]}/kernel"] = layer_from_tensors(fields, bits, group_size, n_in)
+        if "bias" in fields:
+          layer[f"{modules[module]}/bias"] = jnp.asarray(fields["bias"])
+      elif module in norms:
+        layer[norms[module]] = jnp.asarray(fields["weight"])
+      else:
+        raise ValueError(f"{path}: unexpected module model.layers.{i}.{module}")
+    blocks.append(layer)
+  for name in blocks[0]:
+    leaves[name] = jax.tree.map(lambda *xs: jnp.stack(xs), *[b[name] for b in blocks])
+  return llama.unflatten(leaves), quantize_config
