@@ -222,11 +222,8 @@ def restore(workdir: str | Path, log=print) -> tuple[Run, dict, int]:
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str | Path, *, overwrite: bool = False, progress: bool = True,
-        log=print, stop_after: int | None = None) -> dict:
-  """Trains `cfg` in `workdir` (resuming when it holds a checkpoint) and returns the result dict.
-
-  `stop_after` ends the loop after that many steps of this call without finishing the run (for tests of
-  resuming); the result is then {}."""
+        log=print) -> dict:
+  """Trains `cfg` in `workdir` (resuming when it holds a checkpoint) and returns the result dict."""
   validate(cfg)
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -265,9 +262,6 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path, *, overwrite: bool 
   last_saved = start
   with open(metrics_path, "a") as metrics_file:
     for step in range(start, cfg.steps):
-      if stop_after is not None and step - start >= stop_after:
-        bar.close()
-        return {}
       batch = jax.tree.map(jnp.asarray, data.batch_at(blocks, cfg.data.batch_size, cfg.seed, step, mask))
       t0 = time.time()
       state, m = step_fn(state, frozen, batch, jax.random.fold_in(jax.random.fold_in(key, 2), step))
