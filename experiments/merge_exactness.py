@@ -11,13 +11,11 @@ import argparse
 import json
 import time
 
-import jax
 import jax.numpy as jnp
 
-from qalora_jax import data, models, nn
+from qalora_jax import models, nn
 from qalora_jax.train import config as config_lib
 from qalora_jax.train import loop
-from qalora_jax.train.step import make_train_step
 
 
 def main():
@@ -32,13 +30,7 @@ def main():
       cfg = config_lib.load("configs/quickstart.py", [f"--config.base.options.bits={bits}",
                                                       f"--config.base.options.scale_dtype={scale_dtype}"])
       r = loop.build(cfg, log=lambda m: None)
-      blocks, mask, held = loop.training_data(cfg, r.lm)
-      init, step = make_train_step(r.apply, r.optimizer)
-      step = jax.jit(step)
-      state = init(r.trainable)
-      for s in range(args.steps):
-        batch = jax.tree.map(jnp.asarray, data.batch_at(blocks, cfg.data.batch_size, cfg.seed, s, mask))
-        state, metrics = step(state, r.frozen, batch, jax.random.PRNGKey(s))
+      state, held = loop.train_steps(r, args.steps)
       b_norm = float(sum(jnp.abs(a.b).max() for _, a in nn.adapt.adapter_layers(state.trainable)))
       unmerged, merged = r.params(state.trainable), r.merged(state.trainable)
       tokens = jnp.asarray(held[: 4 * 128].reshape(4, 128))

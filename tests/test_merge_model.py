@@ -5,23 +5,16 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from qalora_jax import data, nn, quant
+from qalora_jax import nn, quant
 from qalora_jax.train import config as config_lib
 from qalora_jax.train import loop
-from qalora_jax.train.step import make_train_step
 
 
 def trained_run(bits, scale_dtype, steps=5):
   cfg = config_lib.load("configs/tiny.py", [f"--config.base.options.bits={bits}",
                                            f"--config.base.options.scale_dtype={scale_dtype}"])
   r = loop.build(cfg, log=lambda m: None)
-  blocks, mask, held = loop.training_data(cfg, r.lm)
-  init, step = make_train_step(r.apply, r.optimizer)
-  step = jax.jit(step)
-  state = init(r.trainable)
-  for s in range(steps):
-    batch = jax.tree.map(jnp.asarray, data.batch_at(blocks, cfg.data.batch_size, cfg.seed, s, mask))
-    state, _ = step(state, r.frozen, batch, jax.random.PRNGKey(s))
+  state, held = loop.train_steps(r, steps)
   return r, state, held
 
 

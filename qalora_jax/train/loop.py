@@ -208,6 +208,20 @@ def build(cfg: ml_collections.ConfigDict, log=print) -> Run:
   return Run(cfg, lm.replace(params=None), frozen, nn.combine(adapters, extra), optimizer)
 
 
+def train_steps(r: Run, steps: int):
+  """(state after `steps` plain training steps of the run's config, held-out token ids): the loop's batches
+  and keys without its checkpoints, evaluation or logging (for experiments and tests)."""
+  blocks, mask, held = training_data(r.cfg, r.lm)
+  init, step = make_train_step(r.apply, r.optimizer, r.cfg.optim.accum_steps)
+  step = jax.jit(step)
+  state = init(r.trainable)
+  key = jax.random.fold_in(jax.random.PRNGKey(r.cfg.seed), 2)
+  for s in range(steps):
+    batch = jax.tree.map(jnp.asarray, data.batch_at(blocks, r.cfg.data.batch_size, r.cfg.seed, s, mask))
+    state, _ = step(state, r.frozen, batch, jax.random.fold_in(key, s))
+  return state, held
+
+
 def restore(workdir: str | Path, log=print) -> tuple[Run, dict, int]:
   """(the run, its trained leaves, the step) from a workdir's config.json and newest readable checkpoint."""
   workdir = Path(workdir)
