@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
 from qalora_jax import quant
@@ -45,6 +45,8 @@ def test_short_last_group():
   np.testing.assert_allclose(np.asarray(qt.dequantize())[:, 0], w[:, 0])
 
 
+@example(bits=2, group=4, symmetric=False, scale_dtype="float32",  # a range below float32's smallest normal
+         w=np.array([[1.1754944e-38]] + [[0.0]] * 15, np.float32))
 @settings(max_examples=25, deadline=None)
 @given(bits=st.sampled_from([2, 3, 4, 8]), group=st.sampled_from([4, 8, 16, -1]),
        symmetric=st.booleans(), scale_dtype=st.sampled_from(["float16", "float32"]),
@@ -60,7 +62,7 @@ def test_error_at_most_half_a_step(bits, group, symmetric, scale_dtype, w):
   m = np.repeat(np.abs(np.pad(w, [(0, (-w.shape[0]) % g), (0, 0)], mode="edge")).reshape(-1, g, w.shape[1]).max(1),
                 g, axis=0)[: w.shape[0]]
   eps = np.finfo(np.dtype(scale_dtype)).eps
-  tiny = np.finfo(np.dtype(scale_dtype)).smallest_subnormal
+  tiny = max(np.finfo(np.dtype(scale_dtype)).smallest_subnormal, np.finfo(np.float32).smallest_normal)  # FTZ
   assert (err <= step / 2 + (2 * eps + 8 * np.finfo(np.float32).eps) * m + (2**bits - 1) * tiny).all()
 
 

@@ -16,8 +16,9 @@ when asymmetric, `offset` [ceil(in/g), out]. A group size that does not divide `
 shorter last group.
 
 Error bound, per element: |w - w~| <= scale / 2 + 2 eps_s M + 8 eps_32 M + (2^k - 1) tiny_s, where M is the
-group's max |w|, eps_s and tiny_s the machine epsilon and smallest subnormal of the storage dtype: half a
-step, plus what rounding scale and offset to their storage dtype can add at the clipped ends.
+group's max |w|, eps_s the storage dtype's machine epsilon and tiny_s the larger of its smallest subnormal
+and float32's smallest normal (XLA flushes float32 subnormals): half a step, plus what rounding scale and
+offset to their storage dtype can add at the clipped ends.
 """
 
 from __future__ import annotations
@@ -135,7 +136,10 @@ class IntQuantizer(Quantizer):
     wg = _grouped(jnp.asarray(w, jnp.float32), qt.group_size)
     m = jnp.abs(wg).max(axis=1, keepdims=True)
     step = qt["scale"].astype(jnp.float32)[:, None]
-    eps_s, tiny_s = float(jnp.finfo(sdt).eps), float(jnp.finfo(sdt).smallest_subnormal)
+    # XLA on CPU flushes float32 subnormals to zero, so a scale below float32's smallest normal number may
+    # be stored as 0: the absolute slack is the larger of that and the storage dtype's smallest subnormal.
+    eps_s = float(jnp.finfo(sdt).eps)
+    tiny_s = max(float(jnp.finfo(sdt).smallest_subnormal), float(jnp.finfo(jnp.float32).smallest_normal))
     eps32 = float(jnp.finfo(jnp.float32).eps)
     bound = step / 2 + (2 * eps_s + 8 * eps32) * m + (2**self.bits - 1) * tiny_s
     return _ungrouped(jnp.broadcast_to(bound, wg.shape), w.shape[0])
