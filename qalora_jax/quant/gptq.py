@@ -304,7 +304,8 @@ class GPTQQuantizer(Quantizer):
 
   def error_bound(self, w, qt):
     """For `quantize(w)` (H = I, round to nearest): |w - w~| <= scale / 2 + (4 eps_s + 16 eps_32) M +
-    2^k tiny_s per element, M the group's max |w| (half a step; the zero rounding moves the grid's ends by
+    2^k tiny_s per element (tiny_s: the larger of the storage dtype's smallest subnormal and float32's
+    smallest normal), M the group's max |w| (half a step; the zero rounding moves the grid's ends by
     at most half a step, which the range's inclusion of 0 keeps inside the group's span)."""
     sdt = jnp.dtype(self.scale_dtype)
     g = qt.group_size
@@ -312,7 +313,9 @@ class GPTQQuantizer(Quantizer):
     wg = jnp.pad(jnp.asarray(w, jnp.float32), [(0, pad), (0, 0)], mode="edge").reshape(-1, g, w.shape[1])
     m = jnp.abs(wg).max(axis=1, keepdims=True)
     step = qt["scale"].astype(jnp.float32)[:, None]
-    eps_s, tiny_s = float(jnp.finfo(sdt).eps), float(jnp.finfo(sdt).smallest_subnormal)
+    eps_s = float(jnp.finfo(sdt).eps)
+    # XLA on CPU flushes float32 subnormals to zero (as in intk.py).
+    tiny_s = max(float(jnp.finfo(sdt).smallest_subnormal), float(jnp.finfo(jnp.float32).smallest_normal))
     eps32 = float(jnp.finfo(jnp.float32).eps)
     bound = step / 2 + (4 * eps_s + 16 * eps32) * m + 2**self.bits * tiny_s
     return jnp.broadcast_to(bound, wg.shape).reshape(-1, w.shape[1])[: w.shape[0]]
