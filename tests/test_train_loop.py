@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 from qalora_jax import cli
+from qalora_jax.train import checkpoints, loop
 from qalora_jax.train import config as config_lib
-from qalora_jax.train import loop
 
 TINY = "configs/tiny.py"
-quiet = lambda message: None  # noqa: E731
+quiet = lambda message: None
 
 
 def tiny(overrides=(), arg="method=qalora"):
@@ -39,6 +39,14 @@ def test_each_method_trains_and_merges(method, tmp_path):
   if method == "qalora":
     assert result["merged_bytes"] == result["frozen_bytes"]  # still the INT4 model
   assert json.loads((tmp_path / "result.json").read_text())["steps"] == 12
+  # the adapter checkpoint: the trained leaves without optimizer state, the same values as the last checkpoint
+  r, trained, step = loop.restore(tmp_path, log=quiet)
+  init, _ = loop.make_train_step(r.apply, r.optimizer)
+  last, state = checkpoints.restore_latest(checkpoints.manager(tmp_path / "checkpoints"), init(r.trainable))
+  assert step == last == 12
+  jax.tree.map(np.testing.assert_array_equal, trained, state.trainable)
+  assert result["adapter_checkpoint_bytes"] < 1.5 * result["adapter_bytes"] + 20_000
+  assert result["checkpoint_bytes"] > 2 * result["adapter_bytes"]  # params + two AdamW moments
 
 
 def test_exact_resume_after_sigkill(tmp_path):
@@ -68,12 +76,16 @@ def test_exact_resume_after_sigkill(tmp_path):
 
 def test_corrupted_checkpoint_falls_back_to_the_previous_one(tmp_path):
   loop.run(tiny(), tmp_path, progress=False, log=quiet)  # checkpoints kept: 8 and 12
+  for f in (tmp_path / "adapters").rglob("*"):
+    if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name and f.suffix != ".json":
+      f.write_bytes(b"\0" * 7)
   for f in (tmp_path / "checkpoints" / "12").rglob("*"):
     if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
       f.write_bytes(b"\0" * 7)
   messages = []
   _, _, step = loop.restore(tmp_path, log=messages.append)
   assert step == 8
+  assert any("adapter checkpoint" in m and "unreadable" in m for m in messages)
   assert any("checkpoint at step 12 is unreadable" in m and "falling back" in m for m in messages)
 
 

@@ -3,7 +3,8 @@
     result = run(config, workdir)
 
 The workdir holds config.json (the resolved config), metrics.jsonl (one line per logged step and per
-evaluation), checkpoints/ (orbax: trainable leaves + optimizer state + step) and, at the end, result.json.
+evaluation), checkpoints/ (orbax: trainable leaves + optimizer state + step) and, at the end, adapters/
+(the trained leaves alone) and result.json.
 A workdir that already holds a checkpoint of the same config is resumed; batches and dropout keys are pure
 functions of (seed, step), so a resumed run computes exactly what an uninterrupted one would.
 """
@@ -144,7 +145,8 @@ def _check_workdir(workdir: Path, cfg, overwrite: bool) -> None:
       raise ValueError(f"workdir {workdir} holds a run with a different config (differs in: {', '.join(diff)}); "
                        f"use another workdir or --overwrite")
   if overwrite and workdir.exists():
-    shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
+    for name in ("checkpoints", "adapters"):
+      shutil.rmtree(workdir / name, ignore_errors=True)
     for name in ("metrics.jsonl", "result.json"):
       (workdir / name).unlink(missing_ok=True)
 
@@ -223,11 +225,15 @@ def train_steps(r: Run, steps: int):
 
 
 def restore(workdir: str | Path, log=print) -> tuple[Run, dict, int]:
-  """(the run, its trained leaves, the step) from a workdir's config.json and newest readable checkpoint."""
+  """(the run, its trained leaves, the step) from a workdir's config.json and its adapter checkpoint, or the
+  newest readable training checkpoint when the run has not finished (or its adapter checkpoint is unreadable)."""
   workdir = Path(workdir)
   if not (workdir / "config.json").exists():
     raise ValueError(f"--workdir {workdir}: no config.json; not a training workdir")
   r = build(from_json(json.loads((workdir / "config.json").read_text())), log=lambda m: None)
+  step, trainable = checkpoints.restore_adapters(workdir / "adapters", r.trainable, report=log)
+  if trainable is not None:
+    return r, trainable, step
   init, _ = make_train_step(r.apply, r.optimizer, r.cfg.optim.accum_steps)
   step, state = checkpoints.restore_latest(checkpoints.manager(workdir / "checkpoints"), init(r.trainable), report=log)
   if state is None:
@@ -306,6 +312,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path, *, overwrite: bool 
         last_saved = done
   bar.close()
   train_s = time.time() - t_loop if t_loop else 0.0
+  checkpoints.save_adapters(workdir / "adapters", cfg.steps, state.trainable)
 
   ppl = evaluate_ppl(lm, r.params(state.trainable), held_ids, window)
   merged = r.merged(state.trainable)
@@ -316,6 +323,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path, *, overwrite: bool 
       "base_ppl": base_ppl, "ppl": ppl, "merged_ppl": merged_ppl,
       "trainable_params": nn.count_params(state.trainable),
       "frozen_bytes": nn.tree_nbytes(frozen), "adapter_bytes": nn.tree_nbytes(state.trainable),
+      "adapter_checkpoint_bytes": checkpoints.disk_bytes(workdir / "adapters"),
+      "checkpoint_bytes": checkpoints.disk_bytes(workdir / "checkpoints" / str(cfg.steps)),
       "merged_bytes": nn.tree_nbytes(merged),
       "tokens_per_s": steps_timed * tokens_per_step / train_s if steps_timed and train_s else 0.0,
       "compile_s": compile_s or 0.0, "wall_s": time.time() - t_start, "steps": cfg.steps,
