@@ -16,14 +16,18 @@ parameter paths of `llama.param_paths` ("blocks/attn/q_proj/kernel", "embed/embe
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
+from pathlib import Path
 from typing import Optional, Sequence
 
 import jax.numpy as jnp
 import numpy as np
+import safetensors
+import safetensors.numpy
 
 from qalora_jax.models.llama import flatten, unflatten
-from qalora_jax.quant import Quantizer, QTensor, quantize_stacked
+from qalora_jax.quant import QMeta, QTensor, Quantizer, quantize_stacked
 
 # Every linear layer of the blocks; embeddings, the output head and the norms stay float.
 BLOCK_LINEARS = r"blocks/(attn|mlp)/[a-z_]+_proj/kernel"
@@ -111,3 +115,34 @@ def quantize_params(params: dict, rules: Quantizer | Sequence[Rule] | None = Non
       bytes_after=sum(nbytes(leaf) for _, leaf in leaves.items()),
       rules=tuple(RuleStats(pattern, "float" if q is None else repr(q), **s) for (pattern, q), s in zip(rules, stats)))
   return unflatten(leaves), summary
+
+
+def save_quantized(path: str | Path, frozen: dict) -> None:
+  """Writes the QTensor leaves of a frozen tree to one safetensors file, atomically: tensor "<path>/<array>"
+  per QTensor array, and each QTensor's QMeta as JSON in the file's metadata. Float leaves are not saved:
+  `load_quantized` takes them from the float parameters."""
+  path = Path(path)
+  tensors, metas = {}, {}
+  for p, leaf in flatten(frozen):
+    if isinstance(leaf, QTensor):
+      metas[p] = dataclasses.asdict(leaf.meta)
+      tensors.update({f"{p}/{name}": np.asarray(a) for name, a in leaf.arrays.items()})
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.name}.tmp")
+  safetensors.numpy.save_file(tensors, str(tmp), metadata={"qtensors": json.dumps(metas)})
+  tmp.replace(path)
+
+
+def load_quantized(path: str | Path, params: dict) -> dict:
+  """The frozen tree: `params` with the QTensors of a `save_quantized` file in place of their float leaves."""
+  with safetensors.safe_open(str(path), "numpy") as f:
+    metas = json.loads(f.metadata()["qtensors"])
+    arrays = {name: f.get_tensor(name) for name in f.keys()}
+  leaves = dict(flatten(params))
+  for p, m in metas.items():
+    if p not in leaves:
+      raise ValueError(f"{path}: quantized leaf {p} is not a parameter of this model")
+    meta = QMeta(m["format"], tuple(m["shape"]), m["bits"], m["group_size"], tuple(tuple(o) for o in m["options"]))
+    prefix = f"{p}/"
+    leaves[p] = QTensor({k[len(prefix):]: jnp.asarray(v) for k, v in arrays.items() if k.startswith(prefix)}, meta)
+  return unflatten(leaves)

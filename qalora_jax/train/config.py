@@ -46,6 +46,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.base.quantizer = "int"  # a registered quantizer, or "none" for a float base (LoRA)
   c.base.options = ml_collections.ConfigDict({"bits": 4, "group_size": 32})  # passed to quant.get
   c.base.targets = r"blocks/(attn|mlp)/[a-z_]+_proj/kernel"  # which weights are quantized
+  # Quantizers that use calibration data (GPTQ): segments x tokens of the training plays, run through the
+  # model block by block (qalora_jax.calibration). Quantized bases are cached under the asset cache.
+  c.base.calibration = 128
+  c.base.calibration_len = 512
 
   c.adapter = ml_collections.ConfigDict()
   c.adapter.method = "qalora"
@@ -71,6 +75,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.max_grad_norm = 0.3
   c.optim.weight_decay = 0.0
   c.optim.accum_steps = 1
+
+  # Devices: a (data, fsdp) mesh; data * fsdp must equal the number of devices. Batches are split over
+  # both axes, parameters, adapters and optimizer state over fsdp (qalora_jax.train.mesh).
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = 1
+  c.mesh.fsdp = 1
+
+  # Extra evaluations at the end of a run: the merged model re-quantized with each of these quantizers
+  # ("name:k=v,k=v", e.g. "gptq:bits=4,group_size=32"); result.json gets requantized_ppl[spec]. On the command
+  # line: --config.requantize="gptq:bits=4,group_size=32;gptq:bits=3,group_size=32".
+  c.requantize = ()
   return c
 
 
@@ -131,6 +146,23 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
   node[key] = _coerce(dotted, value, current)
 
 
+def override(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+  """Sets config.<dotted> to a Python value (as sweep files give them), checked as a command-line override
+  is; "base.options" takes a whole dict (a quantizer's options replace the previous quantizer's)."""
+  if dotted == "base.options":
+    if not isinstance(value, dict):
+      raise ValueError(f"config.base.options={value!r}: expected a dict of quantizer options")
+    config.base.options = ml_collections.ConfigDict(dict(value))
+    return
+  if isinstance(value, (list, tuple)):
+    text = repr(tuple(value))
+  elif isinstance(value, bool):
+    text = str(value).lower()
+  else:
+    text = str(value)
+  apply_override(config, f"config.{dotted}={text}")
+
+
 def _unknown(dotted: str, node: ml_collections.ConfigDict) -> None:
   key = dotted.split(".")[-1]
   near = difflib.get_close_matches(key, list(node.keys()), n=1)
@@ -149,7 +181,9 @@ def _coerce(dotted: str, text: str, current: Any) -> Any:
   if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
     return float(value)
   if isinstance(current, tuple):
-    return tuple(v.strip() for v in text.split(",") if v.strip()) if isinstance(value, str) else tuple(value)
+    if not isinstance(value, str):
+      return tuple(value)
+    return tuple(v.strip() for v in text.split(";" if ";" in text else ",") if v.strip())
   if isinstance(current, str):
     return text
   if type(value) is not type(current):
@@ -204,7 +238,10 @@ def validate(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDic
     section, key = dotted.split(".")
     if config[section][key] not in allowed:
       raise ValueError(f"config.{dotted}={config[section][key]!r} is not supported; allowed: {', '.join(allowed)}")
-  for dotted in ("steps", "data.seq_len", "data.batch_size", "adapter.rank", "optim.accum_steps"):
+  if config.steps < 0:
+    raise ValueError(f"config.steps={config.steps} must be at least 0 (0: evaluate the base only)")
+  for dotted in ("data.seq_len", "data.batch_size", "adapter.rank", "optim.accum_steps", "mesh.data", "mesh.fsdp",
+                 "base.calibration", "base.calibration_len"):
     node = config
     for key in dotted.split("."):
       node = node[key]
@@ -221,3 +258,12 @@ def validate(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDic
     quant.get(config.base.quantizer, **config.base.options.to_dict())
   elif config.adapter.method == "qalora":
     raise ValueError("config.adapter.method='qalora' needs a group-quantized base; config.base.quantizer is 'none'")
+  for spec in config.requantize:
+    name, _, options = spec.partition(":")
+    if config.adapter.method != "lora":
+      raise ValueError(f"config.requantize={spec!r}: only a LoRA run has a float merged model to re-quantize; "
+                       f"config.adapter.method is {config.adapter.method!r}")
+    try:
+      quant.get(name, **parse_arg(options))
+    except (ValueError, TypeError) as e:
+      raise ValueError(f"config.requantize={spec!r}: {e}") from None

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -29,6 +28,7 @@ from tqdm.auto import tqdm
 from qalora_jax import assets, data, models, nn, quant
 from qalora_jax.files import write_json
 from qalora_jax.train import checkpoints
+from qalora_jax.train import mesh as mesh_lib
 from qalora_jax.train.config import from_json, validate
 from qalora_jax.train.partition import partition
 from qalora_jax.train.step import make_optimizer, make_train_step
@@ -68,13 +68,56 @@ def build_model(cfg: ml_collections.ConfigDict) -> models.LanguageModel:
   return models.load(m.name, dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers)
 
 
-def quantize_base(cfg, params: dict) -> tuple[dict, str]:
-  """The frozen tree: params with the weights matching cfg.base.targets quantized (or all float)."""
+def quantize_base(cfg, lm: models.LanguageModel) -> tuple[dict, str]:
+  """The frozen tree: the model's params with the weights matching cfg.base.targets quantized (or all float).
+
+  A quantizer that takes calibration data (GPTQ: `quantize_with_hessian`) sees cfg.base.calibration segments
+  of cfg.base.calibration_len tokens of the training plays; its result is cached under the asset cache,
+  keyed by model, quantizer, options, calibration and seed, so runs sharing a base calibrate once."""
   if cfg.base.quantizer == "none":
-    return params, "float base"
+    return lm.params, "float base"
   quantizer = quant.get(cfg.base.quantizer, **cfg.base.options.to_dict())
-  frozen, summary = models.quantize_params(params, [(cfg.base.targets, quantizer)])
-  return frozen, str(summary)
+  if not hasattr(quantizer, "quantize_with_hessian"):
+    frozen, summary = models.quantize_params(lm.params, [(cfg.base.targets, quantizer)])
+    return frozen, str(summary)
+  if cfg.base.targets != models.BLOCK_LINEARS:
+    raise ValueError(f"config.base.targets={cfg.base.targets!r}: a calibrated quantizer "
+                     f"({cfg.base.quantizer}) quantizes all block linears; allowed: {models.BLOCK_LINEARS!r}")
+  key = json.dumps([cfg.model.name, cfg.base.quantizer, cfg.base.options.to_dict(), cfg.base.calibration,
+                    cfg.base.calibration_len, cfg.seed, cfg.data.corpus], sort_keys=True)
+  cached = assets.cache_dir() / "bases" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.safetensors"
+  if cached.exists():
+    return models.load_quantized(cached, lm.params), f"{quantizer} base from the cache ({cached})"
+  frozen, stats = calibrate(cfg, lm, lm.params, quantizer)
+  models.save_quantized(cached, frozen)
+  return frozen, (f"{quantizer} on {stats.tokens} calibration tokens in {stats.seconds:.0f} s: mean output error "
+                  f"{stats.output_rel_error:.3e} (cached in {cached})")
+
+
+def calibrate(cfg, lm: models.LanguageModel, params: dict, quantizer: quant.Quantizer):
+  """(frozen tree, stats): the block linears of `params` quantized on the config's calibration tokens."""
+  from qalora_jax import calibration
+
+  tokens = calibration.calibration_tokens(lm, cfg.base.calibration, cfg.base.calibration_len, cfg.seed,
+                                          corpus=cfg.data.corpus)
+  return calibration.quantize_model(lm.config, params, tokens, quantizer)
+
+
+def requantized_ppl(r: "Run", trainable: dict, spec: str, held_ids, window: int) -> float:
+  """Held-out perplexity of the merged float model re-quantized with `spec` ("name:k=v,...")."""
+  quantizer = requantizer(spec)
+  if hasattr(quantizer, "quantize_with_hessian"):
+    params, _ = calibrate(r.cfg, r.lm, r.merged(trainable), quantizer)
+  else:
+    params = r.merged(trainable, quantizer)
+  return evaluate_ppl(r.lm, params, held_ids, window)
+
+
+def requantizer(spec: str) -> quant.Quantizer:
+  from qalora_jax.train.config import parse_arg
+
+  name, _, options = spec.partition(":")
+  return quant.get(name, **parse_arg(options))
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -140,7 +183,8 @@ def _check_workdir(workdir: Path, cfg, overwrite: bool) -> None:
   saved = workdir / "config.json"
   if saved.exists() and not overwrite:
     old, new = _flat(json.loads(saved.read_text())), _flat(_config_json(cfg))
-    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    # the mesh may change between a run and its resumption: same computation, other devices
+    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not k.startswith("mesh."))
     if diff:
       raise ValueError(f"workdir {workdir} holds a run with a different config (differs in: {', '.join(diff)}); "
                        f"use another workdir or --overwrite")
@@ -197,7 +241,7 @@ def build(cfg: ml_collections.ConfigDict, log=print) -> Run:
   """Model, quantized base, adapters and optimizer of `cfg`."""
   validate(cfg)
   lm = build_model(cfg)
-  frozen, summary = quantize_base(cfg, lm.params)
+  frozen, summary = quantize_base(cfg, lm)
   log(summary)
   key = jax.random.PRNGKey(cfg.seed)
   adapters = nn.add_adapters(frozen, cfg.adapter.method, rank=cfg.adapter.rank, alpha=cfg.adapter.alpha,
@@ -212,15 +256,21 @@ def build(cfg: ml_collections.ConfigDict, log=print) -> Run:
 
 def train_steps(r: Run, steps: int):
   """(state after `steps` plain training steps of the run's config, held-out token ids): the loop's batches
-  and keys without its checkpoints, evaluation or logging (for experiments and tests)."""
+  and keys without its checkpoints, evaluation or logging (for experiments and tests), on the config's mesh."""
+  mesh = mesh_lib.make_mesh(r.cfg.mesh.data, r.cfg.mesh.fsdp)
+  mesh_lib.check_batch(r.cfg.data.batch_size, r.cfg.optim.accum_steps, mesh)
   blocks, mask, held = training_data(r.cfg, r.lm)
   init, step = make_train_step(r.apply, r.optimizer, r.cfg.optim.accum_steps)
-  step = jax.jit(step)
   state = init(r.trainable)
+  state_shardings = mesh_lib.param_shardings(state, mesh)
+  state = mesh_lib.put(state, state_shardings)
+  frozen = mesh_lib.put(r.frozen, mesh_lib.param_shardings(r.frozen, mesh))
+  step = jax.jit(step, out_shardings=(state_shardings, None))
   key = jax.random.fold_in(jax.random.PRNGKey(r.cfg.seed), 2)
   for s in range(steps):
-    batch = jax.tree.map(jnp.asarray, data.batch_at(blocks, r.cfg.data.batch_size, r.cfg.seed, s, mask))
-    state, _ = step(state, r.frozen, batch, jax.random.fold_in(key, s))
+    batch = mesh_lib.put(data.batch_at(blocks, r.cfg.data.batch_size, r.cfg.seed, s, mask),
+                         mesh_lib.batch_sharding(mesh))
+    state, _ = step(state, frozen, batch, jax.random.fold_in(key, s))
   return state, held
 
 
@@ -245,6 +295,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path, *, overwrite: bool 
         log=print) -> dict:
   """Trains `cfg` in `workdir` (resuming when it holds a checkpoint) and returns the result dict."""
   validate(cfg)
+  mesh = mesh_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+  mesh_lib.check_batch(cfg.data.batch_size, cfg.optim.accum_steps, mesh)
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   _check_workdir(workdir, cfg, overwrite)
@@ -257,8 +309,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path, *, overwrite: bool 
   blocks, mask, held_ids = training_data(cfg, lm)
   window = min(512, lm.config.max_seq_len)
   init, step_fn = make_train_step(r.apply, r.optimizer, cfg.optim.accum_steps)
-  step_fn = jax.jit(step_fn, donate_argnums=0)
   state = init(r.trainable)
+  state_shardings = mesh_lib.param_shardings(state, mesh)
+  state = mesh_lib.put(state, state_shardings)  # before the restore: it restores into these shardings
+  r.frozen = frozen = mesh_lib.put(frozen, mesh_lib.param_shardings(frozen, mesh))
+  step_fn = jax.jit(step_fn, donate_argnums=0, out_shardings=(state_shardings, None))
 
   mgr = checkpoints.manager(workdir / "checkpoints")
   start, restored = checkpoints.restore_latest(mgr, state, report=log)
@@ -282,7 +337,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path, *, overwrite: bool 
   last_saved = start
   with open(metrics_path, "a") as metrics_file:
     for step in range(start, cfg.steps):
-      batch = jax.tree.map(jnp.asarray, data.batch_at(blocks, cfg.data.batch_size, cfg.seed, step, mask))
+      batch = mesh_lib.put(data.batch_at(blocks, cfg.data.batch_size, cfg.seed, step, mask),
+                           mesh_lib.batch_sharding(mesh))
       t0 = time.time()
       state, m = step_fn(state, frozen, batch, jax.random.fold_in(jax.random.fold_in(key, 2), step))
       loss = float(m["loss"])
@@ -319,6 +375,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path, *, overwrite: bool 
   merged_ppl = evaluate_ppl(lm, merged, held_ids, window)
   if cfg.sample_prompt:
     log(f"sample after training (merged): {cfg.sample_prompt!r} -> {sample(r, merged)!r}")
+  requantized = {spec: requantized_ppl(r, state.trainable, spec, held_ids, window) for spec in cfg.requantize}
   result = {
       "base_ppl": base_ppl, "ppl": ppl, "merged_ppl": merged_ppl,
       "trainable_params": nn.count_params(state.trainable),
@@ -330,6 +387,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path, *, overwrite: bool 
       "compile_s": compile_s or 0.0, "wall_s": time.time() - t_start, "steps": cfg.steps,
       "config": _config_json(cfg),
   }
+  if requantized:
+    result["requantized_ppl"] = requantized
   write_json(workdir / "result.json", result)
   log(f"held-out perplexity: base {base_ppl:.3f} -> trained {ppl:.3f} -> merged {merged_ppl:.3f}")
   return result

@@ -1,0 +1,59 @@
+"""Calibrated (GPTQ) bases in training runs: calibration, the base cache, evaluation-only runs, and the merged
+model re-quantized at the end of a LoRA run."""
+
+import jax
+import numpy as np
+import pytest
+
+from qalora_jax import assets, models, quant
+from qalora_jax.train import config as config_lib
+from qalora_jax.train import loop
+
+quiet = lambda message: None  # noqa: E731
+
+
+def tiny(arg, overrides=()):
+  return config_lib.load(f"configs/tiny.py:{arg}", list(overrides))
+
+
+GPTQ = ["--config.base.quantizer=gptq", "--config.base.calibration=8", "--config.base.calibration_len=32"]
+
+
+def test_gptq_base_is_calibrated_once_and_cached(tmp_path, monkeypatch):
+  cfg = tiny("method=qalora", GPTQ)
+  lm = loop.build_model(cfg)
+  monkeypatch.setattr(assets, "cache_dir", lambda: tmp_path)
+  fresh, summary = loop.quantize_base(cfg, lm)
+  assert "calibration tokens" in summary and len(list((tmp_path / "bases").iterdir())) == 1
+  cached, summary = loop.quantize_base(cfg, lm)
+  assert "from the cache" in summary
+  assert jax.tree.structure(cached) == jax.tree.structure(fresh)
+  jax.tree.map(np.testing.assert_array_equal, cached, fresh)
+  # calibrated: not the same grid as GPTQ without data (H = I), which is round-to-nearest
+  rtn, _ = models.quantize_params(lm.params, quant.get("gptq", bits=4, group_size=16))
+  kernel = lambda p: np.asarray(p["blocks"]["mlp"]["down_proj"]["kernel"].dequantize())  # noqa: E731
+  assert np.abs(kernel(fresh) - kernel(rtn)).max() > 0
+
+
+def test_zero_steps_evaluates_the_base(tmp_path):
+  result = loop.run(tiny("method=qalora", ["--config.steps=0"]), tmp_path, progress=False, log=quiet)
+  assert result["ppl"] == pytest.approx(result["base_ppl"], rel=1e-6)
+  assert result["merged_ppl"] == pytest.approx(result["base_ppl"], rel=1e-6)
+
+
+def test_requantized_merged_model(tmp_path):
+  specs = ["int:bits=8,group_size=16", "int:bits=2,group_size=16"]
+  result = loop.run(tiny("method=qlora", ["--config.steps=4", f"--config.requantize={';'.join(specs)}"]),
+                    tmp_path, progress=False, log=quiet)
+  ppl = result["requantized_ppl"]
+  assert set(ppl) == set(specs)
+  assert ppl[specs[0]] == pytest.approx(result["merged_ppl"], rel=2e-3)  # 8 bits: close to the float merge
+  assert ppl[specs[1]] > ppl[specs[0]]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--config.requantize=int:bits=4,group_size=16"], "only a LoRA run has a float merged model"),
+])
+def test_bad_requantize(overrides, message):
+  with pytest.raises(ValueError, match=message):
+    tiny("method=qalora", overrides)
