@@ -73,6 +73,39 @@ def _train(args) -> int:
   return 0
 
 
+def _sweep(args) -> int:
+  import os
+
+  os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # GPTQ bases: as in _quantize_report
+  from qalora_jax.train import sweep
+
+  shard = sweep.parse_shard(args.shard)
+  s = sweep.load(args.config)
+  if args.dry_run:
+    for i, cell in enumerate(s.cells):
+      mark = "*" if i % shard[1] == shard[0] else " "
+      print(f"{mark} {i:3d} cells/{cell.dirname}: {json.dumps(cell.overrides)}")
+    return 0
+  outcome = sweep.run(s, args.workdir, shard, log=lambda m: print(m, file=sys.stderr))
+  print(json.dumps({k: len(v) for k, v in outcome.items()}))
+  return 1 if outcome["failed"] else 0
+
+
+def _table(args) -> int:
+  from qalora_jax.eval import tables
+
+  spec = None
+  if args.rows or args.columns or args.value:
+    spec = {"rows": (args.rows or "name").split(",")}
+    if args.columns:
+      spec["columns"] = args.columns
+    if args.value:
+      spec["value"] = args.value.split(",")
+    spec = [spec]
+  print(tables.write(args.workdir, spec, None if not spec else [], args.out))
+  return 0
+
+
 def _eval_params(args):
   from qalora_jax.train import loop
 
@@ -107,8 +140,9 @@ def _eval(args) -> int:
 
 
 def _merge(args) -> int:
-  import orbax.checkpoint as ocp
   from pathlib import Path
+
+  import orbax.checkpoint as ocp
 
   from qalora_jax import nn
   from qalora_jax.files import atomic_dir, write_json
@@ -168,6 +202,8 @@ def _export(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="qalora", description="Fine-tune quantized language models with LoRA, QLoRA and QA-LoRA in JAX.")
+  parser.add_argument("--distributed", action="store_true",
+                      help="multi-host: call jax.distributed.initialize() first (every process runs the same command)")
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
   p = sub.add_parser("fetch", help="download, verify and cache a model or corpus; print its path",
@@ -201,6 +237,27 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--workdir", required=True, help="run directory (checkpoints, metrics.jsonl, result.json)")
   p.add_argument("--overwrite", action="store_true", help="discard a different run found in the workdir")
   p.set_defaults(run=_train)
+
+  p = sub.add_parser("sweep", help="train every cell of a sweep file, each in its own sub-directory",
+                     description="Runs configs/sweeps/<x>.py[:arg] cell by cell in DIR/cells/<cell>; re-running "
+                                 "skips finished cells and resumes unfinished ones. Exit code 1 if a cell failed "
+                                 "(its error is in DIR/cells/<cell>/error.json).")
+  p.add_argument("--config", required=True, help="configs/sweeps/<name>.py[:k=v,k=v]")
+  p.add_argument("--workdir", required=True, help="sweep directory")
+  p.add_argument("--shard", default="0/1", help="i/n: run cells i, i + n, i + 2n, ... (default 0/1: all)")
+  p.add_argument("--dry-run", action="store_true", help="list the cells (* marks this shard's) and stop")
+  p.set_defaults(run=_sweep)
+
+  p = sub.add_parser("table", help="Markdown and CSV tables and PNG plots from a sweep's results",
+                     description="Writes DIR/tables.md, DIR/tables/*.csv and DIR/plots/*.png from the cells' "
+                                 "result.json files, as the sweep file's tables and plots say, or one table "
+                                 "chosen by --rows/--columns/--value.")
+  p.add_argument("--workdir", required=True, help="sweep directory")
+  p.add_argument("--rows", help="field(s) naming the rows, comma-separated (e.g. method,bits; default name)")
+  p.add_argument("--columns", help="a field whose values become columns (e.g. group_size)")
+  p.add_argument("--value", help="metric(s) shown, comma-separated (e.g. merged_ppl)")
+  p.add_argument("--out", help="output directory (default: the sweep directory)")
+  p.set_defaults(run=_table)
 
   p = sub.add_parser("eval", help="held-out perplexity of a trained run (JSON line)")
   p.add_argument("--workdir", required=True)
@@ -248,6 +305,10 @@ def main(argv=None) -> int:
   if unknown or (overrides and args.command != "train"):
     parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
   args.overrides = overrides
+  if args.distributed:
+    import jax
+
+    jax.distributed.initialize()  # coordinator, process count and id from the environment (SLURM, TPU pods)
   try:
     return args.run(args)
   except (ValueError, TypeError, RuntimeError, FileNotFoundError, FileExistsError) as e:

@@ -1,0 +1,98 @@
+"""The paper's tables on SmolLM2-135M + Shakespeare (held-out perplexity on The Tempest instead of MMLU).
+
+    qalora sweep --config configs/sweeps/paper.py --workdir experiments/paper
+    qalora table --workdir experiments/paper
+
+Table 1 analogue: the float model; RTN and GPTQ bases at 4/3/2 bits (no fine-tuning); LoRA on the float
+base; QLoRA (NF4 + double quantization); QLoRA merged into float weights and re-quantized with GPTQ at
+4/3/2 bits; QA-LoRA on GPTQ g32 bases, merged into INT-k. Table 5 analogue: QA-LoRA at group size 32/64/128,
+4 and 2 bits. Table 2 analogue: trainable parameters and time per step, QLoRA vs QA-LoRA.
+
+Every training cell has the same budget and seed: `steps` steps of 4 x 128 tokens (arg: steps=N), AdamW at
+5e-4 with 5 warm-up steps, r = 16 on all seven linears, alpha 32. GPTQ calibrates on 32 x 512 tokens of the
+training plays (never The Tempest); GPTQ bases are cached, so the base rows reuse the QA-LoRA cells' bases.
+"""
+
+from qalora_jax.train.config import parse_arg
+
+BITS = (4, 3, 2)
+GROUPS = (32, 64, 128)
+
+
+def gptq(bits, group_size=32):
+  return {"base.quantizer": "gptq", "base.options": {"bits": bits, "group_size": group_size}}
+
+
+def get_sweep(arg=None):
+  args = {"steps": 50} | parse_arg(arg)
+  lora = {"adapter.method": "lora", "base.quantizer": "none", "base.options": {}}
+  cells = [{"name": "float base", "steps": 0, **lora}]
+  cells += [{"name": f"RTN {b}-bit", "steps": 0, "base.quantizer": "int",
+             "base.options": {"bits": b, "group_size": 32}} for b in BITS]
+  cells += [{"name": "LoRA", **lora}]
+  cells += [{"name": "QLoRA", "adapter.method": "lora", "base.quantizer": "nf4",
+             "base.options": {"block_size": 64, "double_quant": True},
+             "requantize": tuple(f"gptq:bits={b},group_size=32" for b in BITS)}]
+  cells += [{"name": f"QA-LoRA {b}-bit g{g}", **gptq(b, g)} for g in GROUPS for b in BITS
+            if g == 32 or b in (4, 2)]
+
+  cols = [f"{b}-bit" for b in BITS]
+  table1 = {
+      "title": "Table 1 analogue: held-out perplexity (The Tempest, 8192 tokens), SmolLM2-135M",
+      "file": "table1", "corner": "method", "columns": ["fp32"] + cols,
+      "layout": [
+          {"row": "base, no fine-tuning", "cells": {"fp32": ["float base", "base_ppl"]}},
+          {"row": "RTN g32 base, no fine-tuning", "cells": {f"{b}-bit": [f"RTN {b}-bit", "base_ppl"] for b in BITS}},
+          {"row": "GPTQ g32 base, no fine-tuning",
+           "cells": {f"{b}-bit": [f"QA-LoRA {b}-bit g32", "base_ppl"] for b in BITS}},
+          {"row": "LoRA (float base)", "cells": {"fp32": ["LoRA", "ppl"]}},
+          {"row": "QLoRA (NF4 + DQ base, adapters unmerged)", "cells": {"4-bit": ["QLoRA", "ppl"]}},
+          {"row": "QLoRA merged into float weights", "cells": {"fp32": ["QLoRA", "merged_ppl"]}},
+          {"row": "QLoRA w/ GPTQ (merged, re-quantized g32)",
+           "cells": {f"{b}-bit": ["QLoRA", f"requantized_ppl.gptq:bits={b},group_size=32"] for b in BITS}},
+          {"row": "QA-LoRA (GPTQ g32 base), adapters unmerged",
+           "cells": {f"{b}-bit": [f"QA-LoRA {b}-bit g32", "ppl"] for b in BITS}},
+          {"row": "QA-LoRA (GPTQ g32 base), merged: pure INT-k",
+           "cells": {f"{b}-bit": [f"QA-LoRA {b}-bit g32", "merged_ppl"] for b in BITS}},
+      ],
+  }
+  table5 = {
+      "title": "Table 5 analogue: QA-LoRA group size, merged held-out perplexity (GPTQ base before tuning)",
+      "file": "table5", "corner": "group size", "columns": ["4-bit", "2-bit", "4-bit base", "2-bit base"],
+      "layout": [{"row": str(g), "cells": {
+          "4-bit": [f"QA-LoRA 4-bit g{g}", "merged_ppl"], "2-bit": [f"QA-LoRA 2-bit g{g}", "merged_ppl"],
+          "4-bit base": [f"QA-LoRA 4-bit g{g}", "base_ppl"], "2-bit base": [f"QA-LoRA 2-bit g{g}", "base_ppl"]}}
+          for g in GROUPS],
+  }
+  columns2 = {"trainable params": "trainable_params", "time per step (s)": "step_s", "tokens/s": "tokens_per_s",
+              "frozen base bytes": "frozen_bytes", "merged model bytes": "merged_bytes"}
+  table2 = {
+      "title": "Table 2 analogue: trainable parameters and time per step (4 x 128 tokens, this machine)",
+      "file": "table2", "corner": "method", "columns": list(columns2),
+      "layout": [{"row": row, "cells": {c: [cell, m] for c, m in columns2.items()}}
+                 for row, cell in (("LoRA (float base)", "LoRA"), ("QLoRA (NF4 + DQ)", "QLoRA"),
+                                   ("QA-LoRA (INT4 g32)", "QA-LoRA 4-bit g32"))],
+  }
+  plots = [
+      {"file": "ppl_vs_bits.png", "title": "held-out perplexity vs bits (g32)", "xlabel": "bits",
+       "ylabel": "perplexity",
+       "lines": [{"label": "RTN base", "points": [[b, f"RTN {b}-bit", "base_ppl"] for b in BITS]},
+                 {"label": "GPTQ base", "points": [[b, f"QA-LoRA {b}-bit g32", "base_ppl"] for b in BITS]},
+                 {"label": "QLoRA w/ GPTQ",
+                  "points": [[b, "QLoRA", f"requantized_ppl.gptq:bits={b},group_size=32"] for b in BITS]},
+                 {"label": "QA-LoRA merged", "points": [[b, f"QA-LoRA {b}-bit g32", "merged_ppl"] for b in BITS]}]},
+      {"file": "ppl_vs_group_size.png", "title": "QA-LoRA merged perplexity vs group size",
+       "xlabel": "group size", "ylabel": "perplexity",
+       "lines": [{"label": f"{b}-bit", "points": [[g, f"QA-LoRA {b}-bit g{g}", "merged_ppl"] for g in GROUPS]}
+                 for b in (4, 2)]},
+      {"file": "trainable_params.png", "kind": "bar", "x": "name", "y": "trainable_params",
+       "where": {"name": ["LoRA", "QLoRA", "QA-LoRA 4-bit g32"]}, "title": "trainable parameters"},
+      {"file": "step_time.png", "kind": "bar", "x": "name", "y": "step_s",
+       "where": {"name": ["LoRA", "QLoRA", "QA-LoRA 4-bit g32"]}, "title": "seconds per step (4 x 128 tokens)"},
+  ]
+  return {
+      "config": "configs/quickstart.py",
+      "overrides": {"steps": args["steps"], "optim.warmup_steps": 5, "checkpoint_every": 25, "sample_prompt": "",
+                    "base.calibration": 32, "base.calibration_len": 512},
+      "cells": cells, "tables": [table1, table5, table2], "plots": plots,
+  }

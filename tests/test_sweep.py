@@ -1,0 +1,114 @@
+"""Sweeps and tables on the tiny config: cells, resume after SIGKILL, failures, shards, tables and plots."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from qalora_jax import cli
+from qalora_jax.eval import tables
+from qalora_jax.train import sweep
+
+SWEEP = "configs/sweeps/tiny.py"
+
+
+def write_sweep(tmp_path, body):
+  path = tmp_path / "sweep.py"
+  path.write_text(f"def get_sweep(arg=None):\n  return {body}\n")
+  return str(path)
+
+
+def test_cells_expand_the_product_of_each_explicit_cell(tmp_path):
+  s = sweep.load(write_sweep(tmp_path, '{"config": "configs/tiny.py", "overrides": {"steps": 3}, '
+                                       '"cells": [{"name": "a"}, {"name": "b", "adapter.rank": 2}], '
+                                       '"product": {"base.options.bits": [4, 2], "seed": [0, 1]}}'))
+  assert [c.name for c in s.cells] == ["a bits=4,seed=0", "a bits=4,seed=1", "a bits=2,seed=0", "a bits=2,seed=1",
+                                       "b bits=4,seed=0", "b bits=4,seed=1", "b bits=2,seed=0", "b bits=2,seed=1"]
+  cfg = sweep.cell_config(s, s.cells[6])
+  assert (cfg.steps, cfg.adapter.rank, cfg.base.options.bits, cfg.seed) == (3, 2, 2, 0)
+
+
+RESUMABLE = ('{"config": "configs/tiny.py", "overrides": {"steps": 8, "checkpoint_every": 2}, '
+             '"product": {"base.options.bits": [4, 2]}, '
+             '"tables": [{"rows": "name", "value": ["base_ppl", "ppl", "merged_ppl"]}, '
+             '{"rows": "method", "columns": "bits", "value": "merged_ppl", "file": "by_bits"}]}')
+
+
+def test_killed_sweep_resumes_to_the_uninterrupted_table(tmp_path, capsys):
+  spec = write_sweep(tmp_path, RESUMABLE)
+  reference = tmp_path / "reference"
+  assert cli.main(["sweep", "--config", spec, "--workdir", str(reference)]) == 0
+  assert cli.main(["table", "--workdir", str(reference)]) == 0
+  capsys.readouterr()
+  killed = tmp_path / "killed"
+  proc = subprocess.Popen([sys.executable, "-m", "qalora_jax.cli", "sweep", "--config", spec, "--workdir",
+                           str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  second = killed / "cells" / "bits=2"
+  deadline = time.time() + 240
+  while not (second / "checkpoints" / "4").exists() and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.02)
+  os.kill(proc.pid, signal.SIGKILL)  # in the second cell, after its second checkpoint
+  proc.wait()
+  first = killed / "cells" / "bits=4" / "result.json"
+  assert first.exists() and not (second / "result.json").exists()
+  mtime = first.stat().st_mtime_ns
+  assert cli.main(["sweep", "--config", spec, "--workdir", str(killed)]) == 0
+  assert json.loads(capsys.readouterr().out) == {"done": 1, "skipped": 1, "failed": 0}
+  assert first.stat().st_mtime_ns == mtime  # the finished cell is not re-run
+  assert cli.main(["table", "--workdir", str(killed)]) == 0
+  assert (killed / "tables.md").read_text() == (reference / "tables.md").read_text()
+  assert (killed / "tables" / "by_bits.csv").read_text() == (reference / "tables" / "by_bits.csv").read_text()
+  csv = (reference / "tables" / "by_bits.csv").read_text().splitlines()
+  assert csv[0] == "method,bits=2,bits=4" and csv[1].startswith("qalora,") and len(csv) == 2
+  for png in ("trainable_params.png", "step_time.png", "ppl_vs_bits.png"):
+    assert (reference / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_failed_cell_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
+  real = sweep.loop.run
+
+  def flaky(cfg, workdir, **kwargs):
+    if cfg.adapter.rank == 2:
+      raise RuntimeError("out of memory")
+    return real(cfg, workdir, **kwargs)
+
+  monkeypatch.setattr(sweep.loop, "run", flaky)
+  s = sweep.load(write_sweep(tmp_path, '{"config": "configs/tiny.py", "overrides": {"steps": 2}, '
+                                       '"product": {"adapter.rank": [2, 4]}}'))
+  outcome = sweep.run(s, tmp_path / "w", progress=False, log=lambda m: None)
+  assert outcome == {"done": ["rank=4"], "skipped": [], "failed": ["rank=2"]}
+  error = json.loads((tmp_path / "w" / "cells" / "rank=2" / "error.json").read_text())
+  assert error["error"] == "RuntimeError: out of memory"
+  text = tables.write(tmp_path / "w")
+  assert "- rank=2: RuntimeError: out of memory" in text and "| rank=4 |" in text
+
+
+def test_shards_split_the_cells(tmp_path, capsys):
+  assert cli.main(["sweep", "--config", SWEEP, "--workdir", str(tmp_path), "--shard", "1/3", "--dry-run"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert [line[0] for line in lines] == [" ", "*", " ", " "]
+
+
+@pytest.mark.parametrize("body, message", [
+    ('{"config": "configs/tiny.py", "product": {"adapter.rnak": [2, 4]}}',
+     r"sweep cell 'rnak=2': unknown config key 'adapter.rnak' \(did you mean 'adapter.rank'\?\)"),
+    ('{"config": "configs/tiny.py", "overrides": {"mesh.data": 2}}',
+     r"sweep cell 'base': config.mesh.data x config.mesh.fsdp = 2 x 1 = 2 does not match the 1 available device"),
+    ('{"config": "configs/tiny.py", "cells": [{"name": "x"}, {"name": "x"}]}', "share the directory 'x'"),
+    ('{"config": "configs/tiny.py", "axes": {}}', r"keys \['axes'\] are not supported"),
+])
+def test_bad_sweeps_fail_before_anything_runs(tmp_path, body, message):
+  with pytest.raises(ValueError, match=message):
+    sweep.run(sweep.load(write_sweep(tmp_path, body)), tmp_path / "w", log=lambda m: None)
+  assert not (tmp_path / "w").exists()
+
+
+def test_bad_shard_and_table_fields(tmp_path):
+  with pytest.raises(ValueError, match=r"--shard '3/3' is not supported; allowed: i/n with 0 <= i < n"):
+    sweep.parse_shard("3/3")
+  with pytest.raises(ValueError, match="no sweep.json"):
+    tables.write(tmp_path)
