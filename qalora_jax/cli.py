@@ -24,6 +24,7 @@ def _quantize_report(args) -> int:
   from qalora_jax.eval import quant_report
   from qalora_jax.models import gguf
 
+  quant.import_modules(args.imports, where="--import")
   setting_list = quant_report.settings(args.quantizer, args.bits, args.group_size,
                                        double_quant=args.double_quant or None)
   for name, options in setting_list:  # validate every setting before the slow part
@@ -103,6 +104,22 @@ def _table(args) -> int:
       spec["value"] = args.value.split(",")
     spec = [spec]
   print(tables.write(args.workdir, spec, None if not spec else [], args.out))
+  return 0
+
+
+def _bench(args) -> int:
+  from qalora_jax import bench
+
+  if args.what == "train":
+    result = bench.bench_train(args.method or "qalora", args.batch, args.seq, args.model, args.dtype, args.remat,
+                               repeats=args.repeats)
+  elif args.what == "decode":
+    result = bench.bench_decode(args.method or "qalora-merged", args.new_tokens, args.prompt, args.model,
+                                repeats=args.repeats)
+  else:
+    result = {"bench": "peaks", "matmul_peak_gflop_s": bench.matmul_peak_flops() / 1e9,
+              "bandwidth_gb_s": bench.read_bandwidth() / 1e9}
+  print(json.dumps(result))
   return 0
 
 
@@ -216,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "setting; print bits per weight, bytes and mean relative squared error.")
   p.add_argument("--model", default="smollm2-135m", help="asset name or GGUF path (default: smollm2-135m)")
   p.add_argument("--quantizer", nargs="+", default=["int"], help="registered quantizer name(s)")
+  p.add_argument("--import", dest="imports", nargs="+", default=[], metavar="MODULE",
+                 help="module names or .py files to import first (quantizers registered outside qalora_jax.quant)")
   p.add_argument("--bits", nargs="+", type=int, help="bit widths (quantizers with a `bits` option)")
   p.add_argument("--group-size", nargs="+", type=int,
                  help="group sizes along the input dim (-1: per channel); block size for nf4/fp4")
@@ -258,6 +277,23 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--value", help="metric(s) shown, comma-separated (e.g. merged_ppl)")
   p.add_argument("--out", help="output directory (default: the sweep directory)")
   p.set_defaults(run=_table)
+
+  p = sub.add_parser("bench", help="speed and memory figures (one JSON line): train | decode | peaks",
+                     description="train: tokens/s of the training step (median of --repeats after warm-up), "
+                                 "compile_s, peak_rss_mb, mfu; decode: greedy batch-1 tokens/s; peaks: the "
+                                 "machine's float32 matmul FLOP/s and read bandwidth.")
+  p.add_argument("what", choices=["train", "decode", "peaks"])
+  p.add_argument("--method", help="train: lora | qlora | qalora (default); decode: fp32 | qlora | qalora-merged "
+                                  "(default)")
+  p.add_argument("--model", default="smollm2-135m")
+  p.add_argument("--batch", type=int, default=4)
+  p.add_argument("--seq", type=int, default=128)
+  p.add_argument("--dtype", default="float32", help="train: compute dtype (float32 | bfloat16)")
+  p.add_argument("--remat", action="store_true", help="train: rematerialise each block in the backward pass")
+  p.add_argument("--new-tokens", type=int, default=64)
+  p.add_argument("--prompt", type=int, default=32, help="decode: prompt tokens")
+  p.add_argument("--repeats", type=int, default=5)
+  p.set_defaults(run=_bench)
 
   p = sub.add_parser("eval", help="held-out perplexity of a trained run (JSON line)")
   p.add_argument("--workdir", required=True)

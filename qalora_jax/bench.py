@@ -1,0 +1,163 @@
+"""Benchmarks that print figures: `qalora bench train | decode | peaks`.
+
+    qalora bench train --method qalora --batch 4 --seq 128      # one JSON line
+    qalora bench decode --method qalora-merged --new-tokens 64
+
+train: the jitted training step of LoRA (float base), QLoRA (NF4 + double quantization) or QA-LoRA (INT4
+g32), r = 16 on all seven linears, AdamW, on random token batches (as the PyTorch peers in shared/bench).
+tokens_per_s is batch x seq over the median of `repeats` timed steps after `warmup` steps; compile_s the
+time to lower and compile the step; mfu = (XLA's flop count of the step / step time) / the matmul peak
+measured in the same process; peak_rss_mb the process's peak resident memory (model loading included).
+
+decode: greedy decoding at batch 1 (a `prompt`-token random prompt, `new_tokens` new tokens, no early stop)
+with fp32 weights, an NF4 + DQ base with unmerged LoRA adapters (QLoRA), or a merged QA-LoRA INT4 g32 model
+(the same pure INT4 tree a merge produces). bytes_per_token is the parameter bytes read per token (every
+weight once); read_gb_s = bytes_per_token x tokens/s, against the read bandwidth measured in the process.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qalora_jax import models, nn, quant
+
+TRAIN_METHODS = ("lora", "qlora", "qalora")
+DECODE_METHODS = ("fp32", "qlora", "qalora-merged")
+
+
+def _median_s(fn, repeats: int) -> float:
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def peak_rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
+  """float32 FLOP/s of one n x n x n matmul here (median)."""
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda a, b: a @ b)
+  f(a, a).block_until_ready()
+  return 2 * n**3 / _median_s(lambda: f(a, a), repeats)
+
+
+def read_bandwidth(n_bytes: int = 256 << 20, repeats: int = 5) -> float:
+  """Bytes/s of a reduction over an n_bytes float32 array (each byte read once)."""
+  x = jnp.ones((n_bytes // 4,), jnp.float32)
+  f = jax.jit(jnp.sum)
+  f(x).block_until_ready()
+  return n_bytes / _median_s(lambda: f(x), repeats)
+
+
+def _check(name: str, value, allowed) -> None:
+  if value not in allowed:
+    raise ValueError(f"--{name} {value!r} is not supported; allowed: {', '.join(allowed)}")
+
+
+def train_config(method: str, model: str, batch: int, seq: int, dtype: str, remat: bool):
+  from qalora_jax.train.config import base_config, validate
+
+  _check("method", method, TRAIN_METHODS)
+  c = base_config()
+  c.model.name, c.model.dtype, c.model.remat = model, dtype, remat
+  c.data.batch_size, c.data.seq_len = batch, seq
+  c.adapter.rank, c.adapter.alpha = 16, 32.0
+  if method == "lora":
+    c.base.quantizer, c.base.options, c.adapter.method = "none", {}, "lora"
+  elif method == "qlora":
+    c.base.quantizer, c.base.options, c.adapter.method = "nf4", {"block_size": 64, "double_quant": True}, "lora"
+  else:
+    c.base.quantizer, c.base.options, c.adapter.method = "int", {"bits": 4, "group_size": 32}, "qalora"
+  validate(c)
+  return c
+
+
+def bench_train(method: str = "qalora", batch: int = 4, seq: int = 128, model: str = "smollm2-135m",
+                dtype: str = "float32", remat: bool = False, warmup: int = 2, repeats: int = 5) -> dict:
+  from qalora_jax.train import loop
+  from qalora_jax.train.step import make_train_step
+
+  cfg = train_config(method, model, batch, seq, dtype, remat)
+  r = loop.build(cfg, log=lambda m: None)
+  init, step = make_train_step(r.apply, r.optimizer)
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(0, r.lm.config.vocab_size, (batch, seq + 1)), jnp.int32)
+  data = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+  key = jax.random.PRNGKey(0)
+  state = init(r.trainable)
+  t0 = time.perf_counter()
+  compiled = jax.jit(step, donate_argnums=0).lower(state, r.frozen, data, key).compile()
+  compile_s = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", 0.0)) if cost else 0.0
+  box = [state]
+
+  def one():
+    box[0], m = compiled(box[0], r.frozen, data, key)
+    return m["loss"]
+
+  for _ in range(warmup):
+    jax.block_until_ready(one())
+  step_s = _median_s(one, repeats)
+  peak = matmul_peak_flops()
+  return {"bench": "train", "method": method, "batch": batch, "seq": seq, "dtype": dtype, "remat": remat,
+          "tokens_per_s": batch * seq / step_s, "step_s": step_s, "compile_s": compile_s,
+          "peak_rss_mb": peak_rss_mb(), "step_gflop": flops / 1e9, "matmul_peak_gflop_s": peak / 1e9,
+          "mfu": flops / step_s / peak if flops else None, "device": jax.devices()[0].device_kind}
+
+
+def decode_params(method: str, lm: models.LanguageModel) -> dict:
+  """The parameter tree `method` decodes with (stacked blocks)."""
+  _check("method", method, DECODE_METHODS)
+  if method == "fp32":
+    return lm.params
+  key = jax.random.PRNGKey(0)
+  if method == "qlora":
+    frozen, _ = models.quantize_params(lm.params, quant.get("nf4", block_size=64, double_quant=True))
+    return nn.combine(frozen, nn.add_adapters(frozen, "lora", rank=16, alpha=32.0, key=key))
+  frozen, _ = models.quantize_params(lm.params, quant.get("int", bits=4, group_size=32))
+  return nn.merge_params(frozen, nn.add_adapters(frozen, "qalora", rank=16, alpha=32.0, key=key))
+
+
+def bench_decode(method: str = "qalora-merged", new_tokens: int = 64, prompt: int = 32,
+                 model: str = "smollm2-135m", repeats: int = 5) -> dict:
+  from qalora_jax.models import generation, llama
+
+  if model == "tiny":
+    from qalora_jax.train.loop import tiny_model
+
+    lm = tiny_model()
+  else:
+    lm = models.load(model)
+  params = llama.unstack_blocks(decode_params(method, lm))
+  config = lm.config.replace(eos_ids=())  # no early stop: every run makes exactly new_tokens
+  ids = np.random.default_rng(0).integers(3, config.vocab_size, (1, prompt)).astype(np.int32)
+  mask = jnp.ones(ids.shape, bool)
+
+  def decode():
+    out, _ = generation.sample(config, params, jnp.asarray(ids), mask, jax.random.PRNGKey(0), jnp.float32(1.0),
+                               jnp.float32(1.0), max_new_tokens=new_tokens, greedy=True)
+    return out
+
+  t0 = time.perf_counter()
+  jax.block_until_ready(decode())
+  compile_s = time.perf_counter() - t0
+  seconds = _median_s(decode, repeats)
+  bytes_per_token = nn.tree_nbytes(params)
+  tokens_per_s = new_tokens / seconds
+  return {"bench": "decode", "method": method, "new_tokens": new_tokens, "prompt": prompt,
+          "tokens_per_s": tokens_per_s, "compile_s": compile_s, "peak_rss_mb": peak_rss_mb(),
+          "bytes_per_token": bytes_per_token, "read_gb_s": bytes_per_token * tokens_per_s / 1e9,
+          "bandwidth_gb_s": read_bandwidth() / 1e9, "device": jax.devices()[0].device_kind}
