@@ -74,6 +74,23 @@ def test_stacked_tensors_dequantize_per_layer(case):
   np.testing.assert_array_equal(got[1], np.asarray(other.dequantize()))
 
 
+def test_group_offset_is_additive(case):
+  """What QA-LoRA's merge relies on: adding d[l, j] to offset[l, j] adds d[l, j] to every weight of group l."""
+  _, w, qt = case
+  if not quant.has_group_offset(qt):
+    pytest.skip(f"{qt.format} {dict(qt.meta.options)} carries no per-group offset")
+  groups = quant.registry.num_groups(w.shape[0], qt.group_size)
+  offset = qt["offset"]
+  assert offset.shape == (groups, w.shape[1])
+  delta = jnp.asarray(np.random.default_rng(1).uniform(-0.5, 0.5, offset.shape).astype(offset.dtype))
+  shifted = quant.QTensor({**qt.arrays, "offset": (offset.astype(jnp.float32) + delta.astype(jnp.float32)
+                                                   ).astype(offset.dtype)}, qt.meta)
+  stored = shifted["offset"].astype(jnp.float32) - offset.astype(jnp.float32)  # the shift as stored
+  expected = np.asarray(qt.dequantize(jnp.float32)) + np.repeat(np.asarray(stored), qt.group_size, axis=0)[:w.shape[0]]
+  np.testing.assert_allclose(np.asarray(shifted.dequantize(jnp.float32)), expected, rtol=0,
+                             atol=4e-7 * (np.abs(expected).max() + 1))
+
+
 def test_nbytes_is_sum_of_leaves(case):
   _, w, qt = case
   assert qt.nbytes == sum(x.nbytes for x in jax.tree.leaves(qt))

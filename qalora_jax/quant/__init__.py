@@ -4,13 +4,17 @@
     w_hat = qt.dequantize(jnp.float32)
     qt.nbytes                                                  # true storage size
 
-Every quantizer lives in its own module here and registers itself by name on import.
+Every quantizer lives in its own module here and registers itself by name on import. Importing this
+package imports all of its modules (registry.discover_package), so a new quantizer module needs no edit
+elsewhere; quantizers from outside the package come in through `import_modules`.
 """
 
-from qalora_jax.quant import intk, nf4  # noqa: F401  (importing registers the quantizers)
-from qalora_jax.quant import gptq  # noqa: F401  (registers "gptq")
 from qalora_jax.quant.packing import pack, packed_length, unpack
 from qalora_jax.quant.qtensor import QMeta, QTensor
-from qalora_jax.quant.registry import Quantizer, available, get, has_group_offset, quantize_stacked, register
+from qalora_jax.quant.registry import (Quantizer, available, discover_package, get, has_group_offset, import_modules,
+                                       quantize_stacked, register)
 
-__all__ = ["QMeta", "QTensor", "Quantizer", "available", "get", "has_group_offset", "pack", "packed_length", "quantize_stacked", "register", "unpack"]
+discover_package()  # last: the quantizer modules may use the names above
+
+__all__ = ["QMeta", "QTensor", "Quantizer", "available", "discover_package", "get", "has_group_offset",
+           "import_modules", "pack", "packed_length", "quantize_stacked", "register", "unpack"]

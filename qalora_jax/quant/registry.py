@@ -15,13 +15,24 @@ Every format stores its codes as a 2-D array named `codes` (its leading axes cou
 `get("myquant", bits=3)` builds one, `available()` lists the names. The contract tests
 (tests/test_quant_contract.py) run every registered quantizer under each option set in its
 `contract_settings`, so a new quantizer is tested as soon as it is registered.
+
+Discovery: importing `qalora_jax.quant` imports every module of the package (`discover_package`), so a
+quantizer is added by dropping its module into qalora_jax/quant/. Quantizers defined outside the package
+are imported by module name or .py path with `import_modules` (a run's `config.imports`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Any, ClassVar
+import hashlib
+import importlib
+import importlib.util
+import pkgutil
+import re
+import sys
+from pathlib import Path
+from typing import Any, ClassVar, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +41,7 @@ import numpy as np
 from qalora_jax.quant.qtensor import QTensor
 
 _REGISTRY: dict[str, type[Quantizer]] = {}
+_FILE_MODULES: dict[str, str] = {}  # module name -> the .py file `import_modules` loaded it from
 
 
 class Quantizer:
@@ -88,7 +100,8 @@ def register(name: str):
 
   def wrap(cls):
     if name in _REGISTRY:
-      raise ValueError(f"quantizer name {name!r} is already registered (by {_REGISTRY[name].__qualname__})")
+      raise ValueError(f"quantizer name {name!r} is already registered by {defined_by(_REGISTRY[name])}; "
+                       f"choose another name for {defined_by(cls)}")
     if not (isinstance(cls, type) and issubclass(cls, Quantizer) and dataclasses.is_dataclass(cls)):
       raise TypeError(f"register({name!r}) expects a dataclass subclass of Quantizer, got {cls!r}")
     cls.name = name
@@ -96,6 +109,69 @@ def register(name: str):
     return cls
 
   return wrap
+
+
+def defined_by(cls) -> str:
+  """Where a class is defined: "module.Class", plus the file for a module `import_modules` loaded from a path."""
+  where = f"{getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', repr(cls))}"
+  path = _FILE_MODULES.get(getattr(cls, "__module__", None))
+  return f"{where} (from {path})" if path else where
+
+
+def discover_package() -> list[str]:
+  """Imports every module of the qalora_jax.quant package (each quantizer module registers itself on
+  import); returns the module names. Idempotent: modules already imported are not run again."""
+  package = sys.modules[__name__.rpartition(".")[0]]
+  names = [f"{package.__name__}.{info.name}" for info in pkgutil.iter_modules(package.__path__)]
+  for name in names:
+    importlib.import_module(name)
+  return names
+
+
+def import_modules(specs: Iterable[str], where: str = "imports") -> None:
+  """Imports quantizer modules from outside the package: each spec is a module name ("mypkg.myquant") or
+  the path of a .py file (relative to the working directory). A file is loaded once per resolved path, so
+  importing again is a no-op. Raises ValueError naming `where` and the spec."""
+  for spec in specs:
+    if not isinstance(spec, str) or not spec:
+      raise ValueError(f"{where}: {spec!r} is not supported; allowed: a module name or the path of a .py file")
+    try:
+      if spec.endswith(".py") or "/" in spec or "\\" in spec:
+        _import_file(Path(spec))
+      else:
+        importlib.import_module(spec)
+    except ImportError as e:
+      _forget_unloaded()
+      raise ValueError(f"{where}: cannot import {spec!r}: {e}") from None
+    except (ValueError, TypeError) as e:
+      _forget_unloaded()
+      raise ValueError(f"{where}: importing {spec!r} failed: {e}") from None
+
+
+def _forget_unloaded() -> None:
+  """Unregisters the quantizers of modules that failed half-way through their import (Python has dropped
+  them from sys.modules), so importing them again reports the same error, not a duplicate name."""
+  for key in [k for k, cls in _REGISTRY.items() if cls.__module__ not in sys.modules]:
+    del _REGISTRY[key]
+
+
+def _import_file(path: Path) -> None:
+  if not path.is_file():
+    raise ImportError(f"no such file {str(path)!r}")
+  resolved = str(path.resolve())
+  stem = re.sub(r"\W", "_", path.stem)
+  name = f"qalora_imported_{stem}_{hashlib.sha256(resolved.encode()).hexdigest()[:8]}"
+  if name in sys.modules:
+    return
+  module_spec = importlib.util.spec_from_file_location(name, resolved)
+  module = importlib.util.module_from_spec(module_spec)
+  sys.modules[name] = module  # dataclasses look their module up while the class body is built
+  _FILE_MODULES[name] = str(path)
+  try:
+    module_spec.loader.exec_module(module)
+  except BaseException:
+    del sys.modules[name]
+    raise
 
 
 def available() -> list[str]:

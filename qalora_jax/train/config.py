@@ -35,6 +35,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 50
   c.sample_prompt = ""  # when set, a greedy continuation is printed before and after training
   c.sample_tokens = 32
+  # Modules to import before the quantizers are looked up: module names or .py paths (relative to the working
+  # directory) that register quantizers defined outside qalora_jax.quant, e.g. ("my_quantizers/pow2.py",).
+  c.imports = ()
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "smollm2-135m"  # asset name, GGUF path, Hugging Face directory, or "tiny" (random, for tests)
@@ -254,8 +257,11 @@ def validate(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDic
     raise ValueError(f"config.adapter.dropout={config.adapter.dropout} must be in [0, 1)")
   from qalora_jax import quant
 
+  quant.import_modules(config.imports, where=f"config.imports={tuple(config.imports)!r}")
   if config.base.quantizer != "none":
-    quant.get(config.base.quantizer, **config.base.options.to_dict())
+    quantizer = quant.get(config.base.quantizer, **config.base.options.to_dict())
+    if config.adapter.method == "qalora":
+      check_qalora_quantizer(quantizer, "config.base")
   elif config.adapter.method == "qalora":
     raise ValueError("config.adapter.method='qalora' needs a group-quantized base; config.base.quantizer is 'none'")
   for spec in config.requantize:
@@ -267,3 +273,29 @@ def validate(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDic
       quant.get(name, **parse_arg(options))
     except (ValueError, TypeError) as e:
       raise ValueError(f"config.requantize={spec!r}: {e}") from None
+
+
+def check_qalora_quantizer(quantizer, where: str = "config.base") -> None:
+  """Raises ValueError unless `quantizer` makes tensors QA-LoRA can pool and merge into: it quantizes a small
+  random weight and checks quant.has_group_offset and the offset's shape [ceil(in / g), out]. A quantizer that
+  refuses the probe's shape is left to the check made when the adapters are added."""
+  import numpy as np
+
+  from qalora_jax import quant
+
+  size = next((v for v in (getattr(quantizer, "group_size", None), getattr(quantizer, "block_size", None))
+               if isinstance(v, int) and v > 0), 32)
+  w = np.random.default_rng(0).standard_normal((2 * size, 4)).astype(np.float32)
+  try:
+    quantizer.check_shape(w.shape)
+  except ValueError:
+    return
+  qt = quantizer.quantize(w)
+  offset = qt.arrays.get("offset")
+  groups = quant.registry.num_groups(w.shape[0], qt.group_size)
+  if not quant.has_group_offset(qt) or tuple(offset.shape) != (groups, w.shape[1]):
+    fit = [name for name in quant.available() if quant.registry.quantizer_class(name).group_offset]
+    raise ValueError(f"config.adapter.method='qalora' needs a base whose groups carry an additive offset "
+                     f"(a quantizer with group_offset = True whose tensors hold 'offset' [groups, out]); "
+                     f"{where}.quantizer={quantizer.name!r} with options {quantizer.options()} does not; "
+                     f"allowed: {', '.join(fit)}, with options that keep the offset (int: symmetric=False)")
