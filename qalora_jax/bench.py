@@ -6,8 +6,13 @@
 train: the jitted training step of LoRA (float base), QLoRA (NF4 + double quantization) or QA-LoRA (INT4
 g32), r = 16 on all seven linears, AdamW, on random token batches (as the PyTorch peers in shared/bench).
 tokens_per_s is batch x seq over the median of `repeats` timed steps after `warmup` steps; compile_s the
-time to lower and compile the step; mfu = (XLA's flop count of the step / step time) / the matmul peak
-measured in the same process; peak_rss_mb the process's peak resident memory (model loading included).
+time to lower and compile the step; mfu = model FLOPs per second / the float32 matmul peak measured in the
+same process, with the model FLOPs of a step on a frozen base counted as forward + input gradients:
+
+    flops/token = 2 x (2 (N_linear + V d) + 4 L t q_size)      (no weight gradients but the adapters')
+
+(N_linear weights in the blocks' linears, V d the head, t the sequence length; 556 MFLOP for SmolLM2 at
+t = 128, REFERENCE.md section 7). peak_rss_mb is the process's peak resident memory, model loading included.
 
 decode: greedy decoding at batch 1 (a `prompt`-token random prompt, `new_tokens` new tokens, no early stop)
 with fp32 weights, an NF4 + DQ base with unmerged LoRA adapters (QLoRA), or a merged QA-LoRA INT4 g32 model
@@ -60,6 +65,14 @@ def read_bandwidth(n_bytes: int = 256 << 20, repeats: int = 5) -> float:
   return n_bytes / _median_s(lambda: f(x), repeats)
 
 
+def train_flops_per_token(config: models.Config, seq: int) -> float:
+  """Model FLOPs per training token on a frozen base (see the module docstring)."""
+  d, f, q, kv = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size
+  n_linear = config.num_layers * (d * (q + 2 * kv) + q * d + 3 * d * f)
+  forward = 2 * (n_linear + config.vocab_size * d) + 4 * config.num_layers * seq * q
+  return 2.0 * forward
+
+
 def _check(name: str, value, allowed) -> None:
   if value not in allowed:
     raise ValueError(f"--{name} {value!r} is not supported; allowed: {', '.join(allowed)}")
@@ -99,9 +112,7 @@ def bench_train(method: str = "qalora", batch: int = 4, seq: int = 128, model: s
   t0 = time.perf_counter()
   compiled = jax.jit(step, donate_argnums=0).lower(state, r.frozen, data, key).compile()
   compile_s = time.perf_counter() - t0
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get("flops", 0.0)) if cost else 0.0
+  flops = train_flops_per_token(r.lm.config, seq) * batch * seq
   box = [state]
 
   def one():
@@ -115,7 +126,7 @@ def bench_train(method: str = "qalora", batch: int = 4, seq: int = 128, model: s
   return {"bench": "train", "method": method, "batch": batch, "seq": seq, "dtype": dtype, "remat": remat,
           "tokens_per_s": batch * seq / step_s, "step_s": step_s, "compile_s": compile_s,
           "peak_rss_mb": peak_rss_mb(), "step_gflop": flops / 1e9, "matmul_peak_gflop_s": peak / 1e9,
-          "mfu": flops / step_s / peak if flops else None, "device": jax.devices()[0].device_kind}
+          "mfu": flops / step_s / peak, "device": jax.devices()[0].device_kind}
 
 
 def decode_params(method: str, lm: models.LanguageModel) -> dict:

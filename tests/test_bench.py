@@ -10,7 +10,7 @@ from qalora_jax import bench, cli
 def test_bench_train():
   r = bench.bench_train("qalora", batch=2, seq=16, model="tiny", warmup=1, repeats=2)
   assert r["tokens_per_s"] == pytest.approx(2 * 16 / r["step_s"])
-  assert r["step_gflop"] > 0 and 0 < r["mfu"] < 1  # XLA counted the step's flops; below the measured peak
+  assert 0 < r["mfu"] < 1  # below the measured matmul peak
   assert r["compile_s"] > 0 and r["peak_rss_mb"] > 100
 
 
@@ -21,3 +21,10 @@ def test_bench_decode_cli(capsys):
   assert r["tokens_per_s"] > 0 and r["read_gb_s"] == pytest.approx(r["bytes_per_token"] * r["tokens_per_s"] / 1e9)
   assert cli.main(["bench", "train", "--method", "dora", "--model", "tiny"]) == 2
   assert "--method 'dora' is not supported; allowed: lora, qlora, qalora" in capsys.readouterr().err
+
+
+def test_train_flops_match_the_reference_figure():
+  # REFERENCE.md section 7: about 556 MFLOP per token for SmolLM2-135M at 128 tokens (forward + input grads)
+  config = bench.models.Config(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+                               num_heads=9, num_kv_heads=3, head_dim=64, max_seq_len=2048)
+  assert bench.train_flops_per_token(config, 128) / 1e6 == pytest.approx(556, rel=0.01)
