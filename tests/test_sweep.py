@@ -2,16 +2,19 @@
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
 
+import jax
+import numpy as np
 import pytest
 
 from qalora_jax import cli
 from qalora_jax.eval import tables
-from qalora_jax.train import sweep
+from qalora_jax.train import loop, sweep
 
 SWEEP = "configs/sweeps/tiny.py"
 
@@ -32,13 +35,14 @@ def test_cells_expand_the_product_of_each_explicit_cell(tmp_path):
   assert (cfg.steps, cfg.adapter.rank, cfg.base.options.bits, cfg.seed) == (3, 2, 2, 0)
 
 
-RESUMABLE = ('{"config": "configs/tiny.py", "overrides": {"steps": 8, "checkpoint_every": 2}, '
+RESUMABLE = ('{"config": "configs/tiny.py", "overrides": {"steps": 12, "checkpoint_every": 2, "log_every": 1}, '
              '"product": {"base.options.bits": [4, 2]}, '
              '"tables": [{"rows": "name", "value": ["base_ppl", "ppl", "merged_ppl"]}, '
              '{"rows": "method", "columns": "bits", "value": "merged_ppl", "file": "by_bits"}]}')
 
 
 def test_killed_sweep_resumes_to_the_uninterrupted_table(tmp_path, capsys):
+  """Also the training loop's exact resume: the killed cell ends with the uninterrupted cell's adapters."""
   spec = write_sweep(tmp_path, RESUMABLE)
   reference = tmp_path / "reference"
   assert cli.main(["sweep", "--config", spec, "--workdir", str(reference)]) == 0
@@ -51,7 +55,8 @@ def test_killed_sweep_resumes_to_the_uninterrupted_table(tmp_path, capsys):
   deadline = time.time() + 240
   while not (second / "checkpoints" / "4").exists() and time.time() < deadline and proc.poll() is None:
     time.sleep(0.02)
-  os.kill(proc.pid, signal.SIGKILL)  # in the second cell, after its second checkpoint
+  time.sleep(random.uniform(0, 0.2))  # a random step of the second cell, after its second checkpoint
+  os.kill(proc.pid, signal.SIGKILL)
   proc.wait()
   first = killed / "cells" / "bits=4" / "result.json"
   assert first.exists() and not (second / "result.json").exists()
@@ -59,6 +64,13 @@ def test_killed_sweep_resumes_to_the_uninterrupted_table(tmp_path, capsys):
   assert cli.main(["sweep", "--config", spec, "--workdir", str(killed)]) == 0
   assert json.loads(capsys.readouterr().out) == {"done": 1, "skipped": 1, "failed": 0}
   assert first.stat().st_mtime_ns == mtime  # the finished cell is not re-run
+  _, ref_trained, ref_step = loop.restore(reference / "cells" / "bits=2", log=lambda m: None)
+  _, trained, step = loop.restore(second, log=lambda m: None)
+  assert step == ref_step == 12
+  for a, b in zip(jax.tree.leaves(ref_trained), jax.tree.leaves(trained)):
+    assert float(np.abs(np.asarray(a) - np.asarray(b)).max()) <= 1e-6
+  losses = lambda d: [(m["step"], m["loss"]) for m in map(json.loads, open(d / "metrics.jsonl")) if "loss" in m]  # noqa: E731
+  np.testing.assert_allclose(np.array(losses(second)), np.array(losses(reference / "cells" / "bits=2")), rtol=1e-6)
   assert cli.main(["table", "--workdir", str(killed)]) == 0
   assert (killed / "tables.md").read_text() == (reference / "tables.md").read_text()
   assert (killed / "tables" / "by_bits.csv").read_text() == (reference / "tables" / "by_bits.csv").read_text()
