@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from qalora_jax import assets, models, quant
+from qalora_jax import models, quant
 from qalora_jax.train import config as config_lib
 from qalora_jax.train import loop
 
@@ -21,11 +21,10 @@ GPTQ = ["--config.base.quantizer=gptq", "--config.base.calibration=8", "--config
 
 def test_gptq_base_is_calibrated_once_and_cached(tmp_path, monkeypatch):
   cfg = tiny("method=qalora", GPTQ)
-  lm = loop.build_model(cfg)
-  monkeypatch.setattr(assets, "cache_dir", lambda: tmp_path)
-  fresh, summary = loop.quantize_base(cfg, lm)
+  monkeypatch.setattr(loop, "bases_dir", lambda: tmp_path / "bases")
+  lm, fresh, summary = loop.load_base(cfg)
   assert "calibration tokens" in summary and len(list((tmp_path / "bases").iterdir())) == 1
-  cached, summary = loop.quantize_base(cfg, lm)
+  _, cached, summary = loop.load_base(cfg)
   assert "from the cache" in summary
   assert jax.tree.structure(cached) == jax.tree.structure(fresh)
   jax.tree.map(np.testing.assert_array_equal, cached, fresh)

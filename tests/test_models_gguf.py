@@ -8,10 +8,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from models_testing import CORPUS, hf_model, tiny_bpe, torch_logits, write_gguf  # noqa: E402
-from qalora_jax import models  # noqa: E402
+from qalora_jax import models, quant  # noqa: E402
 from qalora_jax.models import gguf as gguf_loader  # noqa: E402
 
 TYPES = {"attn_q": "Q4_0", "attn_k": "Q4_1", "attn_v": "Q8_0", "attn_output": "F16", "ffn_gate": "BF16",
@@ -35,6 +36,12 @@ def test_logits_match_the_written_model(tmp_path, kind):
   ours = np.asarray(lm(jnp.asarray(tokens)))
   theirs = torch_logits(model, tokens)
   assert np.abs(ours - theirs).max() <= 1e-4 * max(1.0, np.abs(theirs).max())
+  if kind == "llama":  # quantizing while reading (the float model never whole) = quantizing after loading
+    q = quant.get("int", bits=4, group_size=16)
+    streamed = models.load(path, quantize=q).params
+    jax.tree.map(np.testing.assert_array_equal, streamed, models.quantize_params(lm.params, q)[0])
+    with pytest.raises(ValueError, match="rule 'nothing' matches no parameter"):
+      models.load(path, quantize=[("nothing", q)])
 
 
 def test_unpermute_inverts_llama_cpp_order():

@@ -53,7 +53,7 @@ def assemble(config: Config, names: Mapping[str, str], available: Iterable[str],
              shape_of: Callable[[str], tuple[int, ...]], read: Callable[[str], np.ndarray], where: str,
              ignore: Callable[[str], bool] = lambda name: False,
              transform: Callable[[str, str, np.ndarray], np.ndarray] | None = None,
-             dtype=jnp.float32) -> dict:
+             dtype=jnp.float32, finish: Callable[[str, np.ndarray], object] | None = None) -> dict:
   """The parameter tree of `config` from a checkpoint.
 
   Args:
@@ -64,6 +64,9 @@ def assemble(config: Config, names: Mapping[str, str], available: Iterable[str],
     where: the checkpoint, for error messages.
     ignore: names that may be present without being used (e.g. rotary tables, a tied head's copy).
     transform: (path, name, array) -> array, applied before the [out, in] -> [in, out] transpose.
+    finish: (path, float32 array in the final layout) -> the leaf (default: the array in `dtype`); called as
+      each leaf is complete, so a quantizing `finish` never holds more than one float leaf (all layers of one
+      block parameter) at a time.
   """
   expected = expected_tensors(config, names)
   available = list(available)
@@ -82,22 +85,29 @@ def assemble(config: Config, names: Mapping[str, str], available: Iterable[str],
   if mismatched:
     raise CheckpointError(f"{where}: tensors with the wrong shape ({len(mismatched)}): {_listing(mismatched)}")
 
-  per_layer: dict[str, list] = {}
-  leaves = {}
-  for name, (path, layer, _) in expected.items():
+  finish = finish or (lambda path, w: jnp.asarray(w, dtype))
+
+  def tensor(name, path):
     w = np.asarray(read(name), np.float32)
     if transform is not None:
       w = transform(path, name, w)
-    if is_kernel(path):
-      w = w.T
-    if layer is None:
-      leaves[path] = jnp.asarray(w, dtype)
-    else:
-      per_layer.setdefault(path, [None] * config.num_layers)[layer] = w
-  for path, ws in per_layer.items():
+    return w.T if is_kernel(path) else w
+
+  by_path: dict[str, list[tuple[str, int | None]]] = {}
+  for name, (path, layer, _) in expected.items():
+    by_path.setdefault(path, []).append((name, layer))
+  leaves = {}
+  for path, entries in by_path.items():
+    if entries[0][1] is None:
+      leaves[path] = finish(path, tensor(entries[0][0], path))
+      continue
+    ws = [None] * config.num_layers
+    for name, layer in entries:
+      ws[layer] = tensor(name, path)
     if config.scan_layers:  # stacked layout
-      leaves[path] = jnp.asarray(np.stack(ws), dtype)
+      leaves[path] = finish(path, np.stack(ws))
     else:  # per-layer layout: blocks/<i>/...
       for i, w in enumerate(ws):
-        leaves[path.replace("blocks/", f"blocks/{i}/", 1)] = jnp.asarray(w, dtype)
+        leaves[path.replace("blocks/", f"blocks/{i}/", 1)] = finish(path, w)
+    del ws
   return unflatten(leaves)

@@ -138,9 +138,10 @@ def config_from_metadata(meta: dict, tensor_shapes: dict[str, tuple[int, ...]], 
   )
 
 
-def load(path: str | Path, dtype="float32", param_dtype=np.float32, **config_overrides
+def load(path: str | Path, dtype="float32", param_dtype=np.float32, finish=None, **config_overrides
          ) -> tuple[Config, dict, Tokenizer]:
-  """(config, float params, tokenizer) from a GGUF file; `config_overrides` replace Config fields."""
+  """(config, float params, tokenizer) from a GGUF file; `config_overrides` replace Config fields; `finish`
+  as in `checkpoint.assemble`."""
   path = Path(path)
   reader = gguf.GGUFReader(str(path))
   tensors = {t.name: t for t in reader.tensors}
@@ -160,5 +161,5 @@ def load(path: str | Path, dtype="float32", param_dtype=np.float32, **config_ove
   params = checkpoint.assemble(
       config, NAMES, tensors, shape_of=lambda n: shapes[n],
       read=lambda n: tensor_to_numpy(tensors[n]), where=str(path), transform=transform, dtype=param_dtype,
-      ignore=lambda n: n == "rope_freqs.weight")
+      ignore=lambda n: n == "rope_freqs.weight", finish=finish)
   return config, params, from_gguf_metadata(meta)

@@ -113,9 +113,10 @@ def shard_files(directory: Path) -> dict[str, Path]:
     return {name: single for name in f.keys()}
 
 
-def load(directory: str | Path, dtype="float32", param_dtype=np.float32, **config_overrides
+def load(directory: str | Path, dtype="float32", param_dtype=np.float32, finish=None, **config_overrides
          ) -> tuple[Config, dict, Tokenizer | None]:
-  """(config, float params, tokenizer or None) from a Hugging Face model directory."""
+  """(config, float params, tokenizer or None) from a Hugging Face model directory; `finish` as in
+  `checkpoint.assemble`."""
   directory = Path(directory)
   config_file = directory / "config.json"
   if not config_file.is_file():
@@ -139,6 +140,6 @@ def load(directory: str | Path, dtype="float32", param_dtype=np.float32, **confi
   params = checkpoint.assemble(
       config, NAMES, files, shape_of=lambda n: tuple(handle(n).get_slice(n).get_shape()),
       read=lambda n: np.asarray(handle(n).get_tensor(n), np.float32), where=str(directory), ignore=ignore,
-      dtype=param_dtype)
+      dtype=param_dtype, finish=finish)
   tokenizer = from_hf_dir(directory, bos_id=config.bos_id, eos_ids=config.eos_ids, pad_id=config.pad_id)
   return config, params, tokenizer

@@ -12,11 +12,13 @@ import dataclasses
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from qalora_jax import assets
 from qalora_jax.models import gguf, hf, llama
 from qalora_jax.models.config import Config
+from qalora_jax.models.quantize import Quantizing
 from qalora_jax.models.tokenizer import Tokenizer
 
 
@@ -58,16 +60,24 @@ def resolve(model: str | Path) -> Path:
                    f"a .gguf file, or a Hugging Face model directory")
 
 
-def load(model: str | Path, dtype: str = "float32", param_dtype=np.float32, **config_overrides) -> LanguageModel:
+def load(model: str | Path, dtype: str = "float32", param_dtype=np.float32, quantize=None, **config_overrides
+           ) -> LanguageModel:
   """Loads a model by asset name ("smollm2-135m"), GGUF file or Hugging Face directory (config.json and
   safetensors). `dtype` is the compute dtype, `param_dtype` the storage dtype of the float parameters;
-  further keywords replace Config fields (e.g. scan_layers=False, remat=True, max_seq_len=2048)."""
+  `quantize` (rules as for `quantize_params`) quantizes each weight as it is read, so the float model is
+  never whole in memory; further keywords replace Config fields (e.g. scan_layers=False, remat=True)."""
   path = resolve(model)
+  quantizing = None if quantize is None else Quantizing(quantize)
+  finish = None if quantizing is None else (lambda p, w: quantizing(p, jnp.asarray(w, param_dtype)))
   if path.is_dir():
-    config, params, tokenizer = hf.load(path, dtype=dtype, param_dtype=param_dtype, **config_overrides)
+    config, params, tokenizer = hf.load(path, dtype=dtype, param_dtype=param_dtype, finish=finish,
+                                        **config_overrides)
   elif path.suffix == ".gguf":
-    config, params, tokenizer = gguf.load(path, dtype=dtype, param_dtype=param_dtype, **config_overrides)
+    config, params, tokenizer = gguf.load(path, dtype=dtype, param_dtype=param_dtype, finish=finish,
+                                          **config_overrides)
   else:
     raise ValueError(f"model={str(model)!r} is not supported: {path.name} is neither a .gguf file nor a "
                      f"directory; allowed: {', '.join(model_names())}, a .gguf file, or a Hugging Face model directory")
+  if quantizing is not None:
+    quantizing.summary()  # every rule matched a weight
   return LanguageModel(config, params, tokenizer)

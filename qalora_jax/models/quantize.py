@@ -71,50 +71,70 @@ def nbytes(leaf) -> int:
   return int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
 
 
+class Quantizing:
+  """Applies quantization rules leaf by leaf, `leaf = q(path, leaf)`, and keeps the statistics for
+  `summary()`. `quantize_params` runs it over a tree; `models.load(..., quantize=rules)` runs it on each
+  weight as it is read, so that the float model is never whole in memory."""
+
+  def __init__(self, rules: Quantizer | Sequence[Rule] | None):
+    if rules is None or isinstance(rules, Quantizer):
+      if rules is None:
+        raise ValueError("rules=None is not supported; allowed: a quantizer, or a list of (regex, quantizer or None)")
+      rules = [(BLOCK_LINEARS, rules)]
+    self.rules = list(rules)
+    for i, rule in enumerate(self.rules):
+      if not (isinstance(rule, tuple) and len(rule) == 2 and isinstance(rule[0], str)
+              and (rule[1] is None or isinstance(rule[1], Quantizer))):
+        raise ValueError(f"rules[{i}]={rule!r} is not supported; allowed: a (regex, quantizer or None) pair")
+    self.compiled = [re.compile(pattern) for pattern, _ in self.rules]
+    self.stats = [dict(tensors=0, matrices=0, weights=0, bytes_before=0, bytes_after=0) for _ in self.rules]
+    self.bytes_before = self.bytes_after = 0
+    self.paths: list[str] = []
+
+  def __call__(self, path: str, leaf):
+    """The leaf at `path` after the first matching rule (already-quantized leaves are kept as they are)."""
+    self.paths.append(path)
+    k = None if isinstance(leaf, QTensor) else next((i for i, rx in enumerate(self.compiled) if rx.fullmatch(path)),
+                                                    None)
+    out = leaf
+    if k is not None:
+      pattern, quantizer = self.rules[k]
+      if quantizer is not None:
+        if leaf.ndim not in (2, 3):
+          raise ValueError(f"rule {pattern!r} matched {path} of shape {list(leaf.shape)}; allowed: kernels "
+                           f"[in, out] or stacked [layers, in, out]")
+        out = quantize_stacked(quantizer, jnp.asarray(leaf))
+      s = self.stats[k]
+      s["tensors"] += 1
+      s["matrices"] += leaf.shape[0] if leaf.ndim == 3 else 1
+      s["weights"] += int(np.prod(leaf.shape))
+      s["bytes_before"] += nbytes(leaf)
+      s["bytes_after"] += nbytes(out)
+    self.bytes_before += nbytes(leaf)
+    self.bytes_after += nbytes(out)
+    return out
+
+  def summary(self) -> QuantizeSummary:
+    """The statistics; a rule that matched no leaf is an error."""
+    for (pattern, _), s in zip(self.rules, self.stats):
+      if s["tensors"] == 0:
+        raise ValueError(f"rule {pattern!r} matches no parameter; paths look like: "
+                         f"{', '.join(self.paths[:4])}, ...")
+    return QuantizeSummary(
+        bytes_before=self.bytes_before, bytes_after=self.bytes_after,
+        rules=tuple(RuleStats(pattern, "float" if q is None else repr(q), **s)
+                    for (pattern, q), s in zip(self.rules, self.stats)))
+
+
 def quantize_params(params: dict, rules: Quantizer | Sequence[Rule] | None = None) -> tuple[dict, QuantizeSummary]:
   """The frozen parameter tree (selected kernels as QTensors, the rest unchanged) and a summary.
 
   `rules` is a list of (regex, quantizer or None), or a single quantizer meaning [(BLOCK_LINEARS, quantizer)].
   A rule that matches no path, or matches a leaf that is not a matrix, is an error.
   """
-  if rules is None or isinstance(rules, Quantizer):
-    if rules is None:
-      raise ValueError("rules=None is not supported; allowed: a quantizer, or a list of (regex, quantizer or None)")
-    rules = [(BLOCK_LINEARS, rules)]
-  rules = list(rules)
-  for i, rule in enumerate(rules):
-    if not (isinstance(rule, tuple) and len(rule) == 2 and isinstance(rule[0], str)
-            and (rule[1] is None or isinstance(rule[1], Quantizer))):
-      raise ValueError(f"rules[{i}]={rule!r} is not supported; allowed: a (regex, quantizer or None) pair")
-  compiled = [re.compile(pattern) for pattern, _ in rules]
-  stats = [dict(tensors=0, matrices=0, weights=0, bytes_before=0, bytes_after=0) for _ in rules]
-  leaves = {}
-  for path, leaf in flatten(params):
-    k = None if isinstance(leaf, QTensor) else next((i for i, rx in enumerate(compiled) if rx.fullmatch(path)), None)
-    leaves[path] = leaf  # already-quantized leaves are kept as they are
-    if k is None:
-      continue
-    pattern, quantizer = rules[k]
-    if quantizer is not None:
-      if leaf.ndim not in (2, 3):
-        raise ValueError(f"rule {pattern!r} matched {path} of shape {list(leaf.shape)}; allowed: kernels "
-                         f"[in, out] or stacked [layers, in, out]")
-      leaves[path] = quantize_stacked(quantizer, leaf)
-    s = stats[k]
-    s["tensors"] += 1
-    s["matrices"] += leaf.shape[0] if leaf.ndim == 3 else 1
-    s["weights"] += int(np.prod(leaf.shape))
-    s["bytes_before"] += nbytes(leaf)
-    s["bytes_after"] += nbytes(leaves[path])
-  for (pattern, _), s in zip(rules, stats):
-    if s["tensors"] == 0:
-      raise ValueError(f"rule {pattern!r} matches no parameter; paths look like: "
-                       f"{', '.join(p for p, _ in list(flatten(params))[:4])}, ...")
-  summary = QuantizeSummary(
-      bytes_before=sum(nbytes(leaf) for _, leaf in flatten(params)),
-      bytes_after=sum(nbytes(leaf) for _, leaf in leaves.items()),
-      rules=tuple(RuleStats(pattern, "float" if q is None else repr(q), **s) for (pattern, q), s in zip(rules, stats)))
-  return unflatten(leaves), summary
+  q = Quantizing(rules)
+  leaves = {path: q(path, leaf) for path, leaf in flatten(params)}
+  return unflatten(leaves), q.summary()
 
 
 def save_quantized(path: str | Path, frozen: dict) -> None:

@@ -60,32 +60,47 @@ def tiny_model(seed: int = 0, max_seq_len: int = 256) -> models.LanguageModel:
   return models.LanguageModel(config, params, models.Tokenizer(backend, bos_id=256, eos_ids=(257,)))
 
 
-def build_model(cfg: ml_collections.ConfigDict) -> models.LanguageModel:
+def build_model(cfg: ml_collections.ConfigDict, quantize=None) -> models.LanguageModel:
+  """The config's model; `quantize` (rules) quantizes its weights as they are read (see `models.load`)."""
   m = cfg.model
   if m.name == "tiny":
     lm = tiny_model(cfg.seed)
-    return lm.replace(config=lm.config.replace(dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers))
-  return models.load(m.name, dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers)
+    lm = lm.replace(config=lm.config.replace(dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers))
+    return lm if quantize is None else lm.replace(params=models.quantize_params(lm.params, quantize)[0])
+  return models.load(m.name, dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers, quantize=quantize)
 
 
-def quantize_base(cfg, lm: models.LanguageModel) -> tuple[dict, str]:
-  """The frozen tree: the model's params with the weights matching cfg.base.targets quantized (or all float).
-
-  A quantizer that takes calibration data (GPTQ: `quantize_with_hessian`) sees cfg.base.calibration segments
-  of cfg.base.calibration_len tokens of the training plays; its result is cached under the asset cache,
-  keyed by model, quantizer, options, calibration and seed, so runs sharing a base calibrate once."""
+def load_base(cfg: ml_collections.ConfigDict) -> tuple[models.LanguageModel, dict, str]:
+  """(model, frozen base, summary): the model's params with the weights matching cfg.base.targets quantized
+  (or all float). A plain quantizer quantizes each weight as it is read, so the float model is never whole
+  in memory; a calibrated one (GPTQ) needs the float model first (`calibrated_base`)."""
   if cfg.base.quantizer == "none":
-    return lm.params, "float base"
+    lm = build_model(cfg)
+    return lm, lm.params, "float base"
   quantizer = quant.get(cfg.base.quantizer, **cfg.base.options.to_dict())
-  if not hasattr(quantizer, "quantize_with_hessian"):
-    frozen, summary = models.quantize_params(lm.params, [(cfg.base.targets, quantizer)])
-    return frozen, str(summary)
+  if hasattr(quantizer, "quantize_with_hessian"):
+    lm = build_model(cfg)
+    return lm, *calibrated_base(cfg, lm, quantizer)
+  lm = build_model(cfg, quantize=[(cfg.base.targets, quantizer)])
+  return lm, lm.params, f"{quantizer} on {cfg.base.targets}: {nn.tree_nbytes(lm.params):,} bytes"
+
+
+def bases_dir() -> Path:
+  """Where calibrated bases are cached."""
+  return assets.cache_dir() / "bases"
+
+
+def calibrated_base(cfg, lm: models.LanguageModel, quantizer: quant.Quantizer) -> tuple[dict, str]:
+  """(frozen tree, summary) of a quantizer that takes calibration data (GPTQ: `quantize_with_hessian`): it
+  sees cfg.base.calibration segments of cfg.base.calibration_len tokens of the training plays. The result is
+  cached under the asset cache, keyed by model, quantizer, options, calibration and seed, so runs sharing a
+  base calibrate once."""
   if cfg.base.targets != models.BLOCK_LINEARS:
     raise ValueError(f"config.base.targets={cfg.base.targets!r}: a calibrated quantizer "
                      f"({cfg.base.quantizer}) quantizes all block linears; allowed: {models.BLOCK_LINEARS!r}")
   key = json.dumps([cfg.model.name, cfg.base.quantizer, cfg.base.options.to_dict(), cfg.base.calibration,
                     cfg.base.calibration_len, cfg.seed, cfg.data.corpus], sort_keys=True)
-  cached = assets.cache_dir() / "bases" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.safetensors"
+  cached = bases_dir() / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.safetensors"
   if cached.exists():
     return models.load_quantized(cached, lm.params), f"{quantizer} base from the cache ({cached})"
   frozen, stats = calibrate(cfg, lm, lm.params, quantizer)
@@ -240,8 +255,7 @@ class Run:
 def build(cfg: ml_collections.ConfigDict, log=print) -> Run:
   """Model, quantized base, adapters and optimizer of `cfg`."""
   validate(cfg)
-  lm = build_model(cfg)
-  frozen, summary = quantize_base(cfg, lm)
+  lm, frozen, summary = load_base(cfg)
   log(summary)
   key = jax.random.PRNGKey(cfg.seed)
   adapters = nn.add_adapters(frozen, cfg.adapter.method, rank=cfg.adapter.rank, alpha=cfg.adapter.alpha,
