@@ -35,13 +35,18 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-  """Writes JSON atomically (temporary file in the same directory, then rename)."""
+  """Writes JSON atomically (see `write_bytes`)."""
+  write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+  """Writes bytes atomically (temporary file in the same directory, then rename); creates the directory."""
   path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
   try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(obj, f, indent=2, sort_keys=True)
-      f.write("\n")
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
     os.replace(tmp, path)
   except BaseException:
     os.unlink(tmp)

@@ -29,11 +29,11 @@ import csv
 import io
 import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from qalora_jax.files import write_bytes
 
 NUMBER_FORMATS = {"trainable_params": ",.0f", "adapter_bytes": ",.0f", "frozen_bytes": ",.0f", "steps": ".0f",
                   "tokens_per_s": ".1f", "step_s": ".2f", "wall_s": ".0f", "compile_s": ".1f"}
@@ -172,18 +172,6 @@ def to_csv(header: list[str], rows: list[list[str]]) -> str:
   return buf.getvalue()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
-
-
 def default_plots(records: list[dict]) -> list[dict]:
   """Perplexity vs bits and vs group size per method (where they vary), parameters and step time per cell."""
   plots = []
@@ -238,7 +226,7 @@ def plot(spec: dict, records: list[dict], path: Path) -> None:
   buf = io.BytesIO()
   fig.savefig(buf, format="png")
   plt.close(fig)
-  _write_atomic(path, buf.getvalue())
+  write_bytes(path, buf.getvalue())
 
 
 def write(workdir: str | Path, tables: list[dict] | None = None, plots: list[dict] | None = None,
@@ -254,11 +242,11 @@ def write(workdir: str | Path, tables: list[dict] | None = None, plots: list[dic
     title, header, rows = build(spec, records)
     parts.append(markdown(title, header, rows))
     name = spec.get("file") or f"table{i + 1}"
-    _write_atomic(out / "tables" / f"{name}.csv", to_csv(header, rows).encode())
+    write_bytes(out / "tables" / f"{name}.csv", to_csv(header, rows).encode())
   if failed:
     parts.append("Failed cells:\n\n" + "".join(f"- {name}: {error}\n" for name, error in failed))
   for spec in plots:
     plot(spec, records, out / "plots" / spec["file"])
   text = "\n".join(parts)
-  _write_atomic(out / "tables.md", text.encode())
+  write_bytes(out / "tables.md", text.encode())
   return text
