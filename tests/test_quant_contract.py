@@ -1,5 +1,9 @@
 """The contract every registered quantizer meets. A quantizer registered later is tested here as soon as it
-is imported: the cases come from `available()` and each quantizer's `contract_settings`."""
+is imported: the cases come from `available()` and each quantizer's `contract_settings`; every module of
+qalora_jax.quant is imported with the package, and outside modules listed in $QALORA_IMPORTS (comma-separated
+module names or .py paths) before the cases are collected."""
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +13,9 @@ import pytest
 
 from qalora_jax import quant
 
+# Quantizers defined outside the package join the suite when their modules are named here, e.g.
+#   QALORA_IMPORTS=experiments/custom_quantizer/pow2int.py pytest tests/test_quant_contract.py -k pow2
+quant.import_modules([s for s in os.environ.get("QALORA_IMPORTS", "").split(",") if s], where="QALORA_IMPORTS")
 CASES = [(name, opts) for name in quant.available()
          for opts in quant.registry.quantizer_class(name).contract_settings]
 IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in opts.items()) or 'default'}" for name, opts in CASES]
