@@ -129,3 +129,16 @@ def test_qalora_on_a_base_without_offsets_fails_at_configuration(arg, overrides,
 def test_quantize_report_import_errors(capsys):
   assert cli.main(["quantize-report", "--import", "nope_mod", "--quantizer", "int"]) == 2
   assert "--import: cannot import 'nope_mod'" in capsys.readouterr().err
+
+
+def test_a_run_written_before_config_imports_existed_still_resumes(tmp_path):
+  from qalora_jax.train import loop
+
+  cfg = config_lib.load("configs/tiny.py")
+  old = json.loads(cfg.to_json_best_effort())
+  del old["imports"]
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  loop._check_workdir(tmp_path, cfg, overwrite=False)  # no "differs in: imports"
+  other = config_lib.load("configs/tiny.py", ["--config.imports=qalora_jax.quant.intk"])
+  with pytest.raises(ValueError, match=r"differs in: imports"):
+    loop._check_workdir(tmp_path, other, overwrite=False)

@@ -29,7 +29,7 @@ from qalora_jax import assets, data, models, nn, quant
 from qalora_jax.files import write_json
 from qalora_jax.train import checkpoints
 from qalora_jax.train import mesh as mesh_lib
-from qalora_jax.train.config import from_json, validate
+from qalora_jax.train.config import base_config, from_json, validate
 from qalora_jax.train.partition import partition
 from qalora_jax.train.step import make_optimizer, make_train_step
 
@@ -198,8 +198,11 @@ def _check_workdir(workdir: Path, cfg, overwrite: bool) -> None:
   saved = workdir / "config.json"
   if saved.exists() and not overwrite:
     old, new = _flat(json.loads(saved.read_text())), _flat(_config_json(cfg))
+    # a field added to the schema after the run was written counts as its default there
+    defaults = {k: v for k, v in _flat(_config_json(base_config())).items() if not k.startswith("base.options.")}
     # the mesh may change between a run and its resumption: same computation, other devices
-    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not k.startswith("mesh."))
+    diff = sorted(k for k in old.keys() | new.keys()
+                  if old.get(k, defaults.get(k)) != new.get(k) and not k.startswith("mesh."))
     if diff:
       raise ValueError(f"workdir {workdir} holds a run with a different config (differs in: {', '.join(diff)}); "
                        f"use another workdir or --overwrite")
