@@ -30,10 +30,10 @@ def test_each_method_trains_and_merges(method, tmp_path):
   assert result["merged_ppl"] == pytest.approx(result["ppl"], rel=1e-4)
   if method == "qalora":
     assert result["merged_bytes"] == result["frozen_bytes"]  # still the INT4 model
-  if requantize:  # the merged float model re-quantized: 8 bits stays close to it, 2 bits does not
-    assert set(result["requantized_ppl"]) == set(requantize)
-    assert result["requantized_ppl"][requantize[0]] == pytest.approx(result["merged_ppl"], rel=2e-3)
-    assert result["requantized_ppl"][requantize[1]] > result["requantized_ppl"][requantize[0]]
+  if requantize:  # the merged float model re-quantized: 8 bits stays close to it, 2 bits moves away
+    ppl8, ppl2 = (result["requantized_ppl"][spec] for spec in requantize)
+    assert ppl8 == pytest.approx(result["merged_ppl"], rel=2e-3)
+    assert abs(ppl2 - result["merged_ppl"]) > 2 * abs(ppl8 - result["merged_ppl"])
   assert json.loads((tmp_path / "result.json").read_text())["steps"] == 12
   # the adapter checkpoint: the trained leaves without optimizer state, the same values as the last checkpoint
   r, trained, step = loop.restore(tmp_path, log=quiet)
