@@ -79,11 +79,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
 
 
 def test_workdir_with_another_config_is_refused(tmp_path):
-  loop.run(tiny(["--config.steps=4"]), tmp_path, progress=False, log=quiet)
+  loop.run(tiny(["--config.steps=1"]), tmp_path, progress=False, log=quiet)
   with pytest.raises(ValueError, match=r"holds a run with a different config \(differs in: adapter.rank\)"):
-    loop.run(tiny(["--config.steps=4", "--config.adapter.rank=2"]), tmp_path, progress=False, log=quiet)
+    loop.run(tiny(["--config.steps=1", "--config.adapter.rank=2"]), tmp_path, progress=False, log=quiet)
   assert (tmp_path / "result.json").exists()  # nothing lost
-  result = loop.run(tiny(["--config.steps=4", "--config.adapter.rank=2"]), tmp_path, overwrite=True, progress=False,
+  result = loop.run(tiny(["--config.steps=1", "--config.adapter.rank=2"]), tmp_path, overwrite=True, progress=False,
                     log=quiet)
   assert result["config"]["adapter"]["rank"] == 2
 
@@ -101,18 +101,18 @@ def test_bad_configs(overrides, message, tmp_path):
 
 def test_cli_train_eval_merge_export(tmp_path, capsys):
   work = tmp_path / "run"
-  assert cli.main(["train", "--config", TINY, "--workdir", str(work), "--config.steps=4"]) == 0
+  assert cli.main(["train", "--config", TINY, "--workdir", str(work), "--config.steps=2"]) == 0
   result = json.loads(capsys.readouterr().out)
   assert cli.main(["eval", "--workdir", str(work)]) == 0
   unmerged = json.loads(capsys.readouterr().out)
   assert cli.main(["eval", "--workdir", str(work), "--merged"]) == 0
   merged = json.loads(capsys.readouterr().out)
-  assert unmerged["ppl"] == pytest.approx(result["ppl"], rel=1e-6) and unmerged["step"] == 4
+  assert unmerged["ppl"] == pytest.approx(result["ppl"], rel=1e-6) and unmerged["step"] == 2
   assert merged["ppl"] == pytest.approx(result["merged_ppl"], rel=1e-6)
   assert cli.main(["merge", "--workdir", str(work), "--out", str(tmp_path / "merged")]) == 0
   assert json.loads(capsys.readouterr().out)["bytes"] == result["frozen_bytes"]
   lora = tmp_path / "lora"
-  assert cli.main(["train", "--config", f"{TINY}:method=qlora", "--workdir", str(lora), "--config.steps=2"]) == 0
+  assert cli.main(["train", "--config", f"{TINY}:method=qlora", "--workdir", str(lora), "--config.steps=1"]) == 0
   capsys.readouterr()
   assert cli.main(["merge", "--workdir", str(lora), "--out", str(tmp_path / "requantized"),
                    "--requantize", "int:bits=3,group_size=32"]) == 0
