@@ -164,16 +164,10 @@ def _merge(args) -> int:
   from qalora_jax import nn
   from qalora_jax.files import atomic_dir, write_json
   from qalora_jax.train import loop
+  from qalora_jax.train.config import quantizer_from_spec
 
   r, trainable, step = loop.restore(args.workdir, log=lambda m: print(m, file=sys.stderr))
-  requantize = None
-  if args.requantize:
-    from qalora_jax import quant
-    from qalora_jax.train.config import parse_arg
-
-    name, _, options = args.requantize.partition(":")
-    requantize = quant.get(name, **parse_arg(options))
-  merged = r.merged(trainable, requantize)
+  merged = r.merged(trainable, quantizer_from_spec(args.requantize) if args.requantize else None)
   with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
     ckpt = ocp.StandardCheckpointer()
     ckpt.save((tmp / "params").absolute(), merged)

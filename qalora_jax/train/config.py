@@ -265,14 +265,21 @@ def validate(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDic
   elif config.adapter.method == "qalora":
     raise ValueError("config.adapter.method='qalora' needs a group-quantized base; config.base.quantizer is 'none'")
   for spec in config.requantize:
-    name, _, options = spec.partition(":")
     if config.adapter.method != "lora":
       raise ValueError(f"config.requantize={spec!r}: only a LoRA run has a float merged model to re-quantize; "
                        f"config.adapter.method is {config.adapter.method!r}")
     try:
-      quant.get(name, **parse_arg(options))
+      quantizer_from_spec(spec)
     except (ValueError, TypeError) as e:
       raise ValueError(f"config.requantize={spec!r}: {e}") from None
+
+
+def quantizer_from_spec(spec: str):
+  """The quantizer of a "name:k=v,k=v" spec, e.g. "gptq:bits=4,group_size=32"."""
+  from qalora_jax import quant
+
+  name, _, options = spec.partition(":")
+  return quant.get(name, **parse_arg(options))
 
 
 def check_qalora_quantizer(quantizer, where: str = "config.base") -> None:

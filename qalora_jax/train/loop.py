@@ -29,7 +29,7 @@ from qalora_jax import assets, data, models, nn, quant
 from qalora_jax.files import write_json
 from qalora_jax.train import checkpoints
 from qalora_jax.train import mesh as mesh_lib
-from qalora_jax.train.config import base_config, from_json, validate
+from qalora_jax.train.config import base_config, from_json, quantizer_from_spec, validate
 from qalora_jax.train.partition import partition
 from qalora_jax.train.step import make_optimizer, make_train_step
 
@@ -120,19 +120,12 @@ def calibrate(cfg, lm: models.LanguageModel, params: dict, quantizer: quant.Quan
 
 def requantized_ppl(r: "Run", trainable: dict, spec: str, held_ids, window: int) -> float:
   """Held-out perplexity of the merged float model re-quantized with `spec` ("name:k=v,...")."""
-  quantizer = requantizer(spec)
+  quantizer = quantizer_from_spec(spec)
   if hasattr(quantizer, "quantize_with_hessian"):
     params, _ = calibrate(r.cfg, r.lm, r.merged(trainable), quantizer)
   else:
     params = r.merged(trainable, quantizer)
   return evaluate_ppl(r.lm, params, held_ids, window)
-
-
-def requantizer(spec: str) -> quant.Quantizer:
-  from qalora_jax.train.config import parse_arg
-
-  name, _, options = spec.partition(":")
-  return quant.get(name, **parse_arg(options))
 
 
 # ----------------------------------------------------------------------------------------------- data
