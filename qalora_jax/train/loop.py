@@ -118,7 +118,7 @@ def calibrate(cfg, lm: models.LanguageModel, params: dict, quantizer: quant.Quan
   return calibration.quantize_model(lm.config, params, tokens, quantizer)
 
 
-def requantized_ppl(r: "Run", trainable: dict, spec: str, held_ids, window: int) -> float:
+def requantized_ppl(r: Run, trainable: dict, spec: str, held_ids, window: int) -> float:
   """Held-out perplexity of the merged float model re-quantized with `spec` ("name:k=v,...")."""
   quantizer = quantizer_from_spec(spec)
   if hasattr(quantizer, "quantize_with_hessian"):
