@@ -35,8 +35,9 @@ from typing import Any
 
 from qalora_jax.files import write_bytes
 
-NUMBER_FORMATS = {"trainable_params": ",.0f", "adapter_bytes": ",.0f", "frozen_bytes": ",.0f", "steps": ".0f",
-                  "tokens_per_s": ".1f", "step_s": ".2f", "wall_s": ".0f", "compile_s": ".1f"}
+NUMBER_FORMATS = {"trainable_params": ",.0f", "adapter_bytes": ",.0f", "frozen_bytes": ",.0f",
+                  "merged_bytes": ",.0f", "steps": ".0f", "tokens_per_s": ".1f", "step_s": ".2f", "wall_s": ".0f",
+                  "compile_s": ".1f"}
 DEFAULT_METRICS = ("base_ppl", "ppl", "merged_ppl", "trainable_params", "step_s")
 
 
