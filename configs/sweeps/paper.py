@@ -75,14 +75,14 @@ def get_sweep(arg=None):
   }
   plots = [
       {"file": "ppl_vs_bits.png", "title": "held-out perplexity vs bits (g32)", "xlabel": "bits",
-       "ylabel": "perplexity",
+       "ylabel": "perplexity (log scale)", "yscale": "log",
        "lines": [{"label": "RTN base", "points": [[b, f"RTN {b}-bit", "base_ppl"] for b in BITS]},
                  {"label": "GPTQ base", "points": [[b, f"QA-LoRA {b}-bit g32", "base_ppl"] for b in BITS]},
                  {"label": "QLoRA w/ GPTQ",
                   "points": [[b, "QLoRA", f"requantized_ppl.gptq:bits={b},group_size=32"] for b in BITS]},
                  {"label": "QA-LoRA merged", "points": [[b, f"QA-LoRA {b}-bit g32", "merged_ppl"] for b in BITS]}]},
       {"file": "ppl_vs_group_size.png", "title": "QA-LoRA merged perplexity vs group size",
-       "xlabel": "group size", "ylabel": "perplexity",
+       "xlabel": "group size", "ylabel": "perplexity (log scale)", "yscale": "log",
        "lines": [{"label": f"{b}-bit", "points": [[g, f"QA-LoRA {b}-bit g{g}", "merged_ppl"] for g in GROUPS]}
                  for b in (4, 2)]},
       {"file": "trainable_params.png", "kind": "bar", "x": "name", "y": "trainable_params",

@@ -18,7 +18,8 @@ entry names the cell and metric it shows:
 
     {"title": ..., "columns": ["4", "3"], "layout": [{"row": "QA-LoRA", "cells": {"4": ["QA-LoRA 4", "merged_ppl"]}}]}
 
-A plot is {"file": "x.png", "kind": "line" | "bar", "x": field, "y": metric, "series": field, "where": {...}},
+A plot is {"file": "x.png", "kind": "line" | "bar", "x": field, "y": metric, "series": field, "where": {...}}
+(optional "title", "xlabel", "ylabel", "yscale": "log"),
 or, laid out point by point, {"file": ..., "lines": [{"label": ..., "points": [[x, cell name, metric], ...]}]}.
 Missing values show as "-" (a cell not finished yet, or failed: failures are listed under the tables).
 """
@@ -219,6 +220,7 @@ def plot(spec: dict, records: list[dict], path: Path) -> None:
       if series:
         ax.legend(title=series)
       ax.set_xticks(sorted({r[spec["x"]] for r in selected}))
+  ax.set_yscale(spec.get("yscale", "linear"))
   ax.set_xlabel(spec.get("xlabel", spec.get("x", "")))
   ax.set_ylabel(spec.get("ylabel", spec.get("y", "")))
   ax.set_title(spec.get("title", f"{spec.get('y')} vs {spec.get('x')}"))
