@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from qalora_jax.files import write_bytes
+from qalora_jax.train.config import flat
 
 NUMBER_FORMATS = {"trainable_params": ",.0f", "adapter_bytes": ",.0f", "frozen_bytes": ",.0f",
                   "merged_bytes": ",.0f", "steps": ".0f", "tokens_per_s": ".1f", "step_s": ".2f", "wall_s": ".0f",
@@ -42,19 +43,9 @@ NUMBER_FORMATS = {"trainable_params": ",.0f", "adapter_bytes": ",.0f", "frozen_b
 DEFAULT_METRICS = ("base_ppl", "ppl", "merged_ppl", "trainable_params", "step_s")
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 def record(name: str, result: dict) -> dict:
   """One cell's flat record: config fields, metrics and the derived fields of the module docstring."""
-  cfg = _flat(result["config"])
+  cfg = flat(result["config"])
   rec = {f: v for f, v in cfg.items()}
   rec.update({k: v for k, v in result.items() if k not in ("config", "requantized_ppl")})
   rec.update({f"requantized_ppl.{spec}": v for spec, v in result.get("requantized_ppl", {}).items()})

@@ -112,17 +112,33 @@ def _literal(text: str) -> Any:
     return text
 
 
-def load(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
-  """Loads "path/to/config.py[:arg]", applies "--config.a.b=v" overrides, validates, returns the config."""
+def call_file(spec: str, function: str, what: str) -> Any:
+  """`function(arg)` of the Python file of a "path/to/file.py[:arg]" spec (a config or a sweep file)."""
   path, _, arg = spec.partition(":")
   if not Path(path).is_file():
-    raise ValueError(f"--config {path}: no such config file")
-  module_spec = importlib.util.spec_from_file_location(f"qalora_config_{Path(path).stem}", path)
+    raise ValueError(f"--config {path}: no such {what} file")
+  module_spec = importlib.util.spec_from_file_location(f"qalora_{what}_{Path(path).stem}", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise ValueError(f"--config {path}: defines no get_config(arg)")
-  config = module.get_config(arg or None)
+  if not hasattr(module, function):
+    raise ValueError(f"--config {path}: defines no {function}(arg)")
+  return getattr(module, function)(arg or None)
+
+
+def flat(d: dict, prefix: str = "") -> dict:
+  """A nested dict (a config as JSON) as one dict with dotted keys: {"a": {"b": 1}} -> {"a.b": 1}."""
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def load(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+  """Loads "path/to/config.py[:arg]", applies "--config.a.b=v" overrides, validates, returns the config."""
+  config = call_file(spec, "get_config", "config")
   for item in overrides:
     apply_override(config, item)
   validate(config)

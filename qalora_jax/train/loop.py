@@ -29,7 +29,7 @@ from qalora_jax import assets, data, models, nn, quant
 from qalora_jax.files import write_json
 from qalora_jax.train import checkpoints
 from qalora_jax.train import mesh as mesh_lib
-from qalora_jax.train.config import base_config, from_json, quantizer_from_spec, validate
+from qalora_jax.train.config import base_config, flat, from_json, quantizer_from_spec, validate
 from qalora_jax.train.partition import partition
 from qalora_jax.train.step import make_optimizer, make_train_step
 
@@ -190,9 +190,9 @@ def _check_workdir(workdir: Path, cfg, overwrite: bool) -> None:
   """Refuses a workdir holding another config (unless overwriting, which clears the old run's outputs)."""
   saved = workdir / "config.json"
   if saved.exists() and not overwrite:
-    old, new = _flat(json.loads(saved.read_text())), _flat(_config_json(cfg))
+    old, new = flat(json.loads(saved.read_text())), flat(_config_json(cfg))
     # a field added to the schema after the run was written counts as its default there
-    defaults = {k: v for k, v in _flat(_config_json(base_config())).items() if not k.startswith("base.options.")}
+    defaults = {k: v for k, v in flat(_config_json(base_config())).items() if not k.startswith("base.options.")}
     # the mesh may change between a run and its resumption: same computation, other devices
     diff = sorted(k for k in old.keys() | new.keys()
                   if old.get(k, defaults.get(k)) != new.get(k) and not k.startswith("mesh."))
@@ -204,16 +204,6 @@ def _check_workdir(workdir: Path, cfg, overwrite: bool) -> None:
       shutil.rmtree(workdir / name, ignore_errors=True)
     for name in ("metrics.jsonl", "result.json"):
       (workdir / name).unlink(missing_ok=True)
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
 
 
 def evaluate_ppl(lm, params, ids, window: int) -> float:

@@ -22,7 +22,6 @@ that machines or a scheduler's array jobs share a sweep.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import itertools
 import re
 import time
@@ -70,15 +69,8 @@ def _describe(overrides: dict) -> str:
 
 def load(spec: str) -> Sweep:
   """Reads "configs/sweeps/x.py[:arg]" and expands its cells; every cell's config is built and validated."""
-  path, _, arg = spec.partition(":")
-  if not Path(path).is_file():
-    raise ValueError(f"--config {path}: no such sweep file")
-  module_spec = importlib.util.spec_from_file_location(f"qalora_sweep_{Path(path).stem}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  if not hasattr(module, "get_sweep"):
-    raise ValueError(f"--config {path}: defines no get_sweep(arg)")
-  d = module.get_sweep(arg or None)
+  path = spec.partition(":")[0]
+  d = config_lib.call_file(spec, "get_sweep", "sweep")
   unknown = sorted(set(d) - set(SWEEP_KEYS))
   if unknown or "config" not in d:
     raise ValueError(f"sweep {path}: keys {unknown or []} are not supported and 'config' is required; "
