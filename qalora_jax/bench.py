@@ -49,10 +49,10 @@ def peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
-  """float32 FLOP/s of one n x n x n matmul here (median)."""
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda a, b: a @ b)
+def matmul_peak_flops(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
+  """FLOP/s of one n x n x n matmul here (median), operands of `dtype` accumulated in float32."""
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
   f(a, a).block_until_ready()
   return 2 * n**3 / _median_s(lambda: f(a, a), repeats)
 
@@ -78,12 +78,13 @@ def _check(name: str, value, allowed) -> None:
     raise ValueError(f"--{name} {value!r} is not supported; allowed: {', '.join(allowed)}")
 
 
-def train_config(method: str, model: str, batch: int, seq: int, dtype: str, remat: bool):
+def train_config(method: str, model: str, batch: int, seq: int, dtype: str, remat: bool,
+                 matmul_dtype: str = "bfloat16"):
   from qalora_jax.train.config import base_config, validate
 
   _check("method", method, TRAIN_METHODS)
   c = base_config()
-  c.model.name, c.model.dtype, c.model.remat = model, dtype, remat
+  c.model.name, c.model.dtype, c.model.matmul_dtype, c.model.remat = model, dtype, matmul_dtype, remat
   c.data.batch_size, c.data.seq_len = batch, seq
   c.adapter.rank, c.adapter.alpha = 16, 32.0
   if method == "lora":
@@ -97,13 +98,14 @@ def train_config(method: str, model: str, batch: int, seq: int, dtype: str, rema
 
 
 def bench_train(method: str = "qalora", batch: int = 4, seq: int = 128, model: str = "smollm2-135m",
-                dtype: str = "float32", remat: bool = False, warmup: int = 2, repeats: int = 5) -> dict:
+                dtype: str = "float32", remat: bool = False, warmup: int = 2, repeats: int = 5,
+                matmul_dtype: str = "bfloat16") -> dict:
   from qalora_jax.train import loop
   from qalora_jax.train.step import make_train_step
 
-  cfg = train_config(method, model, batch, seq, dtype, remat)
+  cfg = train_config(method, model, batch, seq, dtype, remat, matmul_dtype)
   r = loop.build(cfg, log=lambda m: None)
-  init, step = make_train_step(r.apply, r.optimizer)
+  init, step = make_train_step(r.nll, r.optimizer)
   rng = np.random.default_rng(0)
   tokens = jnp.asarray(rng.integers(0, r.lm.config.vocab_size, (batch, seq + 1)), jnp.int32)
   data = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
@@ -122,8 +124,9 @@ def bench_train(method: str = "qalora", batch: int = 4, seq: int = 128, model: s
   for _ in range(warmup):
     jax.block_until_ready(one())
   step_s = _median_s(one, repeats)
-  peak = matmul_peak_flops()
-  return {"bench": "train", "method": method, "batch": batch, "seq": seq, "dtype": dtype, "remat": remat,
+  peak = matmul_peak_flops(dtype=matmul_dtype)
+  return {"bench": "train", "method": method, "batch": batch, "seq": seq, "dtype": dtype,
+          "matmul_dtype": matmul_dtype, "remat": remat,
           "tokens_per_s": batch * seq / step_s, "step_s": step_s, "compile_s": compile_s,
           "peak_rss_mb": peak_rss_mb(), "step_gflop": flops / 1e9, "matmul_peak_gflop_s": peak / 1e9,
           "mfu": flops / step_s / peak, "device": jax.devices()[0].device_kind}

@@ -112,7 +112,7 @@ def _bench(args) -> int:
 
   if args.what == "train":
     result = bench.bench_train(args.method or "qalora", args.batch, args.seq, args.model, args.dtype, args.remat,
-                               repeats=args.repeats)
+                               repeats=args.repeats, matmul_dtype=args.matmul_dtype)
   elif args.what == "decode":
     result = bench.bench_decode(args.method or "qalora-merged", args.new_tokens, args.prompt, args.model,
                                 repeats=args.repeats)
@@ -283,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--seq", type=int, default=128)
   p.add_argument("--dtype", default="float32", help="train: compute dtype (float32 | bfloat16)")
+  p.add_argument("--matmul-dtype", default="bfloat16",
+                 help="train: operand dtype of the weight and head matmuls, accumulated in float32 "
+                      "(bfloat16 | float32)")
   p.add_argument("--remat", action="store_true", help="train: rematerialise each block in the backward pass")
   p.add_argument("--new-tokens", type=int, default=64)
   p.add_argument("--prompt", type=int, default=32, help="decode: prompt tokens")

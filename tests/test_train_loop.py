@@ -37,7 +37,7 @@ def test_each_method_trains_and_merges(method, tmp_path):
   assert json.loads((tmp_path / "result.json").read_text())["steps"] == 12
   # the adapter checkpoint: the trained leaves without optimizer state, the same values as the last checkpoint
   r, trained, step = loop.restore(tmp_path, log=quiet)
-  init, _ = loop.make_train_step(r.apply, r.optimizer)
+  init, _ = loop.make_train_step(r.nll, r.optimizer)
   last, state = checkpoints.restore_latest(checkpoints.manager(tmp_path / "checkpoints"), init(r.trainable))
   assert step == last == 12
   jax.tree.map(np.testing.assert_array_equal, trained, state.trainable)

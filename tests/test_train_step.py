@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qalora_jax import nn, quant, train
+from qalora_jax import models, nn, quant, train
 
 VOCAB, DIM = 16, 64
 
@@ -27,6 +27,10 @@ def toy_frozen(method):
           "l1": {"kernel": base(w1)}, "l2": {"kernel": base(w2)}}
 
 
+def toy_nll(params, tokens, targets, dropout_rng=None):
+  return models.token_nll(toy_apply(params, tokens, dropout_rng), targets)
+
+
 def batch():
   tokens = np.random.default_rng(1).integers(0, VOCAB, size=(8, 13))
   return {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:])}
@@ -38,7 +42,7 @@ def test_loss_decreases_and_only_adapters_train(method):
   kind = "qalora" if method == "qalora" else "lora"
   adapters = nn.add_adapters(frozen, kind, rank=4, alpha=8, key=jax.random.PRNGKey(0), targets="l1|l2",
                              dropout=0.05)
-  init, step = train.make_train_step(toy_apply, train.make_optimizer(3e-2))
+  init, step = train.make_train_step(toy_nll, train.make_optimizer(3e-2))
   state = init(adapters)
   # Optimizer state: AdamW's two moments for each trainable leaf, plus step counters.
   moment_bytes = sum(x.nbytes for x in jax.tree.leaves(state.opt_state) if x.ndim > 0)
@@ -61,7 +65,7 @@ def test_extra_trainable_leaves_by_regex():
   assert "norm" not in frozen_rest
   adapters = nn.add_adapters(frozen_rest, "qalora", rank=4, alpha=8, key=jax.random.PRNGKey(0), targets="l1")
   trainable = nn.combine(adapters, extra)
-  init, step = train.make_train_step(toy_apply, train.make_optimizer(1e-2))
+  init, step = train.make_train_step(toy_nll, train.make_optimizer(1e-2))
   state, _ = jax.jit(step)(init(trainable), frozen_rest, batch(), jax.random.PRNGKey(0))
   assert not np.allclose(state.trainable["norm"]["scale"], 1.0)  # the norm trained explicitly
 
@@ -74,7 +78,7 @@ def test_gradient_accumulation_matches_one_big_batch():
   b = batch()
   outs = []
   for accum in (1, 4):
-    init, step = train.make_train_step(toy_apply, train.make_optimizer(1e-2, max_grad_norm=None), accum_steps=accum)
+    init, step = train.make_train_step(toy_nll, train.make_optimizer(1e-2, max_grad_norm=None), accum_steps=accum)
     state, metrics = jax.jit(step)(init(adapters), frozen, b, jax.random.PRNGKey(0))
     outs.append((float(metrics["loss"]), state.trainable))
   assert outs[0][0] == pytest.approx(outs[1][0], rel=1e-5)
@@ -82,10 +86,17 @@ def test_gradient_accumulation_matches_one_big_batch():
     np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-4, atol=1e-6)
 
 
-def test_next_token_loss_by_hand():
-  logits = jnp.log(jnp.asarray([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]]]))
-  loss, n = train.next_token_loss(logits, jnp.asarray([[0, 1]]), jnp.asarray([[1, 0]]))
-  assert float(n) == 1 and float(loss) == pytest.approx(-np.log(0.5), rel=1e-6)
+def test_masked_positions_do_not_count():
+  frozen = toy_frozen("lora")
+  adapters = nn.add_adapters(frozen, "lora", rank=4, alpha=8, key=jax.random.PRNGKey(0), targets="l1|l2")
+  init, step = train.make_train_step(toy_nll, train.make_optimizer(1e-2))
+  b = batch()
+  mask = np.zeros(b["inputs"].shape, np.float32)
+  mask[:, :5] = 1
+  _, metrics = jax.jit(step)(init(adapters), frozen, {**b, "mask": jnp.asarray(mask)}, jax.random.PRNGKey(0))
+  expected = toy_nll(nn.combine(frozen, adapters), b["inputs"], b["targets"])[:, :5].mean()
+  assert float(metrics["tokens"]) == mask.sum()
+  assert float(metrics["loss"]) == pytest.approx(float(expected), rel=1e-6)
 
 
 def test_bad_schedule():

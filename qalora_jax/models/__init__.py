@@ -2,6 +2,7 @@
 
     lm = models.load("smollm2-135m")          # or a .gguf path, or a Hugging Face model directory
     logits = lm.apply(lm.params, tokens)      # [batch, seq, vocab], float32
+    nll = models.nll(lm.config, lm.params, tokens, targets)   # [batch, seq]: the head and softmax fused
     texts = models.generate(lm, ["Once upon a time"], max_new_tokens=32)
     frozen, summary = models.quantize_params(lm.params, quant.get("int", bits=4, group_size=64))
     ppl = models.perplexity(lm.replace(params=frozen), ids)
@@ -10,7 +11,7 @@
 from qalora_jax.models.checkpoint import CheckpointError
 from qalora_jax.models.config import Config, RopeScaling
 from qalora_jax.models.generation import generate, generate_tokens
-from qalora_jax.models.llama import apply, forward, init_params, param_paths, param_shapes
+from qalora_jax.models.llama import apply, forward, init_params, nll, param_paths, param_shapes
 from qalora_jax.models.lm import LanguageModel, load, model_names
 from qalora_jax.models.metrics import perplexity, token_nll
 from qalora_jax.models.quantize import BLOCK_LINEARS, QuantizeSummary, load_quantized, quantize_params, save_quantized
@@ -19,5 +20,5 @@ from qalora_jax.models.tokenizer import Tokenizer
 __all__ = [
     "BLOCK_LINEARS", "CheckpointError", "Config", "LanguageModel", "QuantizeSummary", "RopeScaling", "Tokenizer",
     "apply", "forward", "generate", "generate_tokens", "init_params", "load", "model_names", "param_paths",
-    "load_quantized", "param_shapes", "perplexity", "quantize_params", "save_quantized", "token_nll",
+    "load_quantized", "nll", "param_shapes", "perplexity", "quantize_params", "save_quantized", "token_nll",
 ]

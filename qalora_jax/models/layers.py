@@ -6,17 +6,21 @@ QTensor, and optionally an adapter) meets an activation, so every method runs th
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from qalora_jax.nn.linear import linear, materialize
+from qalora_jax.quant import QTensor
 
-__all__ = ["apply_rope", "attention", "dense", "fold", "linear", "materialize", "rms_norm", "rope_angles", "swiglu"]
+__all__ = ["apply_rope", "attention", "dense", "fold", "head_logits", "head_nll", "linear", "materialize", "rms_norm",
+           "rope_angles", "swiglu"]
 
 
-def dense(x: jax.Array, kernel, bias=None) -> jax.Array:
-  """y = x W + b, with W [in, out] a float kernel or a QTensor (dequantized to x.dtype)."""
-  return linear(x, {"kernel": kernel, "bias": bias})
+def dense(x: jax.Array, kernel, bias=None, matmul_dtype: str | None = None) -> jax.Array:
+  """y = x W + b, with W [in, out] a float kernel or a QTensor (see `linear`)."""
+  return linear(x, {"kernel": kernel, "bias": bias}, matmul_dtype=matmul_dtype)
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -66,8 +70,73 @@ def fold(rng: jax.Array | None, i: int) -> jax.Array | None:
   return None if rng is None else jax.random.fold_in(rng, i)
 
 
-def swiglu(x: jax.Array, p: dict, dropout_rng: jax.Array | None = None) -> jax.Array:
+def swiglu(x: jax.Array, p: dict, dropout_rng: jax.Array | None = None, matmul_dtype: str | None = None
+           ) -> jax.Array:
   """SwiGLU MLP: down(silu(gate(x)) * up(x)), each projection a `linear` on its parameter dict."""
-  gate = linear(x, p["gate_proj"], dropout_rng=fold(dropout_rng, 0))
-  up = linear(x, p["up_proj"], dropout_rng=fold(dropout_rng, 1))
-  return linear(jax.nn.silu(gate) * up, p["down_proj"], dropout_rng=fold(dropout_rng, 2))
+  gate = linear(x, p["gate_proj"], dropout_rng=fold(dropout_rng, 0), matmul_dtype=matmul_dtype)
+  up = linear(x, p["up_proj"], dropout_rng=fold(dropout_rng, 1), matmul_dtype=matmul_dtype)
+  return linear(jax.nn.silu(gate) * up, p["down_proj"], dropout_rng=fold(dropout_rng, 2), matmul_dtype=matmul_dtype)
+
+
+def head_logits(x: jax.Array, weight, vocab_first: bool, matmul_dtype: str | None = None) -> jax.Array:
+  """Logits in float32: x E^T for a vocab-first table E [V, D] (tied embeddings), else x W for W [D, V]."""
+  w = materialize(weight, matmul_dtype or x.dtype)
+  spec = "...d,vd->...v" if vocab_first else "...d,dv->...v"
+  return jnp.einsum(spec, x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+
+
+def head_nll(x: jax.Array, weight, targets: jax.Array, *, vocab_first: bool, matmul_dtype: str | None = None,
+             chunk: int = 256) -> jax.Array:
+  """-log softmax(logits)[target] per position (float32), the output head and the softmax fused:
+
+      nll_t = logsumexp_v(z_t) - z_t[y_t],   z_t = head_logits(x_t),   dnll_t / dz_t = softmax(z_t) - onehot(y_t)
+
+  x [..., D], targets [...] -> [...]. The logits are made `chunk` positions at a time, in the forward pass and
+  again in the backward pass, so the [positions, V] logits (and their gradient) are never whole: only x and
+  the logsumexp are kept. The head's own gradient is computed for a float weight (for a QTensor, none).
+  """
+  lead = targets.shape
+  nll = _head_nll(x.reshape(-1, x.shape[-1]), weight, targets.reshape(-1).astype(jnp.int32), vocab_first,
+                  matmul_dtype, chunk)
+  return nll.reshape(lead)
+
+
+def _chunks(n: int, chunk: int):
+  return [slice(start, min(start + chunk, n)) for start in range(0, n, chunk)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _head_nll(x, weight, targets, vocab_first, matmul_dtype, chunk):
+  return _head_nll_fwd(x, weight, targets, vocab_first, matmul_dtype, chunk)[0]
+
+
+def _head_nll_fwd(x, weight, targets, vocab_first, matmul_dtype, chunk):
+  nll, lse = [], []
+  for c in _chunks(x.shape[0], chunk):
+    z = head_logits(x[c], weight, vocab_first, matmul_dtype)
+    logz = jax.nn.logsumexp(z, axis=-1)
+    picked = jnp.take_along_axis(z, targets[c, None], axis=-1)[:, 0]
+    nll.append(logz - picked)
+    lse.append(logz)
+  return jnp.concatenate(nll), (x, weight, targets, jnp.concatenate(lse))
+
+
+def _head_nll_bwd(vocab_first, matmul_dtype, chunk, residuals, g):
+  x, weight, targets, lse = residuals
+  w = materialize(weight, matmul_dtype or x.dtype)
+  dx, dw = [], None
+  for c in _chunks(x.shape[0], chunk):
+    z = head_logits(x[c], w, vocab_first, w.dtype)
+    onehot = jnp.arange(z.shape[-1])[None, :] == targets[c, None]
+    dz = ((jnp.exp(z - lse[c, None]) - onehot) * g[c, None]).astype(w.dtype)
+    dx.append(jnp.einsum("cv,vd->cd" if vocab_first else "cv,dv->cd", dz, w, preferred_element_type=x.dtype))
+    if not isinstance(weight, QTensor):
+      xc = x[c].astype(w.dtype)
+      part = jnp.einsum("cv,cd->vd" if vocab_first else "cd,cv->dv", *((dz, xc) if vocab_first else (xc, dz)),
+                        preferred_element_type=jnp.float32)
+      dw = part if dw is None else dw + part
+  dweight = None if dw is None else dw.astype(weight.dtype)
+  return jnp.concatenate(dx), dweight, None
+
+
+_head_nll.defvjp(_head_nll_fwd, _head_nll_bwd)

@@ -156,14 +156,17 @@ def embed(config: Config, params: dict, tokens: jax.Array) -> jax.Array:
   return jnp.take(table, tokens, axis=0).astype(config.dtype)
 
 
+def head_weight(config: Config, params: dict):
+  """(the output head's weight, whether it is vocab-first): the embedding [V, D] when tied, else lm_head [D, V]."""
+  if config.tie_embeddings:
+    return params["embed"]["embedding"], True
+  return params["lm_head"]["kernel"], False
+
+
 def head(config: Config, params: dict, x: jax.Array) -> jax.Array:
   """Logits in float32: x W_head, with W_head = embedding^T when the embeddings are tied."""
-  if config.tie_embeddings:
-    table = layers.materialize(params["embed"]["embedding"], x.dtype)
-    logits = jnp.einsum("...d,vd->...v", x, table)
-  else:
-    logits = layers.dense(x, params["lm_head"]["kernel"])
-  return logits.astype(jnp.float32)
+  weight, vocab_first = head_weight(config, params)
+  return layers.head_logits(x, weight, vocab_first, config.matmul_dtype)
 
 
 def block(config: Config, p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
@@ -172,21 +175,22 @@ def block(config: Config, p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array,
   slot `index` and attention runs over all S slots; returns (x, updated kv or None). `rng` drives the
   adapters' dropout (training only)."""
   b, t, _ = x.shape
-  dt = x.dtype
+  dt, md = x.dtype, config.matmul_dtype
   h = layers.rms_norm(x, p["attn_norm"]["scale"], config.rms_eps)
   attn = p["attn"]
-  q = layers.linear(h, attn["q_proj"], dropout_rng=layers.fold(rng, 0)).reshape(b, t, config.num_heads, config.head_dim)
-  k = layers.linear(h, attn["k_proj"], dropout_rng=layers.fold(rng, 1)).reshape(b, t, config.num_kv_heads, config.head_dim)
-  v = layers.linear(h, attn["v_proj"], dropout_rng=layers.fold(rng, 2)).reshape(b, t, config.num_kv_heads, config.head_dim)
+  q = layers.linear(h, attn["q_proj"], dropout_rng=layers.fold(rng, 0), matmul_dtype=md).reshape(b, t, config.num_heads, config.head_dim)
+  k = layers.linear(h, attn["k_proj"], dropout_rng=layers.fold(rng, 1), matmul_dtype=md).reshape(b, t, config.num_kv_heads, config.head_dim)
+  v = layers.linear(h, attn["v_proj"], dropout_rng=layers.fold(rng, 2), matmul_dtype=md).reshape(b, t, config.num_kv_heads, config.head_dim)
   q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
   if kv is not None:
     k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
     v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
     kv = (k, v)
   a = layers.attention(q, k.astype(dt), v.astype(dt), mask)
-  x = x + layers.linear(a.reshape(b, t, config.q_size), attn["o_proj"], dropout_rng=layers.fold(rng, 3))
+  x = x + layers.linear(a.reshape(b, t, config.q_size), attn["o_proj"], dropout_rng=layers.fold(rng, 3),
+                        matmul_dtype=md)
   h = layers.rms_norm(x, p["mlp_norm"]["scale"], config.rms_eps)
-  x = x + layers.swiglu(h, p["mlp"], dropout_rng=layers.fold(rng, 4))
+  x = x + layers.swiglu(h, p["mlp"], dropout_rng=layers.fold(rng, 4), matmul_dtype=md)
   return x, kv
 
 
@@ -208,7 +212,14 @@ def default_positions(key_mask: jax.Array) -> jax.Array:
 
 def forward(config: Config, params: dict, tokens: jax.Array, positions: jax.Array, key_mask: jax.Array,
             cache: dict | None = None, index=0, dropout_rng: jax.Array | None = None):
-  """Logits [b, t, V] (float32) and the updated cache.
+  """Logits [b, t, V] (float32) and the updated cache; see `features` for the arguments."""
+  x, cache = features(config, params, tokens, positions, key_mask, cache, index, dropout_rng)
+  return head(config, params, x), cache
+
+
+def features(config: Config, params: dict, tokens: jax.Array, positions: jax.Array, key_mask: jax.Array,
+             cache: dict | None = None, index=0, dropout_rng: jax.Array | None = None):
+  """The final-normed hidden states [b, t, D] (the head's input) and the updated cache.
 
   Args:
     tokens, positions: [b, t] int.
@@ -244,8 +255,7 @@ def forward(config: Config, params: dict, tokens: jax.Array, positions: jax.Arra
       if not isinstance(cache["k"], list):
         kvs = (jnp.stack(kvs[0]), jnp.stack(kvs[1]))
   x = layers.rms_norm(x, params["final_norm"]["scale"], config.rms_eps)
-  logits = head(config, params, x)
-  return logits, (None if cache is None else {"k": kvs[0], "v": kvs[1]})
+  return x, (None if cache is None else {"k": kvs[0], "v": kvs[1]})
 
 
 def check_tokens(config: Config, tokens) -> None:
@@ -274,6 +284,19 @@ def apply(config: Config, params: dict, tokens: jax.Array, positions: jax.Array 
 
 
 apply_jit = jax.jit(apply, static_argnums=0)
+
+
+def nll(config: Config, params: dict, tokens: jax.Array, targets: jax.Array, padding_mask: jax.Array | None = None,
+        dropout_rng: jax.Array | None = None, chunk: int = 256) -> jax.Array:
+  """-log p(targets | tokens) [batch, seq] (float32): what `apply`'s logits give, with the head and the
+  softmax fused (`layers.head_nll`), so the [batch, seq, vocab] logits are never whole. Training and
+  perplexity use this."""
+  check_tokens(config, tokens)
+  tokens = jnp.asarray(tokens, jnp.int32)
+  key_mask = jnp.ones(tokens.shape, bool) if padding_mask is None else jnp.asarray(padding_mask, bool)
+  x, _ = features(config, params, tokens, default_positions(key_mask), key_mask, dropout_rng=dropout_rng)
+  weight, vocab_first = head_weight(config, params)
+  return layers.head_nll(x, weight, targets, vocab_first=vocab_first, matmul_dtype=config.matmul_dtype, chunk=chunk)
 
 
 def init_cache(config: Config, batch: int, length: int, per_layer: bool = False, dtype=None) -> dict:

@@ -24,8 +24,7 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
 @functools.partial(jax.jit, static_argnums=0)
 def window_nll(config: Config, params: dict, tokens: jax.Array) -> jax.Array:
   """Summed NLL [b] of tokens[:, 1:] given their prefixes within each row of tokens [b, w]."""
-  logits = llama.apply(config, params, tokens)
-  return token_nll(logits[:, :-1], tokens[:, 1:]).sum(axis=-1)
+  return llama.nll(config, params, tokens[:, :-1], tokens[:, 1:]).sum(axis=-1)
 
 
 def perplexity(lm, ids: Sequence[int], window: int = 512, batch_size: int = 1, params: dict | None = None) -> float:

@@ -1,10 +1,12 @@
 """The one place a weight meets an activation: y = x W (+ b) (+ the adapter branch).
 
-W is a float kernel [in, out] or a QTensor, dequantized to the compute dtype here, so every method (float,
-quantized, adapted) runs through the same model code.
+W is a float kernel [in, out] or a QTensor, dequantized here (to the compute dtype, or to a lower matmul dtype),
+so every method (float, quantized, adapted) runs through the same model code.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -20,9 +22,41 @@ def materialize(kernel, dtype) -> jax.Array:
   return jnp.asarray(kernel).astype(dtype)
 
 
-def linear(x: jax.Array, p: dict, *, dropout_rng: jax.Array | None = None) -> jax.Array:
-  """y = x W + b + s * (pool(x) A) B for p = {"kernel", optional "bias", optional "adapter"}."""
-  y = jnp.einsum("...i,io->...o", x, materialize(p["kernel"], x.dtype))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def base_matmul(x: jax.Array, kernel, matmul_dtype=None) -> jax.Array:
+  """y = x W in x.dtype, the operands cast to `matmul_dtype` (None: x.dtype) and accumulated in x.dtype.
+
+  Its gradients are written out so that nothing float is kept for a quantized W:
+    dx = dy W^T   (W dequantized again in the backward pass, straight into the matmul)
+    dW = x^T dy   (float kernels only; a QTensor is frozen and gets none)
+  """
+  w = materialize(kernel, matmul_dtype or x.dtype)
+  return jnp.einsum("...i,io->...o", x.astype(w.dtype), w, preferred_element_type=x.dtype)
+
+
+def _base_matmul_fwd(x, kernel, matmul_dtype):
+  frozen = isinstance(kernel, QTensor)
+  return base_matmul(x, kernel, matmul_dtype), (None if frozen else x, kernel)
+
+
+def _base_matmul_bwd(matmul_dtype, residuals, dy):
+  x, kernel = residuals
+  w = materialize(kernel, matmul_dtype or dy.dtype)
+  dx = jnp.einsum("...o,io->...i", dy.astype(w.dtype), w, preferred_element_type=dy.dtype)
+  if x is None:
+    return dx, None
+  dw = jnp.einsum("...i,...o->io", x.astype(w.dtype), dy.astype(w.dtype), preferred_element_type=jnp.float32)
+  return dx, dw.astype(kernel.dtype)
+
+
+base_matmul.defvjp(_base_matmul_fwd, _base_matmul_bwd)
+
+
+def linear(x: jax.Array, p: dict, *, dropout_rng: jax.Array | None = None, matmul_dtype: str | None = None
+           ) -> jax.Array:
+  """y = x W + b + s * (pool(x) A) B for p = {"kernel", optional "bias", optional "adapter"}; x W as in
+  `base_matmul`, the adapter branch in x.dtype."""
+  y = base_matmul(x, p["kernel"], matmul_dtype)
   if p.get("bias") is not None:
     y = y + p["bias"].astype(x.dtype)
   adapter = p.get("adapter")

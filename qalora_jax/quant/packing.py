@@ -66,6 +66,9 @@ def unpack(packed, bits: int, n: int):
   rest = packed.shape[1:]
   p = packed.reshape((-1, words) + rest)
   mask = jnp.asarray((1 << bits) - 1, packed.dtype)
+  if words == 1:  # no code straddles two words: one broadcast shift (fuses and vectorises well)
+    shifts = jnp.arange(per_chunk, dtype=packed.dtype).reshape((1, per_chunk) + (1,) * len(rest)) * bits
+    return ((p >> shifts) & mask).reshape((-1,) + rest)[:n].astype(jnp.uint8)
   codes = []
   for i in range(per_chunk):
     word, shift = divmod(i * bits, word_bits)

@@ -1,6 +1,6 @@
 """Training: the trainable/frozen split, optimizers, and pure train and eval steps."""
 
 from qalora_jax.train.partition import partition, path_leaves
-from qalora_jax.train.step import TrainState, make_optimizer, make_train_step, next_token_loss
+from qalora_jax.train.step import TrainState, make_optimizer, make_train_step
 
-__all__ = ["TrainState", "make_optimizer", "make_train_step", "next_token_loss", "partition", "path_leaves"]
+__all__ = ["TrainState", "make_optimizer", "make_train_step", "partition", "path_leaves"]

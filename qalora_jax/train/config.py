@@ -20,6 +20,7 @@ from qalora_jax.nn.adapt import ALL_LINEARS
 
 CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
+    "model.matmul_dtype": ("float32", "bfloat16"),
     "adapter.method": ("lora", "qalora"),
     "optim.schedule": ("constant", "cosine"),
 }
@@ -41,7 +42,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "smollm2-135m"  # asset name, GGUF path, Hugging Face directory, or "tiny" (random, for tests)
-  c.model.dtype = "float32"
+  c.model.dtype = "float32"  # compute dtype of activations, norms, softmax and adapters
+  c.model.matmul_dtype = "float32"  # operands of the base weight matmuls and the head ("bfloat16": mixed precision)
   c.model.remat = False
   c.model.scan_layers = True
 

@@ -65,9 +65,11 @@ def build_model(cfg: ml_collections.ConfigDict, quantize=None) -> models.Languag
   m = cfg.model
   if m.name == "tiny":
     lm = tiny_model(cfg.seed)
-    lm = lm.replace(config=lm.config.replace(dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers))
+    lm = lm.replace(config=lm.config.replace(dtype=m.dtype, matmul_dtype=m.matmul_dtype, remat=m.remat,
+                                             scan_layers=m.scan_layers))
     return lm if quantize is None else lm.replace(params=models.quantize_params(lm.params, quantize)[0])
-  return models.load(m.name, dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers, quantize=quantize)
+  return models.load(m.name, dtype=m.dtype, matmul_dtype=m.matmul_dtype, remat=m.remat, scan_layers=m.scan_layers,
+                     quantize=quantize)
 
 
 def load_base(cfg: ml_collections.ConfigDict) -> tuple[models.LanguageModel, dict, str]:
@@ -235,7 +237,12 @@ class Run:
     return nn.merge_params(frozen_with(self.frozen, extra), adapters, requantize)
 
   def apply(self, params, tokens, dropout_rng=None):
+    """Logits [batch, seq, vocab] (float32)."""
     return models.apply(self.lm.config, params, tokens, dropout_rng=dropout_rng)
+
+  def nll(self, params, tokens, targets, dropout_rng=None):
+    """-log p(targets | tokens) [batch, seq], the head and softmax fused (what training uses)."""
+    return models.nll(self.lm.config, params, tokens, targets, dropout_rng=dropout_rng)
 
 
 def build(cfg: ml_collections.ConfigDict, log=print) -> Run:
@@ -260,7 +267,7 @@ def train_steps(r: Run, steps: int):
   mesh = mesh_lib.make_mesh(r.cfg.mesh.data, r.cfg.mesh.fsdp)
   mesh_lib.check_batch(r.cfg.data.batch_size, r.cfg.optim.accum_steps, mesh)
   blocks, mask, held = training_data(r.cfg, r.lm)
-  init, step = make_train_step(r.apply, r.optimizer, r.cfg.optim.accum_steps)
+  init, step = make_train_step(r.nll, r.optimizer, r.cfg.optim.accum_steps)
   state = init(r.trainable)
   state_shardings = mesh_lib.param_shardings(state, mesh)
   state = mesh_lib.put(state, state_shardings)
@@ -284,7 +291,7 @@ def restore(workdir: str | Path, log=print) -> tuple[Run, dict, int]:
   step, trainable = checkpoints.restore_adapters(workdir / "adapters", r.trainable, report=log)
   if trainable is not None:
     return r, trainable, step
-  init, _ = make_train_step(r.apply, r.optimizer, r.cfg.optim.accum_steps)
+  init, _ = make_train_step(r.nll, r.optimizer, r.cfg.optim.accum_steps)
   step, state = checkpoints.restore_latest(checkpoints.manager(workdir / "checkpoints"), init(r.trainable), report=log)
   if state is None:
     raise ValueError(f"--workdir {workdir}: no readable checkpoint")
@@ -308,7 +315,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path, *, overwrite: bool 
   key = jax.random.PRNGKey(cfg.seed)
   blocks, mask, held_ids = training_data(cfg, lm)
   window = min(512, lm.config.max_seq_len)
-  init, step_fn = make_train_step(r.apply, r.optimizer, cfg.optim.accum_steps)
+  init, step_fn = make_train_step(r.nll, r.optimizer, cfg.optim.accum_steps)
   state = init(r.trainable)
   state_shardings = mesh_lib.param_shardings(state, mesh)
   state = mesh_lib.put(state, state_shardings)  # before the restore: it restores into these shardings

@@ -1,6 +1,7 @@
 """Pure training steps: next-token loss, gradients w.r.t. the trainable tree only, an optax update.
 
-    loss(trainable) = mean over unmasked positions of -log softmax(apply(combine(frozen, trainable), x))[y]
+    loss(trainable) = mean over unmasked positions of nll(combine(frozen, trainable), x, y)
+    (nll = -log softmax(logits)[y] per position, e.g. `llama.nll`)
 
 The frozen tree is an argument of the step, never differentiated; the optimizer state mirrors the trainable
 tree alone.
@@ -26,15 +27,6 @@ class TrainState:
   opt_state: optax.OptState
 
 
-def next_token_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """(mean cross-entropy over positions where mask is 1, number of such positions); computed in float32."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-  mask = jnp.ones_like(nll) if mask is None else mask.astype(jnp.float32)
-  count = mask.sum()
-  return (nll * mask).sum() / jnp.maximum(count, 1.0), count
-
-
 def make_optimizer(learning_rate: float, *, total_steps: int = 1, warmup_steps: int = 0, schedule: str = "constant",
                    max_grad_norm: float | None = 0.3, weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999
                    ) -> optax.GradientTransformation:
@@ -52,21 +44,21 @@ def make_optimizer(learning_rate: float, *, total_steps: int = 1, warmup_steps: 
   return optax.chain(*parts)
 
 
-def make_train_step(apply_fn: Callable, optimizer: optax.GradientTransformation, accum_steps: int = 1):
+def make_train_step(nll_fn: Callable, optimizer: optax.GradientTransformation, accum_steps: int = 1):
   """Returns (init, step): init(trainable) -> TrainState; step(state, frozen, batch, rng) -> (state, metrics).
 
-  `apply_fn(params, tokens, dropout_rng=...)` gives logits [batch, seq, vocab]; `batch` has "inputs",
-  "targets" and optionally "mask" [batch, seq]. With accum_steps = k the batch is split into k micro-batches
-  whose gradients are averaged (weighted by their token counts) before one update.
+  `nll_fn(params, inputs, targets, dropout_rng=...)` gives the float32 NLL [batch, seq] of each target; `batch`
+  has "inputs", "targets" and optionally "mask" [batch, seq] (1: counted). With accum_steps = k the batch is
+  split into k micro-batches whose gradients are averaged (weighted by their token counts) before one update.
   """
 
   def init(trainable) -> TrainState:
     return TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable))
 
   def loss_fn(trainable, frozen, micro, rng):
-    logits = apply_fn(combine(frozen, trainable), micro["inputs"], dropout_rng=rng)
-    loss, count = next_token_loss(logits, micro["targets"], micro.get("mask"))
-    return loss * count, count
+    nll = nll_fn(combine(frozen, trainable), micro["inputs"], micro["targets"], dropout_rng=rng)
+    mask = jnp.ones_like(nll) if micro.get("mask") is None else micro["mask"].astype(jnp.float32)
+    return (nll * mask).sum(), mask.sum()
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
