@@ -146,7 +146,7 @@ def decode_params(method: str, lm: models.LanguageModel) -> dict:
 
 
 def bench_decode(method: str = "qalora-merged", new_tokens: int = 64, prompt: int = 32,
-                 model: str = "smollm2-135m", repeats: int = 5) -> dict:
+                 model: str = "smollm2-135m", repeats: int = 5, matmul_dtype: str = "int8") -> dict:
   from qalora_jax.models import generation, llama
 
   if model == "tiny":
@@ -156,7 +156,8 @@ def bench_decode(method: str = "qalora-merged", new_tokens: int = 64, prompt: in
   else:
     lm = models.load(model)
   params = llama.unstack_blocks(decode_params(method, lm))
-  config = lm.config.replace(eos_ids=())  # no early stop: every run makes exactly new_tokens
+  # No early stop: every run makes exactly new_tokens.
+  config = lm.config.replace(eos_ids=(), matmul_dtype=matmul_dtype)
   ids = np.random.default_rng(0).integers(3, config.vocab_size, (1, prompt)).astype(np.int32)
   mask = jnp.ones(ids.shape, bool)
 
@@ -171,7 +172,8 @@ def bench_decode(method: str = "qalora-merged", new_tokens: int = 64, prompt: in
   seconds = _median_s(decode, repeats)
   bytes_per_token = nn.tree_nbytes(params)
   tokens_per_s = new_tokens / seconds
-  return {"bench": "decode", "method": method, "new_tokens": new_tokens, "prompt": prompt,
+  return {"bench": "decode", "method": method, "matmul_dtype": matmul_dtype, "new_tokens": new_tokens,
+          "prompt": prompt,
           "tokens_per_s": tokens_per_s, "compile_s": compile_s, "peak_rss_mb": peak_rss_mb(),
           "bytes_per_token": bytes_per_token, "read_gb_s": bytes_per_token * tokens_per_s / 1e9,
           "bandwidth_gb_s": read_bandwidth() / 1e9, "device": jax.devices()[0].device_kind}

@@ -112,10 +112,10 @@ def _bench(args) -> int:
 
   if args.what == "train":
     result = bench.bench_train(args.method or "qalora", args.batch, args.seq, args.model, args.dtype, args.remat,
-                               repeats=args.repeats, matmul_dtype=args.matmul_dtype)
+                               repeats=args.repeats, matmul_dtype=args.matmul_dtype or "bfloat16")
   elif args.what == "decode":
     result = bench.bench_decode(args.method or "qalora-merged", args.new_tokens, args.prompt, args.model,
-                                repeats=args.repeats)
+                                repeats=args.repeats, matmul_dtype=args.matmul_dtype or "int8")
   else:
     result = {"bench": "peaks", "matmul_peak_gflop_s": bench.matmul_peak_flops() / 1e9,
               "bandwidth_gb_s": bench.read_bandwidth() / 1e9}
@@ -283,9 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--seq", type=int, default=128)
   p.add_argument("--dtype", default="float32", help="train: compute dtype (float32 | bfloat16)")
-  p.add_argument("--matmul-dtype", default="bfloat16",
-                 help="train: operand dtype of the weight and head matmuls, accumulated in float32 "
-                      "(bfloat16 | float32)")
+  p.add_argument("--matmul-dtype",
+                 help="operand dtype of the weight matmuls, accumulated in float32 (models.Config.matmul_dtype); "
+                      "train: bfloat16 (default) | float32; decode: int8 (default: int8 activations against "
+                      "INT4 weights in the CPU kernel) | float32 | bfloat16")
   p.add_argument("--remat", action="store_true", help="train: rematerialise each block in the backward pass")
   p.add_argument("--new-tokens", type=int, default=64)
   p.add_argument("--prompt", type=int, default=32, help="decode: prompt tokens")

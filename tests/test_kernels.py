@@ -1,10 +1,13 @@
-"""The Pallas INT4 dequantize-matmul in interpret mode against the reference x @ dequantize(W)."""
+"""The INT4 kernels against their references: the Pallas dequantize-matmul (GPU) in interpret mode against
+x @ dequantize(W), and the CPU decoding kernel against its plain-JAX arithmetic."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from qalora_jax import quant
+from qalora_jax.kernels import cpu_int4
 from qalora_jax.kernels.int4_matmul import int4_matmul, supported
 
 
@@ -32,3 +35,57 @@ def test_leading_axes_and_fallback():
   assert int4_matmul(x, tiled, block_k=64, interpret=True).shape == (2, 3, 64)
   with pytest.raises(ValueError, match="x has 100 features; the weight expects in=192"):
     int4_matmul(jnp.zeros((1, 100)), tiled, interpret=True)
+
+
+# The CPU decoding kernel (kernels/cpu_int4.py): int8 activations against packed INT4 codes.
+
+def _int4(n_in, n_out, group_size, seed=0, **options):
+  w = np.random.default_rng(seed).normal(size=(n_in, n_out)).astype(np.float32) * 0.05
+  return quant.get("int", bits=4, group_size=group_size, **options).quantize(w)
+
+
+def test_cpu_reference_is_exact_when_the_activations_are_int8_already():
+  qt = _int4(128, 48, 32)
+  rng = np.random.default_rng(1)
+  # Per group of 32: integers in [-127, 127] with one at +-127, times a per-group step: int8 quantization is exact.
+  xq = rng.integers(-127, 128, size=(3, 4, 32)).astype(np.float32)
+  xq[..., 0] = 127
+  x = jnp.asarray((xq * rng.uniform(0.01, 0.1, size=(3, 4, 1))).reshape(3, 128), jnp.float32)
+  np.testing.assert_allclose(np.asarray(cpu_int4.reference(x, qt)), np.asarray(x @ qt.dequantize()), rtol=1e-5,
+                             atol=1e-5)
+
+
+@pytest.mark.parametrize("options", [{}, {"scale_dtype": "float32"}, {"scale_dtype": "bfloat16"},
+                                     {"symmetric": True}, {"group_size": 64}, {"group_size": 128}])
+def test_cpu_kernel_matches_its_reference(options):
+  if not cpu_int4.available():
+    pytest.skip("the CPU kernel does not build here (needs a C++ compiler and AVX512-VNNI)")
+  qt = _int4(256, 96, **{"group_size": 32, **options})
+  assert cpu_int4.supports(qt)
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 3, 256)), jnp.float32)
+  got = cpu_int4.matmul(x, qt)
+  assert got.shape == (2, 3, 96)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(cpu_int4.reference(x, qt)), rtol=1e-5, atol=1e-5)
+  # and the int8 activations cost little against the float product
+  want = x @ qt.dequantize()
+  assert float(jnp.abs(got - want).max()) < 0.02 * float(jnp.abs(want).max())
+
+
+def test_cpu_kernel_in_the_model_and_its_fallbacks():
+  from qalora_jax import models
+  from qalora_jax.models import llama
+
+  config = models.Config(vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=16, max_seq_len=32)
+  params = llama.init_params(config, jax.random.PRNGKey(0), std=0.1)
+  frozen, _ = models.quantize_params(params, quant.get("int", bits=4, group_size=32))
+  params, frozen = llama.unstack_blocks(params), llama.unstack_blocks(frozen)  # 2-D kernels, as when decoding
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 97, (1, 9)), jnp.int32)
+  exact = llama.apply(config, frozen, tokens)
+  int8 = llama.apply(config.replace(matmul_dtype="int8"), frozen, tokens)
+  assert float(jnp.abs(int8 - exact).max()) < 0.05 * float(jnp.abs(exact).max())
+  assert not cpu_int4.shape_ok(_int4(256, 40, 32))  # out not a multiple of 16: float path
+  assert not cpu_int4.shape_ok(quant.get("int", bits=3, group_size=32).quantize(np.ones((64, 16), np.float32)))
+  float_params = llama.apply(config.replace(matmul_dtype="int8"), params, tokens)  # float weights: float path
+  np.testing.assert_allclose(np.asarray(float_params), np.asarray(llama.apply(config, params, tokens)), rtol=1e-6,
+                             atol=1e-6)

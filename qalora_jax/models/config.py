@@ -44,7 +44,9 @@ class Config:
     dtype: compute dtype ("float32" or "bfloat16"); parameters keep their own dtype and are cast in use.
     matmul_dtype: the operand dtype of the weight matmuls (the linears and the head), accumulated in the
       compute dtype; None: the compute dtype. "bfloat16" with float32 compute is mixed precision: on CPUs with
-      AMX or AVX512-BF16 and on accelerators those matmuls run several times faster.
+      AMX or AVX512-BF16 and on accelerators those matmuls run several times faster. "int8" (for decoding):
+      INT4 group-wise weights meet activations quantized to int8 per group in a CPU kernel that reads the
+      packed codes (qalora_jax.kernels.cpu_int4); everything else keeps the compute dtype.
     remat: recompute each block's activations in the backward pass (jax.checkpoint).
     scan_layers: run the blocks with jax.lax.scan (one compiled block) or as an unrolled Python loop.
     bos_id, eos_ids, pad_id: special token ids (generation stops at any of eos_ids).
@@ -77,7 +79,7 @@ class Config:
   def __post_init__(self):
     check_choice("arch", self.arch, ARCHITECTURES)
     check_choice("dtype", self.dtype, DTYPES)
-    check_choice("matmul_dtype", self.matmul_dtype, (None, *DTYPES))
+    check_choice("matmul_dtype", self.matmul_dtype, (None, *DTYPES, "int8"))
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                  "head_dim", "max_seq_len"):
       value = getattr(self, name)

@@ -11,7 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from qalora_jax.nn.linear import linear, materialize
+from qalora_jax.nn.linear import linear, materialize, operand_dtype
 from qalora_jax.quant import QTensor
 
 __all__ = ["apply_rope", "attention", "dense", "fold", "head_logits", "head_nll", "linear", "materialize", "rms_norm",
@@ -80,7 +80,7 @@ def swiglu(x: jax.Array, p: dict, dropout_rng: jax.Array | None = None, matmul_d
 
 def head_logits(x: jax.Array, weight, vocab_first: bool, matmul_dtype: str | None = None) -> jax.Array:
   """Logits in float32: x E^T for a vocab-first table E [V, D] (tied embeddings), else x W for W [D, V]."""
-  w = materialize(weight, matmul_dtype or x.dtype)
+  w = materialize(weight, operand_dtype(matmul_dtype, x.dtype))
   spec = "...d,vd->...v" if vocab_first else "...d,dv->...v"
   return jnp.einsum(spec, x.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
@@ -123,7 +123,7 @@ def _head_nll_fwd(x, weight, targets, vocab_first, matmul_dtype, chunk):
 
 def _head_nll_bwd(vocab_first, matmul_dtype, chunk, residuals, g):
   x, weight, targets, lse = residuals
-  w = materialize(weight, matmul_dtype or x.dtype)
+  w = materialize(weight, operand_dtype(matmul_dtype, x.dtype))
   dx, dw = [], None
   for c in _chunks(x.shape[0], chunk):
     z = head_logits(x[c], w, vocab_first, w.dtype)

@@ -11,6 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from qalora_jax.kernels import cpu_int4
 from qalora_jax.nn.adapters import Adapter, adapter_delta
 from qalora_jax.quant import QTensor
 
@@ -22,15 +23,25 @@ def materialize(kernel, dtype) -> jax.Array:
   return jnp.asarray(kernel).astype(dtype)
 
 
+def operand_dtype(matmul_dtype: str | None, dtype):
+  """The float dtype a weight is materialized in for `matmul_dtype` (None and "int8": the compute dtype)."""
+  return dtype if matmul_dtype in (None, "int8") else jnp.dtype(matmul_dtype)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def base_matmul(x: jax.Array, kernel, matmul_dtype=None) -> jax.Array:
   """y = x W in x.dtype, the operands cast to `matmul_dtype` (None: x.dtype) and accumulated in x.dtype.
+
+  matmul_dtype "int8" multiplies an INT4 QTensor with int8-quantized activations in the CPU decoding kernel
+  (qalora_jax.kernels.cpu_int4) where it runs; other weights, and every weight where it does not, use x.dtype.
 
   Its gradients are written out so that nothing float is kept for a quantized W:
     dx = dy W^T   (W dequantized again in the backward pass, straight into the matmul)
     dW = x^T dy   (float kernels only; a QTensor is frozen and gets none)
   """
-  w = materialize(kernel, matmul_dtype or x.dtype)
+  if matmul_dtype == "int8" and cpu_int4.supports(kernel):
+    return cpu_int4.matmul(x, kernel)
+  w = materialize(kernel, operand_dtype(matmul_dtype, x.dtype))
   return jnp.einsum("...i,io->...o", x.astype(w.dtype), w, preferred_element_type=x.dtype)
 
 
@@ -41,7 +52,7 @@ def _base_matmul_fwd(x, kernel, matmul_dtype):
 
 def _base_matmul_bwd(matmul_dtype, residuals, dy):
   x, kernel = residuals
-  w = materialize(kernel, matmul_dtype or dy.dtype)
+  w = materialize(kernel, operand_dtype(matmul_dtype, dy.dtype))
   dx = jnp.einsum("...o,io->...i", dy.astype(w.dtype), w, preferred_element_type=dy.dtype)
   if x is None:
     return dx, None

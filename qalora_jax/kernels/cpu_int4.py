@@ -1,0 +1,123 @@
+"""y = x W~ on the CPU for an INT4 group-wise QTensor, reading the packed codes: the decoding kernel.
+
+Batch-1 decoding is memory-bound, and XLA's CPU backend has a fast matrix-vector product only for float32
+operands: left to itself it dequantizes every weight to float32 (hoisting that out of the decoding loop, so
+it reads 4 bytes a weight). This kernel reads the packed codes (half a byte a weight) and multiplies them with
+int8 activations: each row of x is quantized to int8 per quantization group (x_i ~ a_g xq_i, a_g =
+max |x_i| / 127 over the group, the llama.cpp Q8 scheme), and
+
+    y_o = sum_g ( a_g scale[g, o] sum_{i in g} xq_i q[i, o] + offset[g, o] sum_{i in g} x_i )
+
+the inner sums being AVX512-VNNI byte dot products (cpu_int4_q8.cc). It is what `matmul_dtype="int8"` selects
+(models.Config); `reference` is the same arithmetic in plain JAX, which the tests hold the kernel to.
+
+The C++ source is compiled on first use with the system C++ compiler ($CXX, else g++) for this machine
+(-march=native) and cached under the asset cache; where that fails (no compiler, no AVX512-VNNI, a non-CPU
+backend, QALORA_CPU_KERNELS=0), `supports` is False and callers fall back to float matmuls.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qalora_jax.quant import QTensor, packing
+
+SOURCE = Path(__file__).with_name("cpu_int4_q8.cc")
+TARGETS = {np.dtype(np.float32): "qalora_int4_q8_f32", np.dtype(np.float16): "qalora_int4_q8_f16"}
+
+
+def _compile() -> Path:
+  """The kernel library for this machine, compiled once and cached (raises RuntimeError when it cannot be)."""
+  from qalora_jax import assets
+
+  cxx = os.environ.get("CXX") or shutil.which("g++")
+  if not cxx:
+    raise RuntimeError("no C++ compiler (set CXX or install g++)")
+  flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-I", jax.ffi.include_dir()]
+  key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cxx, *flags, jax.__version__]).encode()).hexdigest()[:16]
+  path = assets.cache_dir() / "kernels" / f"cpu_int4_q8-{key}.so"
+  if path.exists():
+    return path
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+    out = Path(tmp) / path.name
+    done = subprocess.run([cxx, *flags, str(SOURCE), "-o", str(out)], capture_output=True, text=True)
+    if done.returncode:
+      errors = [line for line in done.stderr.splitlines() if "error" in line] or done.stderr.splitlines()[-1:]
+      raise RuntimeError(f"compiling {SOURCE.name} failed: {errors[0] if errors else done.returncode}")
+    os.replace(out, path)  # atomic: a half-written library is never loaded
+  return path
+
+
+@functools.cache
+def available() -> bool:
+  """Whether the kernel runs here: a CPU backend, QALORA_CPU_KERNELS not "0", and a library that compiles."""
+  if os.environ.get("QALORA_CPU_KERNELS") == "0" or jax.default_backend() != "cpu":
+    return False
+  try:
+    library = ctypes.cdll.LoadLibrary(str(_compile()))
+  except (RuntimeError, OSError) as e:
+    warnings.warn(f"the INT4 CPU kernel is unavailable ({e}); matmul_dtype='int8' falls back to float32 operands",
+                  stacklevel=3)
+    return False
+  for name in TARGETS.values():
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)), platform="cpu")
+  return True
+
+
+def shape_ok(qt: QTensor) -> bool:
+  """Whether `qt` has the layout the kernel reads: a 2-D INT4 "int" tensor whose groups are whole words and
+  divide `in`, and `out` a multiple of 16."""
+  if not (isinstance(qt, QTensor) and qt.format == "int" and qt.bits == 4 and qt["codes"].ndim == 2):
+    return False
+  n_in, n_out = qt.shape
+  return qt.group_size % 8 == 0 and n_in % qt.group_size == 0 and n_out % 16 == 0
+
+
+def supports(kernel) -> bool:
+  """Whether `matmul(x, kernel)` runs the kernel (else use float matmuls)."""
+  return shape_ok(kernel) and available()
+
+
+def _scales(qt: QTensor):
+  """(scale, offset) [groups, out] in a dtype the kernel reads; a symmetric tensor's offset is -2^(k-1) scale."""
+  scale = qt["scale"]
+  offset = qt["offset"] if "offset" in qt.arrays else -(2 ** (qt.bits - 1)) * scale
+  dtype = scale.dtype if np.dtype(scale.dtype) in TARGETS else jnp.float32
+  return scale.astype(dtype), offset.astype(dtype)
+
+
+def matmul(x: jax.Array, qt: QTensor) -> jax.Array:
+  """x W~ [..., out] in x.dtype (the kernel: see the module docstring)."""
+  n_in, n_out = qt.shape
+  rows = x.reshape(-1, n_in).astype(jnp.float32)
+  scale, offset = _scales(qt)
+  call = jax.ffi.ffi_call(TARGETS[np.dtype(scale.dtype)], jax.ShapeDtypeStruct((rows.shape[0], n_out), jnp.float32),
+                          vmap_method="sequential")
+  y = call(rows, qt["codes"], scale, offset, group=np.int64(qt.group_size))
+  return y.reshape(x.shape[:-1] + (n_out,)).astype(x.dtype)
+
+
+def reference(x: jax.Array, qt: QTensor) -> jax.Array:
+  """The kernel's arithmetic in plain JAX (float32): int8 activations per group, then the formula above."""
+  n_in, n_out = qt.shape
+  g = qt.group_size
+  xg = x.astype(jnp.float32).reshape(x.shape[:-1] + (n_in // g, g))
+  amax = jnp.abs(xg).max(axis=-1, keepdims=True)
+  xq = jnp.round(xg * jnp.where(amax > 0, 127.0 / amax, 0.0))
+  q = packing.unpack(qt["codes"], 4, n_in).astype(jnp.float32).reshape(n_in // g, g, n_out)
+  dots = jnp.einsum("...gi,gio->...go", xq, q)
+  scale, offset = (s.astype(jnp.float32) for s in _scales(qt))
+  return (((amax / 127.0) * scale * dots).sum(-2) + (xg.sum(-1)[..., None] * offset).sum(-2)).astype(x.dtype)
