@@ -4,8 +4,9 @@
 
 Runs, round after round so that the machine's noise falls on both sides alike, the peers of
 ../shared/bench (transformers + PEFT LoRA, + bitsandbytes NF4 QLoRA; greedy decoding fp32 and QLoRA) and
-`qalora bench` (train: lora, qlora, qalora; decode: fp32, qlora, qalora-merged), each in a fresh process
-wrapped in /usr/bin/time for its peak RSS. Prints a Markdown table of the medians over rounds with the
+`qalora bench` (train: lora, qlora, qalora, bfloat16 matmuls unless the row says fp32, with and without
+remat; decode: fp32, qlora, qalora-merged, int8 activations against INT4 codes unless the row says fp32), each
+in a fresh process wrapped in /usr/bin/time for its peak RSS. Prints a Markdown table of the medians over rounds with the
 ratios the performance issue asks for, and writes it with the raw JSON lines to --out.
 """
 
@@ -45,11 +46,16 @@ def commands(gguf_dir: str, bench_dir: Path) -> dict[str, list[str]]:
       "ours train qlora": qalora + ["train", "--method", "qlora"],
       "ours train qalora": qalora + ["train", "--method", "qalora"],
       "ours train qalora remat": qalora + ["train", "--method", "qalora", "--remat"],
+      "ours train qalora fp32 matmuls": qalora + ["train", "--method", "qalora", "--matmul-dtype", "float32"],
+      "ours train qalora fp32 matmuls remat": qalora + ["train", "--method", "qalora", "--matmul-dtype", "float32",
+                                                        "--remat"],
       "peer decode fp32": [py, str(bench_dir / "peer_decode.py"), "fp32", "64", gguf_dir],
       "peer decode qlora": [py, str(bench_dir / "peer_decode.py"), "qlora", "64", gguf_dir],
       "ours decode fp32": qalora + ["decode", "--method", "fp32"],
       "ours decode qlora": qalora + ["decode", "--method", "qlora"],
       "ours decode qalora-merged": qalora + ["decode", "--method", "qalora-merged"],
+      "ours decode qalora-merged fp32 matmuls": qalora + ["decode", "--method", "qalora-merged", "--matmul-dtype",
+                                                          "float32"],
   }
 
 
@@ -93,6 +99,12 @@ def main() -> None:
             f"{ratio('ours train qalora', 'peer train qlora', 'maxrss_mb')} | <= 0.6x |",
             f"| QA-LoRA train (remat) peak RSS / peer QLoRA | "
             f"{ratio('ours train qalora remat', 'peer train qlora', 'maxrss_mb')} | <= 0.6x |",
+            f"| QA-LoRA train, fp32 matmuls / peer QLoRA | "
+            f"{ratio('ours train qalora fp32 matmuls', 'peer train qlora')} | (>= 1.5x) |",
+            f"| QA-LoRA train, fp32 matmuls / peer LoRA | "
+            f"{ratio('ours train qalora fp32 matmuls', 'peer train lora')} | (>= 1.2x) |",
+            f"| QA-LoRA train, fp32 matmuls, remat, peak RSS / peer QLoRA | "
+            f"{ratio('ours train qalora fp32 matmuls remat', 'peer train qlora', 'maxrss_mb')} | (<= 0.6x) |",
             f"| our QLoRA train / peer QLoRA | {ratio('ours train qlora', 'peer train qlora')} | >= 1.2x |",
             f"| merged QA-LoRA decode / peer QLoRA decode | "
             f"{ratio('ours decode qalora-merged', 'peer decode qlora')} | >= 3x |",

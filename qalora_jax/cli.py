@@ -131,7 +131,6 @@ def _eval_params(args):
 
 
 def _eval(args) -> int:
-  from qalora_jax import models
   from qalora_jax.train import loop
 
   r, params, step = _eval_params(args)
@@ -150,7 +149,7 @@ def _eval(args) -> int:
   else:
     _, _, ids = loop.training_data(r.cfg, r.lm)
   window = min(args.window, r.lm.config.max_seq_len, len(ids))
-  ppl = models.perplexity(r.lm, ids, window=window, params=params)
+  ppl = loop.evaluate_ppl(r.lm, params, ids, window)
   n = (len(ids) // window) * (window - 1)
   print(json.dumps({"ppl": ppl, "tokens": n, "step": step, "merged": args.merged}))
   return 0

@@ -123,8 +123,8 @@ def test_peft_export_loads_in_peft_with_the_same_logits(ours, theirs, play, tmp_
   adapters = nn.add_adapters(ours.params, "lora", rank=4, alpha=8, key=jax.random.PRNGKey(0))
   ids = ours.tokenizer.encode(play[:3000])[:65]
   batch = {"inputs": jnp.asarray([ids[:-1]]), "targets": jnp.asarray([ids[1:]])}
-  apply_fn = lambda p, t, dropout_rng=None: models.apply(ours.config, p, t)  # noqa: E731
-  init, step = train.make_train_step(apply_fn, train.make_optimizer(1e-2))
+  nll_fn = lambda p, x, y, dropout_rng=None: models.nll(ours.config, p, x, y)  # noqa: E731
+  init, step = train.make_train_step(nll_fn, train.make_optimizer(1e-2))
   state = init(adapters)
   step = jax.jit(step)
   for i in range(3):

@@ -209,6 +209,8 @@ def _check_workdir(workdir: Path, cfg, overwrite: bool) -> None:
 
 
 def evaluate_ppl(lm, params, ids, window: int) -> float:
+  """Perplexity with float matmuls whatever the training's model.matmul_dtype, so that runs compare."""
+  lm = lm.replace(config=lm.config.replace(matmul_dtype=None))
   return models.perplexity(lm, ids, window=min(window, len(ids)), params=params)
 
 
