@@ -12,6 +12,7 @@ def get_config(arg=None):
   c = base_config()
   c.base.quantizer = "int"
   c.base.options = {"bits": 4, "group_size": 32}
+  c.model.matmul_dtype = "bfloat16"  # mixed precision: the weight matmuls in bfloat16, accumulated in float32
   c.adapter.method = "qalora"
   c.adapter.rank = 16
   c.adapter.alpha = 32.0
