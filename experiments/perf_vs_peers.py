@@ -80,25 +80,33 @@ def main() -> None:
   for k, v in runs.items():
     if "compile_s" in v[0]:
       med[k]["compile_s"] = statistics.median(x["compile_s"] for x in v)
-    if "mfu" in v[0]:
-      med[k]["mfu"] = statistics.median(x["mfu"] for x in v)
+    for field in ("mfu", "read_gb_s", "bandwidth_gb_s", "bytes_per_token"):
+      if field in v[0]:
+        med[k][field] = statistics.median(x[field] for x in v)
 
   def ratio(a, b, field="tokens_per_s"):
     return f"{med[a][field] / med[b][field]:.2f}x" if a in med and b in med else "-"
 
   lines = [f"Medians of {args.rounds} rounds, SmolLM2-135M, batch 4 x 128 (train) / batch 1, 32 + 64 tokens "
            f"(decode), r = 16 on all seven linears, this machine.", "",
-           "| run | tokens/s | peak RSS MB | compile s | MFU |", "|---|---:|---:|---:|---:|"]
+           "| run | tokens/s | peak RSS MB | compile s | MFU | weights read / token MB | read GB/s (bandwidth) |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
   for k, m in med.items():
+    read = (f"{m['bytes_per_token'] / 1e6:.0f} | {m['read_gb_s']:.1f} ({m['bandwidth_gb_s']:.1f})"
+            if "read_gb_s" in m else "- | -")
     lines.append(f"| {k} | {m['tokens_per_s']:.1f} | {m['maxrss_mb']:.0f} | "
-                 f"{m.get('compile_s', float('nan')):.1f} | {m.get('mfu', float('nan')):.3f} |")
+                 f"{m.get('compile_s', float('nan')):.1f} | {m.get('mfu', float('nan')):.3f} | {read} |")
   lines += ["", "| target | measured | goal |", "|---|---:|---:|",
-            f"| QA-LoRA train / peer QLoRA, tokens/s | {ratio('ours train qalora', 'peer train qlora')} | >= 1.5x |",
-            f"| QA-LoRA train / peer LoRA, tokens/s | {ratio('ours train qalora', 'peer train lora')} | >= 1.2x |",
-            f"| QA-LoRA train peak RSS / peer QLoRA | "
-            f"{ratio('ours train qalora', 'peer train qlora', 'maxrss_mb')} | <= 0.6x |",
+            f"| QA-LoRA train (remat) / peer QLoRA, tokens/s | "
+            f"{ratio('ours train qalora remat', 'peer train qlora')} | >= 1.5x |",
+            f"| QA-LoRA train (remat) / peer LoRA, tokens/s | "
+            f"{ratio('ours train qalora remat', 'peer train lora')} | >= 1.2x |",
             f"| QA-LoRA train (remat) peak RSS / peer QLoRA | "
             f"{ratio('ours train qalora remat', 'peer train qlora', 'maxrss_mb')} | <= 0.6x |",
+            f"| QA-LoRA train (no remat) / peer QLoRA, tokens/s | "
+            f"{ratio('ours train qalora', 'peer train qlora')} | (>= 1.5x) |",
+            f"| QA-LoRA train (no remat) peak RSS / peer QLoRA | "
+            f"{ratio('ours train qalora', 'peer train qlora', 'maxrss_mb')} | (<= 0.6x) |",
             f"| QA-LoRA train, fp32 matmuls / peer QLoRA | "
             f"{ratio('ours train qalora fp32 matmuls', 'peer train qlora')} | (>= 1.5x) |",
             f"| QA-LoRA train, fp32 matmuls / peer LoRA | "

@@ -60,9 +60,12 @@ def check_type(t) -> None:
 
 
 def tensor_to_numpy(t) -> np.ndarray:
-  """A GGUF tensor as float32 with numpy's shape (reversed GGUF dims: [out, in] for a linear weight)."""
+  """A GGUF tensor as float32 with numpy's shape (reversed GGUF dims: [out, in] for a linear weight).
+
+  Always a copy: a float32 tensor would otherwise be a view of the file's memory map and keep the whole
+  mapping resident for as long as the parameter lives."""
   check_type(t)
-  return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32).reshape(
+  return np.array(gguf.quants.dequantize(t.data, t.tensor_type), np.float32, copy=True).reshape(
       tuple(int(d) for d in reversed(t.shape)))
 
 
