@@ -75,13 +75,14 @@ class Adapter:
 def pool_groups(x: jax.Array, group_size: int) -> jax.Array:
   """Sum pooling over groups of `group_size` consecutive inputs: [..., in] -> [..., ceil(in / g)].
 
-  pool(x)_l = sum_{i = l g}^{min((l + 1) g, in) - 1} x_i.
+  pool(x)_l = sum_{i = l g}^{min((l + 1) g, in) - 1} x_i,   i.e.   pool(x) = x P,  P_il = [i // g == l].
+
+  Written as the product with the 0/1 matrix P: a matmul (and its transpose in the backward pass) is several
+  times faster on CPU than the equivalent reshape-and-sum and its broadcast.
   """
   n_in = x.shape[-1]
-  pad = (-n_in) % group_size
-  if pad:
-    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
-  return x.reshape(x.shape[:-1] + (-1, group_size)).sum(axis=-1)
+  p = jnp.arange(n_in)[:, None] // group_size == jnp.arange(-(-n_in // group_size))[None, :]
+  return x @ p.astype(x.dtype)
 
 
 def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
