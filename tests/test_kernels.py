@@ -56,15 +56,18 @@ def test_cpu_reference_is_exact_when_the_activations_are_int8_already():
 
 
 @pytest.mark.parametrize("options", [{}, {"scale_dtype": "float32"}, {"scale_dtype": "bfloat16"},
-                                     {"symmetric": True}, {"group_size": 64}, {"group_size": 128}])
+                                     {"symmetric": True}, {"group_size": 64}, {"group_size": 128},
+                                     {"n_in": 512, "n_out": 1040}])  # wide: two halves, one on another thread
 def test_cpu_kernel_matches_its_reference(options):
   if not cpu_int4.available():
     pytest.skip("the CPU kernel does not build here (needs a C++ compiler and AVX512-VNNI)")
-  qt = _int4(256, 96, **{"group_size": 32, **options})
+  options = {"n_in": 256, "n_out": 96, "group_size": 32, **options}
+  n_in, n_out = options.pop("n_in"), options.pop("n_out")
+  qt = _int4(n_in, n_out, **options)
   assert cpu_int4.supports(qt)
-  x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 3, 256)), jnp.float32)
-  got = cpu_int4.matmul(x, qt)
-  assert got.shape == (2, 3, 96)
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 3, n_in)), jnp.float32)
+  got = jax.jit(cpu_int4.matmul)(x, qt)
+  assert got.shape == (2, 3, n_out)
   np.testing.assert_allclose(np.asarray(got), np.asarray(cpu_int4.reference(x, qt)), rtol=1e-5, atol=1e-5)
   # and the int8 activations cost little against the float product
   want = x @ qt.dequantize()

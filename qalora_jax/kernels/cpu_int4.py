@@ -8,7 +8,8 @@ max |x_i| / 127 over the group, the llama.cpp Q8 scheme), and
 
     y_o = sum_g ( a_g scale[g, o] sum_{i in g} xq_i q[i, o] + offset[g, o] sum_{i in g} x_i )
 
-the inner sums being AVX512-VNNI byte dot products (cpu_int4_q8.cc). It is what `matmul_dtype="int8"` selects
+the inner sums being AVX512-VNNI byte dot products (cpu_int4_q8.cc); a wide layer's columns are computed in
+two halves, the second on XLA's own intra-op thread pool. It is what `matmul_dtype="int8"` selects
 (models.Config); `reference` is the same arithmetic in plain JAX, which the tests hold the kernel to.
 
 The C++ source is compiled on first use with the system C++ compiler ($CXX, else g++) for this machine

@@ -8,7 +8,7 @@
 //
 // and the inner sums are AVX512-VNNI byte dot products: the low nibbles of a word are the codes of the even
 // inputs, the high nibbles those of the odd inputs, each a [4 x u8] lane against a broadcast [4 x s8] quad of xq.
-// Single-threaded: XLA runs independent calls (q, k and v; gate and up) side by side.
+// A wide layer's columns are split in two halves, the second offered to XLA's intra-op thread pool.
 #if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VNNI__)
 #error "needs AVX512F, AVX512BW and AVX512-VNNI"
 #endif
@@ -16,9 +16,11 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -32,12 +34,17 @@ inline __m512 load16(const uint16_t* p) {  // 16 float16 values
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
-template <typename S>
-void matvec(const float* x, const uint32_t* codes, const S* scale, const S* offset, float* y, int64_t n_in,
-            int64_t n_out, int64_t group) {
-  const int64_t n_groups = n_in / group, words = group / 8, n16 = n_out / 16;
-  std::vector<int32_t> even(n_in / 8), odd(n_in / 8);
-  std::vector<float> a(n_groups), sums(n_groups);
+// One row of x quantized to int8 per group: the byte quads of the even and the odd inputs of each word (the
+// order the codes' low and high nibbles hold them), the steps a_g and the float sums of each group.
+struct Quantized {
+  std::vector<int32_t> even, odd;
+  std::vector<float> step, sum;
+};
+
+Quantized quantize_row(const float* x, int64_t n_in, int64_t group) {
+  const int64_t n_groups = n_in / group, words = group / 8;
+  Quantized q{std::vector<int32_t>(n_in / 8), std::vector<int32_t>(n_in / 8), std::vector<float>(n_groups),
+              std::vector<float>(n_groups)};
   for (int64_t g = 0; g < n_groups; ++g) {
     float amax = 0.f, sum = 0.f;
     for (int64_t i = g * group; i < (g + 1) * group; ++i) {
@@ -45,58 +52,99 @@ void matvec(const float* x, const uint32_t* codes, const S* scale, const S* offs
       sum += x[i];
     }
     const float inv = amax > 0.f ? 127.f / amax : 0.f;
-    a[g] = amax / 127.f;
-    sums[g] = sum;
+    q.step[g] = amax / 127.f;
+    q.sum[g] = sum;
     for (int64_t j = g * words; j < (g + 1) * words; ++j) {
       int8_t e[4], o[4];
       for (int k = 0; k < 4; ++k) {
         e[k] = static_cast<int8_t>(std::nearbyint(x[8 * j + 2 * k] * inv));
         o[k] = static_cast<int8_t>(std::nearbyint(x[8 * j + 2 * k + 1] * inv));
       }
-      std::memcpy(&even[j], e, 4);
-      std::memcpy(&odd[j], o, 4);
+      std::memcpy(&q.even[j], e, 4);
+      std::memcpy(&q.odd[j], o, 4);
     }
   }
+  return q;
+}
+
+// y[c] for the columns c in [c0, c1) (multiples of 16).
+template <typename S>
+void columns(const Quantized& q, const uint32_t* codes, const S* scale, const S* offset, float* y, int64_t n_in,
+             int64_t n_out, int64_t group, int64_t c0, int64_t c1) {
+  const int64_t n_groups = n_in / group, words = group / 8;
   const __m512i nibble = _mm512_set1_epi32(0x0F0F0F0F);
-  std::vector<float> acc(n_out, 0.f);
+  std::fill(y + c0, y + c1, 0.f);
   for (int64_t g = 0; g < n_groups; ++g) {
-    const __m512 ag = _mm512_set1_ps(a[g]), sg = _mm512_set1_ps(sums[g]);
-    for (int64_t b = 0; b < n16; ++b) {  // 16 columns: the group's rows of words, the dot product in a register
+    const __m512 ag = _mm512_set1_ps(q.step[g]), sg = _mm512_set1_ps(q.sum[g]);
+    for (int64_t c = c0; c < c1; c += 16) {  // 16 columns: the group's rows of words, the dot product in a register
       __m512i dot = _mm512_setzero_si512();
       for (int64_t j = g * words; j < (g + 1) * words; ++j) {
-        const __m512i w = _mm512_loadu_si512(codes + j * n_out + 16 * b);
-        dot = _mm512_dpbusd_epi32(dot, _mm512_and_si512(w, nibble), _mm512_set1_epi32(even[j]));
-        dot = _mm512_dpbusd_epi32(dot, _mm512_and_si512(_mm512_srli_epi32(w, 4), nibble), _mm512_set1_epi32(odd[j]));
+        const __m512i w = _mm512_loadu_si512(codes + j * n_out + c);
+        dot = _mm512_dpbusd_epi32(dot, _mm512_and_si512(w, nibble), _mm512_set1_epi32(q.even[j]));
+        dot = _mm512_dpbusd_epi32(dot, _mm512_and_si512(_mm512_srli_epi32(w, 4), nibble), _mm512_set1_epi32(q.odd[j]));
       }
-      __m512 r = _mm512_loadu_ps(acc.data() + 16 * b);
-      r = _mm512_fmadd_ps(_mm512_mul_ps(load16(scale + g * n_out + 16 * b), ag), _mm512_cvtepi32_ps(dot), r);
-      r = _mm512_fmadd_ps(load16(offset + g * n_out + 16 * b), sg, r);
-      _mm512_storeu_ps(acc.data() + 16 * b, r);
+      __m512 r = _mm512_loadu_ps(y + c);
+      r = _mm512_fmadd_ps(_mm512_mul_ps(load16(scale + g * n_out + c), ag), _mm512_cvtepi32_ps(dot), r);
+      r = _mm512_fmadd_ps(load16(offset + g * n_out + c), sg, r);
+      _mm512_storeu_ps(y + c, r);
     }
   }
-  std::memcpy(y, acc.data(), n_out * sizeof(float));
+}
+
+// Runs first() here and offers second() to XLA's thread pool; whichever thread claims second() first runs it.
+// The caller claims it itself if no pool thread has by the time first() is done, so a busy pool cannot
+// deadlock the call.
+template <typename F, typename G>
+void both(ffi::ThreadPool& pool, F first, G second) {
+  struct Claim {
+    std::atomic<bool> taken{false}, done{false};
+  };
+  auto claim = std::make_shared<Claim>();
+  pool.Schedule([claim, second]() {
+    if (!claim->taken.exchange(true)) {
+      second();
+      claim->done.store(true, std::memory_order_release);
+    }
+  });
+  first();
+  if (!claim->taken.exchange(true)) {
+    second();
+  } else {
+    while (!claim->done.load(std::memory_order_acquire)) _mm_pause();
+  }
 }
 
 template <ffi::DataType T, typename S>
-ffi::Error Int4MatmulQ8(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U32> codes, ffi::Buffer<T> scale,
-                        ffi::Buffer<T> offset, ffi::ResultBuffer<ffi::F32> y, int64_t group) {
+ffi::Error Int4MatmulQ8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U32> codes,
+                        ffi::Buffer<T> scale, ffi::Buffer<T> offset, ffi::ResultBuffer<ffi::F32> y, int64_t group) {
   const auto xd = x.dimensions(), cd = codes.dimensions();
   if (xd.size() != 2 || cd.size() != 2) return ffi::Error::InvalidArgument("x and codes must be 2-D");
   const int64_t rows = xd[0], n_in = xd[1], n_out = cd[1];
   if (group % 8 || n_in % group || cd[0] * 8 != n_in || n_out % 16)
     return ffi::Error::InvalidArgument("needs group % 8 == 0, in % group == 0, codes [in / 8, out], out % 16 == 0");
+  const S* s = reinterpret_cast<const S*>(scale.typed_data());
+  const S* o = reinterpret_cast<const S*>(offset.typed_data());
+  const uint32_t* c = codes.typed_data();
+  // Split only wide layers: a small one is not worth a task.
+  const int64_t half = n_in * n_out >= (1 << 18) && pool.num_threads() > 1 ? 16 * (n_out / 32) : 0;
   for (int64_t r = 0; r < rows; ++r) {
-    matvec<S>(x.typed_data() + r * n_in, codes.typed_data(), reinterpret_cast<const S*>(scale.typed_data()),
-              reinterpret_cast<const S*>(offset.typed_data()), y->typed_data() + r * n_out, n_in, n_out, group);
+    const Quantized q = quantize_row(x.typed_data() + r * n_in, n_in, group);
+    float* yr = y->typed_data() + r * n_out;
+    if (half) {
+      both(pool, [&] { columns<S>(q, c, s, o, yr, n_in, n_out, group, 0, half); },
+           [&q, c, s, o, yr, n_in, n_out, group, half] { columns<S>(q, c, s, o, yr, n_in, n_out, group, half, n_out); });
+    } else {
+      columns<S>(q, c, s, o, yr, n_in, n_out, group, 0, n_out);
+    }
   }
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-#define QALORA_BIND(T)                                                                                        \
-  ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::U32>>().Arg<ffi::Buffer<T>>().Arg<         \
-      ffi::Buffer<T>>().Ret<ffi::Buffer<ffi::F32>>().Attr<int64_t>("group")
+#define QALORA_BIND(T)                                                                                         \
+  ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::U32>>().Arg<       \
+      ffi::Buffer<T>>().Arg<ffi::Buffer<T>>().Ret<ffi::Buffer<ffi::F32>>().Attr<int64_t>("group")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(qalora_int4_q8_f32, (Int4MatmulQ8<ffi::F32, float>), QALORA_BIND(ffi::F32));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(qalora_int4_q8_f16, (Int4MatmulQ8<ffi::F16, uint16_t>), QALORA_BIND(ffi::F16));
