@@ -94,8 +94,9 @@ def main() -> None:
   for k, m in med.items():
     read = (f"{m['bytes_per_token'] / 1e6:.0f} | {m['read_gb_s']:.1f} ({m['bandwidth_gb_s']:.1f})"
             if "read_gb_s" in m else "- | -")
-    lines.append(f"| {k} | {m['tokens_per_s']:.1f} | {m['maxrss_mb']:.0f} | "
-                 f"{m.get('compile_s', float('nan')):.1f} | {m.get('mfu', float('nan')):.3f} | {read} |")
+    compile_s = f"{m['compile_s']:.1f}" if "compile_s" in m else "-"
+    mfu = f"{m['mfu']:.3f}" if "mfu" in m else "-"
+    lines.append(f"| {k} | {m['tokens_per_s']:.1f} | {m['maxrss_mb']:.0f} | {compile_s} | {mfu} | {read} |")
   lines += ["", "| target | measured | goal |", "|---|---:|---:|",
             f"| QA-LoRA train (remat) / peer QLoRA, tokens/s | "
             f"{ratio('ours train qalora remat', 'peer train qlora')} | >= 1.5x |",
