@@ -178,9 +178,10 @@ def block(config: Config, p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array,
   dt, md = x.dtype, config.matmul_dtype
   h = layers.rms_norm(x, p["attn_norm"]["scale"], config.rms_eps)
   attn = p["attn"]
-  q = layers.linear(h, attn["q_proj"], dropout_rng=layers.fold(rng, 0), matmul_dtype=md).reshape(b, t, config.num_heads, config.head_dim)
-  k = layers.linear(h, attn["k_proj"], dropout_rng=layers.fold(rng, 1), matmul_dtype=md).reshape(b, t, config.num_kv_heads, config.head_dim)
-  v = layers.linear(h, attn["v_proj"], dropout_rng=layers.fold(rng, 2), matmul_dtype=md).reshape(b, t, config.num_kv_heads, config.head_dim)
+  proj = lambda name, i: layers.linear(h, attn[name], dropout_rng=layers.fold(rng, i), matmul_dtype=md)  # noqa: E731
+  q = proj("q_proj", 0).reshape(b, t, config.num_heads, config.head_dim)
+  k = proj("k_proj", 1).reshape(b, t, config.num_kv_heads, config.head_dim)
+  v = proj("v_proj", 2).reshape(b, t, config.num_kv_heads, config.head_dim)
   q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
   if kv is not None:
     k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))

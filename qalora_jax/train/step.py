@@ -1,7 +1,7 @@
 """Pure training steps: next-token loss, gradients w.r.t. the trainable tree only, an optax update.
 
     loss(trainable) = mean over unmasked positions of nll(combine(frozen, trainable), x, y)
-    (nll = -log softmax(logits)[y] per position, e.g. `llama.nll`)
+    (nll = -log softmax(logits)[y] per position, e.g. `models.nll`)
 
 The frozen tree is an argument of the step, never differentiated; the optimizer state mirrors the trainable
 tree alone.
