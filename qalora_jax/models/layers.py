@@ -18,9 +18,9 @@ __all__ = ["apply_rope", "attention", "dense", "fold", "head_logits", "head_nll"
            "rope_angles", "swiglu"]
 
 
-def dense(x: jax.Array, kernel, bias=None, matmul_dtype: str | None = None) -> jax.Array:
+def dense(x: jax.Array, kernel, bias=None) -> jax.Array:
   """y = x W + b, with W [in, out] a float kernel or a QTensor (see `linear`)."""
-  return linear(x, {"kernel": kernel, "bias": bias}, matmul_dtype=matmul_dtype)
+  return linear(x, {"kernel": kernel, "bias": bias})
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:

@@ -275,13 +275,17 @@ def apply(config: Config, params: dict, tokens: jax.Array, positions: jax.Array 
   tokens before each one, so a left-padded row is computed as if unpadded. dropout_rng enables the adapters'
   dropout (training).
   """
+  tokens, positions, key_mask = _inputs(config, tokens, positions, padding_mask)
+  logits, _ = forward(config, params, tokens, positions, key_mask, dropout_rng=dropout_rng)
+  return logits
+
+
+def _inputs(config: Config, tokens, positions, padding_mask):
+  """(tokens, positions, key mask) of a cacheless pass: see `apply`."""
   check_tokens(config, tokens)
   tokens = jnp.asarray(tokens, jnp.int32)
   key_mask = jnp.ones(tokens.shape, bool) if padding_mask is None else jnp.asarray(padding_mask, bool)
-  if positions is None:
-    positions = default_positions(key_mask)
-  logits, _ = forward(config, params, tokens, positions, key_mask, dropout_rng=dropout_rng)
-  return logits
+  return tokens, default_positions(key_mask) if positions is None else positions, key_mask
 
 
 apply_jit = jax.jit(apply, static_argnums=0)
@@ -292,10 +296,8 @@ def nll(config: Config, params: dict, tokens: jax.Array, targets: jax.Array, pad
   """-log p(targets | tokens) [batch, seq] (float32): what `apply`'s logits give, with the head and the
   softmax fused (`layers.head_nll`), so the [batch, seq, vocab] logits are never whole. Training and
   perplexity use this."""
-  check_tokens(config, tokens)
-  tokens = jnp.asarray(tokens, jnp.int32)
-  key_mask = jnp.ones(tokens.shape, bool) if padding_mask is None else jnp.asarray(padding_mask, bool)
-  x, _ = features(config, params, tokens, default_positions(key_mask), key_mask, dropout_rng=dropout_rng)
+  tokens, positions, key_mask = _inputs(config, tokens, None, padding_mask)
+  x, _ = features(config, params, tokens, positions, key_mask, dropout_rng=dropout_rng)
   weight, vocab_first = head_weight(config, params)
   return layers.head_nll(x, weight, targets, vocab_first=vocab_first, matmul_dtype=config.matmul_dtype, chunk=chunk)
 
