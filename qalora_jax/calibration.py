@@ -213,7 +213,7 @@ class CalibrationStats:
 
 
 def _quantize(quantizer: Quantizer, w, h) -> QTensor:
-  if hasattr(quantizer, "quantize_with_hessian"):
+  if quantizer.needs_calibration:
     return quantizer.quantize_with_hessian(w, h)
   return quantizer.quantize(w)
 

@@ -24,7 +24,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from qalora_jax.files import atomic_dir
-from qalora_jax.nn.adapt import adapter_layers, kernel_shape, linear_layers
+from qalora_jax.nn.trees import adapter_layers, kernel_shape, linear_layers
 from qalora_jax.nn.adapters import Adapter, AdapterMeta
 
 # Our block paths -> PEFT module names.

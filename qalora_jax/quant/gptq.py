@@ -250,6 +250,7 @@ class GPTQQuantizer(Quantizer):
   scale_dtype: str = "float16"
 
   group_offset = True  # format "int", asymmetric: w~ = scale * q + offset
+  needs_calibration = True
   contract_settings = (
       dict(bits=4, group_size=32),
       dict(bits=3, group_size=48),  # 128 inputs: two groups of 48 and a short one of 32

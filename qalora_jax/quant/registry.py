@@ -54,6 +54,9 @@ class Quantizer:
   # (w~ = f(codes, ...) + offset[l]) over contiguous groups of `group_size` inputs. QA-LoRA relies on it:
   # its adapter is pooled over those groups and merges by adding to `offset`.
   group_offset: ClassVar[bool] = False
+  # True when this quantizer takes calibration data: it then defines quantize_with_hessian(w, H) with
+  # H = (2 / N) sum x x^T over the layer's N calibration inputs (GPTQ), and quantize(w) is its data-free fallback.
+  needs_calibration: ClassVar[bool] = False
 
   def quantize(self, w) -> QTensor:
     """Quantizes a float [in, out] weight."""

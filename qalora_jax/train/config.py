@@ -16,7 +16,7 @@ from typing import Any
 
 import ml_collections
 
-from qalora_jax.nn.adapt import ALL_LINEARS
+from qalora_jax.nn.trees import ALL_LINEARS
 
 CHOICES = {
     "model.dtype": ("float32", "bfloat16"),

@@ -80,7 +80,7 @@ def load_base(cfg: ml_collections.ConfigDict) -> tuple[models.LanguageModel, dic
     lm = build_model(cfg)
     return lm, lm.params, "float base"
   quantizer = quant.get(cfg.base.quantizer, **cfg.base.options.to_dict())
-  if hasattr(quantizer, "quantize_with_hessian"):
+  if quantizer.needs_calibration:
     lm = build_model(cfg)
     return lm, *calibrated_base(cfg, lm, quantizer)
   lm = build_model(cfg, quantize=[(cfg.base.targets, quantizer)])
@@ -123,7 +123,7 @@ def calibrate(cfg, lm: models.LanguageModel, params: dict, quantizer: quant.Quan
 def requantized_ppl(r: Run, trainable: dict, spec: str, held_ids, window: int) -> float:
   """Held-out perplexity of the merged float model re-quantized with `spec` ("name:k=v,...")."""
   quantizer = quantizer_from_spec(spec)
-  if hasattr(quantizer, "quantize_with_hessian"):
+  if quantizer.needs_calibration:
     params, _ = calibrate(r.cfg, r.lm, r.merged(trainable), quantizer)
   else:
     params = r.merged(trainable, quantizer)

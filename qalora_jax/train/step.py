@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from qalora_jax.nn.adapt import combine
+from qalora_jax.nn.trees import combine
 
 
 @jax.tree_util.register_dataclass
