@@ -10,6 +10,7 @@ attribute, not a change to the package.
 
 import functools
 import importlib.util
+import re
 import sys
 import types
 
@@ -153,3 +154,38 @@ def test_qalora_on_tunix_llama3_trains_and_merges_exactly(smollm2, tunix_model, 
   assert diff <= 1e-4 * float(np.abs(unmerged).max())
   assert nn.stats(model)["frozen_bytes"] == int4_bytes  # still the same INT4 tensors
   assert not jax.tree.leaves(nnx.state(model, nn.AdapterParam))
+
+
+def hf_module_name(path: str) -> str:
+  """tunix's Llama3 module paths -> transformers' LlamaForCausalLM module names."""
+  return re.sub(r"^layers/(\d+)/attn/", r"model.layers.\1.self_attn.", re.sub(
+      r"^layers/(\d+)/mlp/", r"model.layers.\1.mlp.", path))
+
+
+def test_lora_on_tunix_llama3_exports_to_peft_on_transformers(smollm2_gguf, tunix_model, text_tokens, tmp_path):
+  """LoRA adapters trained on tunix's model, exported as a PEFT directory, give the same logits on transformers'
+  LlamaForCausalLM (loaded from the same GGUF) with PEFT."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  peft = pytest.importorskip("peft")
+  from qalora_jax.export import peft as peft_io
+
+  model = nnx.clone(tunix_model)
+  qalora_jax.adapt(model, nn.Rule(r"layers/\d+/(attn|mlp)/(q|k|v|o|gate|up|down)_proj", None, "lora", rank=4,
+                                  alpha=8.0))
+  for i, (_, layer) in enumerate(nn.adapted_layers(model)):  # B != 0, as after training
+    layer.adapter.b[...] = 0.02 * jax.random.normal(jax.random.PRNGKey(i), layer.adapter.b.shape)
+  out = peft_io.export_peft_model(model, tmp_path / "peft", module_name=hf_module_name)
+  hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
+                                                         dtype=torch.float32)
+  hf = peft.PeftModel.from_pretrained(hf, str(out)).eval()
+  tokens = text_tokens[None, :32]
+  with torch.no_grad():
+    theirs = hf(input_ids=torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
+  ours = np.asarray(logits_of(model, tokens))
+  base = np.asarray(logits_of(tunix_model, tokens))
+  worst = float(np.abs(ours - theirs).max())
+  print(f"tunix Llama3 + LoRA vs transformers + PEFT on the exported directory: max |logit diff| {worst:.2e} "
+        f"(the adapters moved the logits by {np.abs(ours - base).max():.2f})")
+  assert float(np.abs(ours - base).max()) > 0.1
+  assert worst <= 1e-3

@@ -18,12 +18,15 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from qalora_jax.files import atomic_dir
+from qalora_jax.nn.adapt_model import adapted_layers
 from qalora_jax.nn.trees import adapter_layers, kernel_shape, linear_layers
 from qalora_jax.nn.adapters import Adapter, AdapterMeta
 
@@ -44,22 +47,52 @@ def _peft_a_factor(meta: AdapterMeta) -> float:
 
 def export_peft(adapters: dict, out_dir: str | Path, *, base_model: str = "", overwrite: bool = False) -> Path:
   """Writes `adapters` (stacked over the blocks) as a PEFT adapter directory; returns its path."""
-  tensors, metas, ranks = {}, {}, set()
+  layers = []
   for path, adapter in adapter_layers(adapters):
     if path not in MODULES:
       raise ValueError(f"{path}: PEFT export covers the block linears only ({', '.join(MODULES)})")
+    for i in range(adapter.a.shape[0]):
+      layers.append((f"model.layers.{i}.{MODULES[path]}", path, jax.tree.map(lambda x: x[i], adapter)))
+  return write_peft(layers, out_dir, base_model=base_model, overwrite=overwrite)
+
+
+def export_peft_model(model, out_dir: str | Path, *, module_name: Callable[[str], str] | None = None,
+                      base_model: str = "", overwrite: bool = False) -> Path:
+  """Writes the adapters of a Flax NNX model (adapted with `qalora_jax.adapt`) as a PEFT adapter directory.
+
+  `module_name(path)` gives the PEFT (PyTorch) module name of the layer at our module path, e.g.
+  "layers/3/attn/q_proj" -> "model.layers.3.self_attn.q_proj" (default: the path with "/" -> "."). A layer
+  with several contracted or output axes (an einsum) is written as the torch Linear [out, in] of its
+  flattened [in, out] matrix, which is what Hugging Face's projections are."""
+  module_name = module_name or (lambda path: path.replace("/", "."))
+  layers = []
+  for path, layer in adapted_layers(model):
+    if layer.adapter is None:
+      continue
+    adapter = layer.adapter.as_pytree()
+    if adapter.a.ndim != 2:
+      raise ValueError(f"{path}: adapters stacked over {list(adapter.a.shape[:-2])} layers; export_peft_model "
+                       f"writes one adapter per module")
+    layers.append((module_name(path), path, adapter))
+  return write_peft(layers, out_dir, base_model=base_model, overwrite=overwrite)
+
+
+def write_peft(layers: list[tuple[str, str, Adapter]], out_dir: str | Path, *, base_model: str = "",
+               overwrite: bool = False) -> Path:
+  """Writes (PEFT module name, our path, one layer's Adapter) triples as a PEFT adapter directory, atomically:
+  lora_A.weight = A^T [r, in] (times PEFT's pooling constant for QA-LoRA), lora_B.weight = B^T [out, r]."""
+  tensors, metas, ranks = {}, {}, set()
+  for name, path, adapter in layers:
     meta = adapter.meta
     if meta.kind == "qalora" and meta.n_in % meta.group_size:
       raise ValueError(f"{path}: PEFT's use_qalora needs the group size {meta.group_size} to divide "
                        f"the input size {meta.n_in}")
-    metas[path] = meta
+    metas[name] = meta
     ranks.add(adapter.rank)
-    a = np.asarray(adapter.a, np.float32) * _peft_a_factor(meta)
-    b = np.asarray(adapter.b, np.float32)
-    for i in range(a.shape[0]):
-      prefix = f"base_model.model.model.layers.{i}.{MODULES[path]}"
-      tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a[i].T)
-      tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b[i].T)
+    prefix = f"base_model.model.{name}"
+    tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(np.asarray(adapter.a, np.float32).T
+                                                              * _peft_a_factor(meta))
+    tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(np.asarray(adapter.b, np.float32).T)
   if not metas:
     raise ValueError("no adapters to export")
   kinds = {(m.kind, m.scale, m.group_size, m.dropout) for m in metas.values()}
@@ -70,7 +103,7 @@ def export_peft(adapters: dict, out_dir: str | Path, *, base_model: str = "", ov
   config = {
       "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
       "r": rank, "lora_alpha": scale * rank, "lora_dropout": dropout, "use_rslora": False,
-      "target_modules": sorted(MODULES[p].split(".")[-1] for p in metas), "bias": "none",
+      "target_modules": sorted({name.split(".")[-1] for name in metas}), "bias": "none",
       "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
       "use_qalora": kind == "qalora", "qalora_group_size": group if kind == "qalora" else 16,
   }
