@@ -115,6 +115,16 @@ def test_tunix_llama3_with_smollm2_weights_equals_our_decoder(smollm2, tunix_mod
   assert worst <= 2e-4  # measured 8e-5 here (float32, different operation orders)
 
 
+def test_perplexity_of_the_tunix_model_is_ours(smollm2, tunix_model):
+  from qalora_jax import calibration
+
+  ids = calibration.heldout_tokens(smollm2, 1024)
+  ours = models.perplexity(smollm2, ids, window=256)
+  theirs = models.model_perplexity(tunix_model, ids, window=256, logits=logits_of)
+  print(f"The Tempest, 1024 tokens: perplexity ours {ours:.4f}, tunix Llama3 {theirs:.4f}")
+  assert theirs == pytest.approx(ours, rel=1e-5)
+
+
 def test_qalora_on_tunix_llama3_trains_and_merges_exactly(smollm2, tunix_model, text_tokens):
   model = nnx.clone(tunix_model)
   int4 = quant.get("int", bits=4, group_size=32, scale_dtype="float32")

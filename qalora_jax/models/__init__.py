@@ -13,12 +13,12 @@ from qalora_jax.models.config import Config, RopeScaling
 from qalora_jax.models.generation import generate, generate_tokens
 from qalora_jax.models.llama import apply, forward, init_params, nll, param_paths, param_shapes
 from qalora_jax.models.lm import LanguageModel, load, model_names
-from qalora_jax.models.metrics import perplexity, token_nll
+from qalora_jax.models.metrics import model_perplexity, perplexity, token_nll
 from qalora_jax.models.quantize import BLOCK_LINEARS, QuantizeSummary, load_quantized, quantize_params, save_quantized
 from qalora_jax.models.tokenizer import Tokenizer
 
 __all__ = [
     "BLOCK_LINEARS", "CheckpointError", "Config", "LanguageModel", "QuantizeSummary", "RopeScaling", "Tokenizer",
     "apply", "forward", "generate", "generate_tokens", "init_params", "load", "model_names", "param_paths",
-    "load_quantized", "nll", "param_shapes", "perplexity", "quantize_params", "save_quantized", "token_nll",
+    "load_quantized", "model_perplexity", "nll", "param_shapes", "perplexity", "quantize_params", "save_quantized", "token_nll",
 ]

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from qalora_jax.models import llama
 from qalora_jax.models.config import Config
@@ -33,13 +34,33 @@ def perplexity(lm, ids: Sequence[int], window: int = 512, batch_size: int = 1, p
 
       ppl = exp( sum_w sum_{t=1}^{window-1} -log p(x_{w,t} | x_{w,<t}) / (n_windows (window - 1)) ).
   """
+  params = lm.params if params is None else params
+  return windowed_perplexity(lambda w: window_nll(lm.config, params, w), ids, window, batch_size)
+
+
+def model_perplexity(model, ids: Sequence[int], window: int = 512, batch_size: int = 1,
+                     logits: Callable | None = None) -> float:
+  """`perplexity` of any Flax NNX model that gives logits, e.g. one adapted with `qalora_jax.adapt`:
+  `logits(model, tokens [b, w])` -> [b, w, V] (default: model(tokens))."""
+  logits = logits or (lambda m, tokens: m(tokens))
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def nll(state, tokens):
+    z = logits(nnx.merge(graphdef, state), tokens[:, :-1])
+    return token_nll(z, tokens[:, 1:]).sum(axis=-1)
+
+  return windowed_perplexity(lambda w: nll(state, w), ids, window, batch_size)
+
+
+def windowed_perplexity(window_nll_fn: Callable, ids: Sequence[int], window: int, batch_size: int) -> float:
+  """exp(mean NLL) as in `perplexity`, with window_nll_fn(tokens [b, window]) -> summed NLL [b] of tokens[:, 1:]."""
   ids = np.asarray(ids, np.int32)
   n = len(ids) // window
   if n == 0:
     raise ValueError(f"{len(ids)} tokens are fewer than one window; allowed: at least window={window} tokens")
   windows = ids[: n * window].reshape(n, window)
-  params = lm.params if params is None else params
   total = 0.0
   for start in range(0, n, batch_size):
-    total += float(window_nll(lm.config, params, jnp.asarray(windows[start:start + batch_size])).sum())
+    total += float(window_nll_fn(jnp.asarray(windows[start:start + batch_size])).sum())
   return float(np.exp(total / (n * (window - 1))))
