@@ -6,17 +6,20 @@ same output error.
     frozen, stats = quantize_model(lm.config, lm.params, tokens, quant.get("gptq", bits=4, group_size=128))
     stats.output_rel_error                                                  # mean over the linear layers
 
-Order ("true sequential", as AutoGPTQ): within block l the linears are quantized in four steps, each step's
-inputs computed with everything before it already quantized:
+Order ("true sequential", as AutoGPTQ): within block l the linears are quantized in the order the block's own
+forward pass calls them, those sharing an input together, each step's inputs computed with everything before it
+already quantized. For a LLaMA block that is four steps:
 
     1. q, k, v_proj  on  x1 = norm(h_l)                      (one input, one Hessian)
     2. o_proj        on  x2 = attention(q~, k~, v~)
     3. gate, up_proj on  x3 = norm(h_l + x2 W~_o)             (one input, one Hessian)
     4. down_proj     on  x4 = silu(x3 W~_gate) * (x3 W~_up)
 
-and block l + 1 starts from h_{l+1} = h_l + x2 W~_o + x4 W~_down, the output of the quantized block l.
-Each step accumulates H = (2 / N) sum_n x_n x_n^T over the N = segments x seq_len calibration tokens.
-A quantizer with `quantize_with_hessian` (GPTQ) gets H; any other quantizes the weight alone. For both, the
+and block l + 1 starts from h_{l+1} = h_l + x2 W~_o + x4 W~_down, the output of the quantized block l. The
+inputs are captured inside the block's nn.Linear modules (`nn.adapt_model.calibrate_sequential`), so there is
+no second copy of the block here. Each step accumulates H = (2 / N) sum_n x_n x_n^T over the N = segments x
+seq_len calibration tokens.
+A quantizer that calibrates (`needs_calibration`: GPTQ) gets H; any other quantizes the weight alone. For both, the
 output error of each layer on the inputs it sees in the quantized model,
 
     ||X W - X W~||^2 / ||X W||^2 = tr(D^T H D) / tr(W^T H W),   D = W - W~,
@@ -34,17 +37,17 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from tqdm.auto import tqdm
 
 from qalora_jax import assets, data
 from qalora_jax.models import layers, llama
 from qalora_jax.models.config import Config, rope_frequencies
+from qalora_jax.nn.adapt_model import adapted_layers, calibrate_sequential, quantize_kernel
+from qalora_jax.nn.modules import Frozen
 from qalora_jax.quant import Quantizer, QTensor
 from qalora_jax.quant.gptq import output_relative_error
 
-# The block's linear layers in quantization order, grouped by the input they share.
-STEPS = (("attn", ("q_proj", "k_proj", "v_proj")), ("attn", ("o_proj",)),
-         ("mlp", ("gate_proj", "up_proj")), ("mlp", ("down_proj",)))
 HELDOUT_PLAY = "romances/the-tempest"
 
 
@@ -105,96 +108,6 @@ def check_tokens(config: Config, tokens) -> np.ndarray:
   return tokens.astype(np.int32)
 
 
-# ------------------------------------------------------------------------------------ block, in steps
-
-
-def _gram(x: jax.Array) -> jax.Array:
-  """sum_n x_n x_n^T over every leading axis of x [..., d]."""
-  x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-  return x.T @ x
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _step_qkv_input(config: Config, p, h):
-  """Gram of x1 = norm(h)."""
-  return _gram(layers.rms_norm(h, p["attn_norm"]["scale"], config.rms_eps))
-
-
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, sliding_window: int | None = None,
-                     query_block: int = 128) -> jax.Array:
-  """softmax(q k^T / sqrt(d) + causal mask) v for full segments (no padding, positions 0..t-1), as
-  `layers.attention` computes it, faster on CPU: KV heads repeated for their query heads, and each block of
-  `query_block` queries scored only against the keys at or before its end (about 5/8 of the work at t = 512).
-  q [b, t, heads, d], k and v [b, t, kv_heads, d] -> [b, t, heads, d]."""
-  b, t, heads, d = q.shape
-  k = jnp.repeat(k, heads // k.shape[2], axis=2)
-  v = jnp.repeat(v, heads // v.shape[2], axis=2)
-  outs = []
-  for start in range(0, t, query_block):
-    end = min(start + query_block, t)
-    scores = jnp.einsum("bthd,bshd->bhts", q[:, start:end], k[:, :end],
-                        preferred_element_type=jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
-    qpos, kpos = jnp.arange(start, end)[:, None], jnp.arange(end)[None, :]
-    allowed = kpos <= qpos
-    if sliding_window is not None:
-      allowed = allowed & (qpos - kpos < sliding_window)
-    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    outs.append(jnp.einsum("bhts,bshd->bthd", probs, v[:, :end]))
-  return jnp.concatenate(outs, axis=1)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _step_attention(config: Config, p, h):
-  """x2 = attention(q, k, v) of norm(h) (before o_proj), causal over each segment; and its Gram."""
-  b, t, _ = h.shape
-  x = layers.rms_norm(h, p["attn_norm"]["scale"], config.rms_eps)
-  attn = p["attn"]
-  q = layers.linear(x, attn["q_proj"]).reshape(b, t, config.num_heads, config.head_dim)
-  k = layers.linear(x, attn["k_proj"]).reshape(b, t, config.num_kv_heads, config.head_dim)
-  v = layers.linear(x, attn["v_proj"]).reshape(b, t, config.num_kv_heads, config.head_dim)
-  positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-  cos, sin = layers.rope_angles(positions, rope_frequencies(config))
-  q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
-  a = causal_attention(q, k, v, config.sliding_window).reshape(b, t, config.q_size)
-  return a, _gram(a)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _step_mlp_input(config: Config, p, h, a):
-  """h2 = h + o_proj(x2), and the Gram of x3 = norm(h2)."""
-  h2 = h + layers.linear(a, p["attn"]["o_proj"])
-  return h2, _gram(layers.rms_norm(h2, p["mlp_norm"]["scale"], config.rms_eps))
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _step_down_input(config: Config, p, h2):
-  """x4 = silu(gate(x3)) * up(x3), and its Gram."""
-  x = layers.rms_norm(h2, p["mlp_norm"]["scale"], config.rms_eps)
-  act = jax.nn.silu(layers.linear(x, p["mlp"]["gate_proj"])) * layers.linear(x, p["mlp"]["up_proj"])
-  return act, _gram(act)
-
-
-@jax.jit
-def _step_output(p, h2, act):
-  """The block's output h2 + down_proj(x4)."""
-  return h2 + layers.linear(act, p["mlp"]["down_proj"])
-
-
-def _chunked(fn, arrays, batch: int):
-  """Applies fn to consecutive chunks of `batch` segments of every array; returns (concatenated outputs or
-  None, summed Gram) where fn returns (output, gram), or gram alone."""
-  n = arrays[0].shape[0]
-  outs, total = [], None
-  for start in range(0, n, batch):
-    result = fn(*[a[start:start + batch] for a in arrays])
-    out, gram = result if isinstance(result, tuple) else (None, result)
-    if out is not None:
-      outs.append(out)
-    total = gram if total is None else total + gram
-  return (jnp.concatenate(outs) if outs else None), total
-
-
 # ----------------------------------------------------------------------------------------------- driver
 
 
@@ -212,59 +125,58 @@ class CalibrationStats:
     return float(np.mean(np.concatenate([e for e in self.layer_errors.values()])))
 
 
-def _quantize(quantizer: Quantizer, w, h) -> QTensor:
-  if quantizer.needs_calibration:
-    return quantizer.quantize_with_hessian(w, h)
-  return quantizer.quantize(w)
+def _run_block(block: llama.Block, batch):
+  """One calibration chunk through a decoder block: batch = (h, cos, sin, mask) of full causal segments."""
+  h, cos, sin, mask = batch
+  return block(h, cos, sin, mask, None, 0)[0]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _block_output(graphdef, state, batch):
+  return _run_block(nnx.merge(graphdef, state), batch)
 
 
 def quantize_model(config: Config, params: dict, tokens, quantizer: Quantizer, *, batch_segments: int = 8,
                    progress: bool = True) -> tuple[dict, CalibrationStats]:
   """The frozen tree (the 7 linears of every block as QTensors; norms, embeddings and head unchanged), in the
   layout of `models.quantize_params` (stacked [L, ...] leaves; per-layer in, per-layer out), and the
-  per-layer output errors. Blocks run in sequence, each on the outputs of the already quantized ones."""
+  per-layer output errors. Blocks run in sequence, each on the outputs of the already quantized ones; within a
+  block, `nn.adapt_model.calibrate_sequential` captures each linear's inputs from the block's own forward pass
+  in `batch_segments`-segment chunks."""
   tokens = check_tokens(config, tokens)
   per_layer = llama.is_per_layer(params["blocks"])
-  block_params = [llama.layer_slice(params["blocks"], i) for i in range(config.num_layers)]
-  for p in block_params[:1]:
-    for group, names in STEPS:
-      for name in names:
-        kernel = p[group][name]["kernel"]
-        if isinstance(kernel, QTensor) or kernel.ndim != 2:
-          raise ValueError(f"blocks/{group}/{name}/kernel: calibration needs float [in, out] kernels")
-        quantizer.check_shape(tuple(kernel.shape))
+  cfg = config.replace(dtype="float32", matmul_dtype=None, remat=False)
+  model = llama.decoder(cfg, llama.unstack_blocks(params))
+  for path, layer in adapted_layers(model.blocks[0]):
+    kernel = layer.kernel.get_value()
+    if isinstance(kernel, QTensor) or kernel.ndim != 2:
+      raise ValueError(f"blocks/{path}/kernel: calibration needs float [in, out] kernels")
+    quantizer.check_shape(tuple(kernel.shape))
   start = time.perf_counter()
-  cfg = config.replace(dtype="float32")
-  h = llama.embed(cfg, params, jnp.asarray(tokens))
-  errors = {f"blocks/{g}/{n}/kernel": [] for g, names in STEPS for n in names}
-  out_blocks = []
-  for i in tqdm(range(config.num_layers), desc=f"calibrating {type(quantizer).__name__}", disable=not progress):
-    p = jax.tree.map(lambda x: x, block_params[i])  # a copy whose kernels are replaced step by step
+  seq = tokens.shape[1]
+  chunks = []
+  for s in range(0, tokens.shape[0], batch_segments):
+    segment = jnp.asarray(tokens[s:s + batch_segments])
+    positions = jnp.broadcast_to(jnp.arange(seq), segment.shape)
+    cos, sin = layers.rope_angles(positions, rope_frequencies(cfg))
+    mask = llama.attention_mask(cfg, jnp.ones(segment.shape, bool), seq, 0)
+    chunks.append((model.embed(segment, jnp.float32), cos, sin, mask))
+  errors: dict[str, list[float]] = {}
+  for block in tqdm(model.blocks, desc=f"calibrating {type(quantizer).__name__}", disable=not progress):
+    linears = dict(adapted_layers(block))
 
-    def quantize_step(group, names, gram):
-      hess = (2.0 / tokens.size) * gram
-      for name in names:
-        w = p[group][name]["kernel"].astype(jnp.float32)
-        qt = _quantize(quantizer, w, hess)
-        errors[f"blocks/{group}/{name}/kernel"].append(float(output_relative_error(w, qt.dequantize(), hess)))
-        p[group] = {**p[group], name: {**p[group][name], "kernel": qt}}
+    def quantize(path, hessian, linears=linears):
+      w = linears[path].kernel.get_value().astype(jnp.float32)
+      qt = quantize_kernel(quantizer, w, f"blocks/{path}/kernel", hessian)
+      errors.setdefault(f"blocks/{path}/kernel", []).append(float(output_relative_error(w, qt.dequantize(), hessian)))
+      linears[path].kernel = Frozen(qt)
 
-    _, gram = _chunked(functools.partial(_step_qkv_input, cfg, p), [h], batch_segments)
-    quantize_step(*STEPS[0], gram)
-    a, gram = _chunked(functools.partial(_step_attention, cfg, p), [h], batch_segments)
-    quantize_step(*STEPS[1], gram)
-    h2, gram = _chunked(functools.partial(_step_mlp_input, cfg, p), [h, a], batch_segments)
-    quantize_step(*STEPS[2], gram)
-    act, gram = _chunked(functools.partial(_step_down_input, cfg, p), [h2], batch_segments)
-    quantize_step(*STEPS[3], gram)
-    del a
-    h, _ = _chunked(lambda x, y: (_step_output(p, x, y), jnp.zeros(())), [h2, act], batch_segments)
-    del h2, act
-    out_blocks.append(p)
-  blocks = jax.tree.map(lambda *xs: jnp.stack(xs), *out_blocks)
-  frozen = {**params, "blocks": blocks}
-  if per_layer:
-    frozen = llama.unstack_blocks(frozen)
+    calibrate_sequential(block, linears, chunks, _run_block, quantize)
+    graphdef, state = nnx.split(block)
+    chunks = [(_block_output(graphdef, state, chunk), *chunk[1:]) for chunk in chunks]
+  frozen = llama.params_of(model)
+  if not per_layer:
+    frozen = llama.stack_blocks(frozen)
   stats = CalibrationStats({k: np.asarray(v) for k, v in errors.items()}, int(tokens.size),
                            time.perf_counter() - start)
   return frozen, stats

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from qalora_jax import calibration, models, quant
 from qalora_jax.quant import gptq
@@ -183,18 +184,40 @@ def tiny():
   return tiny_model()
 
 
-def test_driver_steps_compose_to_the_model_block(tiny):
-  config, p = tiny.config, models.llama.layer_slice(tiny.params["blocks"], 0)
-  h = jax.random.normal(jax.random.PRNGKey(0), (2, 32, config.hidden_size))
-  a, _ = calibration._step_attention(config, p, h)
-  h2, _ = calibration._step_mlp_input(config, p, h, a)
-  act, _ = calibration._step_down_input(config, p, h2)
-  out = calibration._step_output(p, h2, act)
-  positions = jnp.broadcast_to(jnp.arange(32), (2, 32))
+def test_each_layers_hessian_comes_from_the_quantized_model_before_it(tiny):
+  """True sequential, checked by hand on block 0: q/k/v see norm(embed(x)); down_proj sees
+  silu(x3 W~_gate) * (x3 W~_up) with the QUANTIZED gate and up (and everything before them quantized)."""
+  config = tiny.config.replace(num_layers=1)
+  params = {**tiny.params, "blocks": jax.tree.map(lambda a: a[:1], tiny.params["blocks"])}
+  tokens = np.random.default_rng(0).integers(0, 256, size=(4, 64))
+  int3 = quant.get("int", bits=3, group_size=32)
+  frozen, stats = calibration.quantize_model(config, params, tokens, int3, progress=False)
+  p, q = jax.tree.map(lambda a: a[0], params["blocks"]), jax.tree.map(lambda a: a[0], frozen["blocks"])
+  n = tokens.size
+
+  def check(name, group, x):
+    x = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+    h = 2.0 / n * x.T @ x
+    w, wq = np.asarray(p[group][name]["kernel"], np.float64), np.asarray(q[group][name]["kernel"].dequantize())
+    d = w - wq
+    want = np.trace(d.T @ h @ d) / np.trace(w.T @ h @ w)
+    assert stats.layer_errors[f"blocks/{group}/{name}/kernel"][0] == pytest.approx(want, rel=1e-4)
+
+  emb = np.asarray(params["embed"]["embedding"])[tokens]
+  x1 = models.layers.rms_norm(jnp.asarray(emb), p["attn_norm"]["scale"], config.rms_eps)
+  for name in ("q_proj", "k_proj", "v_proj"):
+    check(name, "attn", x1)
+  block = models.llama.decoder(config, frozen).blocks
+  graphdef, state = nnx.split(block)
+  first = jax.tree.map(lambda a: a[0], state)
+  b = nnx.merge(graphdef, first)
+  positions = jnp.broadcast_to(jnp.arange(64), tokens.shape)
   cos, sin = models.layers.rope_angles(positions, models.config.rope_frequencies(config))
-  mask = models.llama.attention_mask(config, jnp.ones((2, 32), bool), 32, 0)
-  expected, _ = models.llama.block(config, p, h, cos, sin, mask, None, 0)
-  np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-5, atol=1e-5)
+  mask = models.llama.attention_mask(config, jnp.ones(tokens.shape, bool), 64, 0)
+  a, _ = b.attn(b.attn_norm(jnp.asarray(emb)), cos, sin, mask, None, 0)
+  x3 = b.mlp_norm(jnp.asarray(emb) + a)
+  x4 = jax.nn.silu(x3 @ q["mlp"]["gate_proj"]["kernel"].dequantize()) * (x3 @ q["mlp"]["up_proj"]["kernel"].dequantize())
+  check("down_proj", "mlp", x4)
 
 
 def test_calibrated_gptq_beats_round_to_nearest_on_a_tiny_model(tiny):
@@ -207,7 +230,8 @@ def test_calibrated_gptq_beats_round_to_nearest_on_a_tiny_model(tiny):
   assert jax.tree.structure(frozen) == jax.tree.structure(reference)
   for a, b in zip(jax.tree.leaves(rtn_frozen), jax.tree.leaves(reference)):  # same quantizer, same tensors
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert set(stats.layer_errors) == {f"blocks/{g}/{n}/kernel" for g, ns in calibration.STEPS for n in ns}
+  assert set(stats.layer_errors) == {f"blocks/{g}/{n}_proj/kernel" for g, ns in
+                                     (("attn", "qkvo"), ("mlp", ("gate", "up", "down"))) for n in ns}
   assert all(e.shape == (2,) for e in stats.layer_errors.values())
   assert stats.output_rel_error < 0.9 * rtn.output_rel_error
   logits = models.apply(tiny.config, frozen, jnp.asarray(tokens[:1]))

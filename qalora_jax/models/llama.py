@@ -38,13 +38,13 @@ written "/"-joined: "blocks/attn/q_proj/kernel" (stacked) or "blocks/3/attn/q_pr
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from qalora_jax.models import layers
 from qalora_jax.models.config import Config, rope_frequencies
+from qalora_jax.nn.modules import Frozen, Linear, LowRankAdapter
 from qalora_jax.quant import QTensor
 
 ATTN_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -156,45 +156,6 @@ def embed(config: Config, params: dict, tokens: jax.Array) -> jax.Array:
   return jnp.take(table, tokens, axis=0).astype(config.dtype)
 
 
-def head_weight(config: Config, params: dict):
-  """(the output head's weight, whether it is vocab-first): the embedding [V, D] when tied, else lm_head [D, V]."""
-  if config.tie_embeddings:
-    return params["embed"]["embedding"], True
-  return params["lm_head"]["kernel"], False
-
-
-def head(config: Config, params: dict, x: jax.Array) -> jax.Array:
-  """Logits in float32: x W_head, with W_head = embedding^T when the embeddings are tied."""
-  weight, vocab_first = head_weight(config, params)
-  return layers.head_logits(x, weight, vocab_first, config.matmul_dtype)
-
-
-def block(config: Config, p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-          kv: tuple[jax.Array, jax.Array] | None, index: jax.Array, rng: jax.Array | None = None):
-  """One decoder block. With a cache `kv` ([b, S, K, d] each), this step's keys and values are written at
-  slot `index` and attention runs over all S slots; returns (x, updated kv or None). `rng` drives the
-  adapters' dropout (training only)."""
-  b, t, _ = x.shape
-  dt, md = x.dtype, config.matmul_dtype
-  h = layers.rms_norm(x, p["attn_norm"]["scale"], config.rms_eps)
-  attn = p["attn"]
-  proj = lambda name, i: layers.linear(h, attn[name], dropout_rng=layers.fold(rng, i), matmul_dtype=md)  # noqa: E731
-  q = proj("q_proj", 0).reshape(b, t, config.num_heads, config.head_dim)
-  k = proj("k_proj", 1).reshape(b, t, config.num_kv_heads, config.head_dim)
-  v = proj("v_proj", 2).reshape(b, t, config.num_kv_heads, config.head_dim)
-  q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
-  if kv is not None:
-    k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
-    v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
-    kv = (k, v)
-  a = layers.attention(q, k.astype(dt), v.astype(dt), mask)
-  x = x + layers.linear(a.reshape(b, t, config.q_size), attn["o_proj"], dropout_rng=layers.fold(rng, 3),
-                        matmul_dtype=md)
-  h = layers.rms_norm(x, p["mlp_norm"]["scale"], config.rms_eps)
-  x = x + layers.swiglu(h, p["mlp"], dropout_rng=layers.fold(rng, 4), matmul_dtype=md)
-  return x, kv
-
-
 def attention_mask(config: Config, key_mask: jax.Array, num_queries: int, index) -> jax.Array:
   """[b, t, S] mask over cache slots: query slot index + i sees key slot j if j <= index + i, key j is valid,
   and (with a sliding window) index + i - j < window."""
@@ -213,50 +174,234 @@ def default_positions(key_mask: jax.Array) -> jax.Array:
 
 def forward(config: Config, params: dict, tokens: jax.Array, positions: jax.Array, key_mask: jax.Array,
             cache: dict | None = None, index=0, dropout_rng: jax.Array | None = None):
-  """Logits [b, t, V] (float32) and the updated cache; see `features` for the arguments."""
-  x, cache = features(config, params, tokens, positions, key_mask, cache, index, dropout_rng)
-  return head(config, params, x), cache
+  """Logits [b, t, V] (float32) and the updated cache; see `Decoder.features` for the arguments."""
+  return decoder(config, params).forward(tokens, positions, key_mask, cache, index, dropout_rng)
 
 
 def features(config: Config, params: dict, tokens: jax.Array, positions: jax.Array, key_mask: jax.Array,
              cache: dict | None = None, index=0, dropout_rng: jax.Array | None = None):
-  """The final-normed hidden states [b, t, D] (the head's input) and the updated cache.
+  """The final-normed hidden states [b, t, D] (the head's input) and the updated cache: `Decoder.features` of the
+  decoder around `params`."""
+  return decoder(config, params).features(tokens, positions, key_mask, cache, index, dropout_rng)
 
-  Args:
-    tokens, positions: [b, t] int.
-    key_mask: [b, S] bool, which key slots hold real tokens; S = t without a cache, the cache length with one.
-    cache: None, or {"k", "v"}: [L, b, S, K, d] each, or lists of L arrays [b, S, K, d] (see `init_cache`);
-      this call's keys and values go to slots index..index+t-1.
-    dropout_rng: a key for the adapters' dropout (training); None disables dropout.
+
+# ---------------------------------------------------------------------------------------- NNX modules
+
+
+class RMSNorm(nnx.Module):
+  """y = scale * x / sqrt(mean(x^2) + eps), the scale Frozen."""
+
+  def __init__(self, scale, eps: float):
+    self.scale = scale if isinstance(scale, nnx.Variable) else Frozen(scale)
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return layers.rms_norm(x, self.scale.get_value(), self.eps)
+
+
+class Embedding(nnx.Module):
+  """The token table [V, D] (float or a QTensor), Frozen; also the output head when embeddings are tied."""
+
+  def __init__(self, table):
+    self.embedding = table if isinstance(table, nnx.Variable) else Frozen(table)
+
+  def __call__(self, tokens: jax.Array, dtype) -> jax.Array:
+    table = self.embedding.get_value()
+    if isinstance(table, QTensor):
+      table = table.dequantize(jnp.float32)
+    return jnp.take(table, tokens, axis=0).astype(dtype)
+
+
+class Attention(nnx.Module):
+  """Grouped-query self-attention with RoPE: o_proj(attention(rope(q_proj(h)), rope(k_proj(h)), v_proj(h)))."""
+
+  def __init__(self, config: Config, q_proj: Linear, k_proj: Linear, v_proj: Linear, o_proj: Linear):
+    self.config = config
+    self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
+
+  def __call__(self, h, cos, sin, mask, kv, index, rng=None):
+    """With a cache `kv` ([b, S, K, d] each), this step's keys and values are written at slot `index` and
+    attention runs over all S slots; returns (output, updated kv or None)."""
+    c = self.config
+    b, t, _ = h.shape
+    q = self.q_proj(h, dropout_rng=layers.fold(rng, 0)).reshape(b, t, c.num_heads, c.head_dim)
+    k = self.k_proj(h, dropout_rng=layers.fold(rng, 1)).reshape(b, t, c.num_kv_heads, c.head_dim)
+    v = self.v_proj(h, dropout_rng=layers.fold(rng, 2)).reshape(b, t, c.num_kv_heads, c.head_dim)
+    q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
+    if kv is not None:
+      k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
+      v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
+      kv = (k, v)
+    a = layers.attention(q, k.astype(h.dtype), v.astype(h.dtype), mask)
+    return self.o_proj(a.reshape(b, t, c.q_size), dropout_rng=layers.fold(rng, 3)), kv
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down_proj(silu(gate_proj(x)) * up_proj(x))."""
+
+  def __init__(self, gate_proj: Linear, up_proj: Linear, down_proj: Linear):
+    self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+
+  def __call__(self, x, rng=None):
+    gate = self.gate_proj(x, dropout_rng=layers.fold(rng, 0))
+    up = self.up_proj(x, dropout_rng=layers.fold(rng, 1))
+    return self.down_proj(jax.nn.silu(gate) * up, dropout_rng=layers.fold(rng, 2))
+
+
+class Block(nnx.Module):
+  """One pre-norm decoder block: h = x + attn(attn_norm(x)); y = h + mlp(mlp_norm(h)). Its Variables may carry
+  a leading layer axis (the stacked blocks of a scanned decoder)."""
+
+  def __init__(self, attn_norm: RMSNorm, attn: Attention, mlp_norm: RMSNorm, mlp: MLP):
+    self.attn_norm, self.attn, self.mlp_norm, self.mlp = attn_norm, attn, mlp_norm, mlp
+
+  def __call__(self, x, cos, sin, mask, kv, index, rng=None):
+    a, kv = self.attn(self.attn_norm(x), cos, sin, mask, kv, index, rng)
+    x = x + a
+    return x + self.mlp(self.mlp_norm(x), layers.fold(rng, 4)), kv
+
+
+class Decoder(nnx.Module):
+  """A LLaMA-family decoder: embed, blocks, final_norm, and lm_head unless the embeddings are tied.
+
+  Its state has the parameter tree's layout (see the module docstring): `blocks` is one Block whose Variables
+  are stacked over the layers (run with jax.lax.scan when config.scan_layers), or an nnx.List of Blocks.
+  Frozen holds the base, nn.AdapterParam the adapters:
+
+      graphdef, adapters, frozen = nnx.split(model, nn.AdapterParam, ...)
   """
-  x = embed(config, params, tokens)
-  cos, sin = layers.rope_angles(positions, rope_frequencies(config))
-  mask = attention_mask(config, key_mask, tokens.shape[1], index)
-  blocks = params["blocks"]
-  scanned = config.scan_layers and not is_per_layer(blocks)
-  step = functools.partial(block, config)
-  if config.remat:
-    step = jax.checkpoint(step, prevent_cse=not scanned)
-  kvs = None if cache is None else (cache["k"], cache["v"])
-  if scanned:
-    def body(x, layer):
-      p, kv, i = layer
-      x, kv = step(p, x, cos, sin, mask, kv, index, layers.fold(dropout_rng, i))
-      return x, kv
 
-    x, kvs = jax.lax.scan(body, x, (blocks, kvs, jnp.arange(config.num_layers)))
+  def __init__(self, config: Config, embed: Embedding, blocks, final_norm: RMSNorm, lm_head: Linear | None = None):
+    self.config = config
+    self.embed, self.blocks, self.final_norm = embed, blocks, final_norm
+    self.lm_head = nnx.data(lm_head)
+
+  def head_weight(self):
+    """(the output head's weight, whether it is vocab-first [V, D])."""
+    if self.config.tie_embeddings:
+      return self.embed.embedding.get_value(), True
+    return self.lm_head.kernel.get_value(), False
+
+  def features(self, tokens, positions, key_mask, cache=None, index=0, dropout_rng=None):
+    """The final-normed hidden states [b, t, D] (the head's input) and the updated cache.
+
+    Args:
+      tokens, positions: [b, t] int.
+      key_mask: [b, S] bool, which key slots hold real tokens; S = t without a cache, the cache length with one.
+      cache: None, or {"k", "v"}: [L, b, S, K, d] each, or lists of L arrays [b, S, K, d] (see `init_cache`);
+        this call's keys and values go to slots index..index+t-1.
+      dropout_rng: a key for the adapters' dropout (training); None disables dropout.
+    """
+    config = self.config
+    x = self.embed(tokens, config.dtype)
+    cos, sin = layers.rope_angles(positions, rope_frequencies(config))
+    mask = attention_mask(config, key_mask, tokens.shape[1], index)
+    stacked = not isinstance(self.blocks, nnx.List)
+    scanned = config.scan_layers and stacked
+    if stacked:
+      graphdef, state = nnx.split(self.blocks)
+      states = None if scanned else [jax.tree.map(lambda a, i=i: a[i], state) for i in range(config.num_layers)]
+    else:
+      graphdef, states = None, []
+      for block in self.blocks:
+        graphdef, state = nnx.split(block)
+        states.append(state)
+
+    def step(state, x, kv, rng):
+      return nnx.merge(graphdef, state)(x, cos, sin, mask, kv, index, rng)
+
+    if config.remat:
+      step = jax.checkpoint(step, prevent_cse=not scanned)
+    kvs = None if cache is None else (cache["k"], cache["v"])
+    if scanned:
+      def body(x, layer):
+        state, kv, i = layer
+        return step(state, x, kv, layers.fold(dropout_rng, i))
+
+      x, kvs = jax.lax.scan(body, x, (state, kvs, jnp.arange(config.num_layers)))
+    else:
+      new = []
+      for i, state in enumerate(states):
+        kv = None if kvs is None else (kvs[0][i], kvs[1][i])
+        x, kv = step(state, x, kv, layers.fold(dropout_rng, i))
+        new.append(kv)
+      if kvs is not None:
+        kvs = ([kv[0] for kv in new], [kv[1] for kv in new])
+        if not isinstance(cache["k"], list):
+          kvs = (jnp.stack(kvs[0]), jnp.stack(kvs[1]))
+    x = self.final_norm(x)
+    return x, (None if cache is None else {"k": kvs[0], "v": kvs[1]})
+
+  def forward(self, tokens, positions, key_mask, cache=None, index=0, dropout_rng=None):
+    """Logits [b, t, V] (float32) and the updated cache; see `features`."""
+    x, cache = self.features(tokens, positions, key_mask, cache, index, dropout_rng)
+    weight, vocab_first = self.head_weight()
+    return layers.head_logits(x, weight, vocab_first, self.config.matmul_dtype), cache
+
+  def __call__(self, tokens, positions=None, padding_mask=None, dropout_rng=None) -> jax.Array:
+    """Logits [batch, seq, vocab] (float32), see `apply`."""
+    tokens, positions, key_mask = _inputs(self.config, tokens, positions, padding_mask)
+    return self.forward(tokens, positions, key_mask, dropout_rng=dropout_rng)[0]
+
+  def nll(self, tokens, targets, padding_mask=None, dropout_rng=None, chunk: int = 256) -> jax.Array:
+    """-log p(targets | tokens) [batch, seq] (float32), the head and the softmax fused; see `nll`."""
+    tokens, positions, key_mask = _inputs(self.config, tokens, None, padding_mask)
+    x, _ = self.features(tokens, positions, key_mask, dropout_rng=dropout_rng)
+    weight, vocab_first = self.head_weight()
+    return layers.head_nll(x, weight, targets, vocab_first=vocab_first, matmul_dtype=self.config.matmul_dtype,
+                           chunk=chunk)
+
+
+def _linear(p: dict, matmul_dtype) -> Linear:
+  ad = p.get("adapter")
+  adapter = None if ad is None else LowRankAdapter(ad.a, ad.b, ad.meta)
+  return Linear(p["kernel"], p.get("bias"), adapter=adapter, matmul_dtype=matmul_dtype)
+
+
+def _block(config: Config, p: dict) -> Block:
+  md, a, m = config.matmul_dtype, p["attn"], p["mlp"]
+  attn = Attention(config, *(_linear(a[n], md) for n in ("q_proj", "k_proj", "v_proj", "o_proj")))
+  mlp = MLP(*(_linear(m[n], md) for n in ("gate_proj", "up_proj", "down_proj")))
+  return Block(RMSNorm(p["attn_norm"]["scale"], config.rms_eps), attn, RMSNorm(p["mlp_norm"]["scale"], config.rms_eps),
+               mlp)
+
+
+def decoder(config: Config, params: dict) -> Decoder:
+  """The NNX decoder around a parameter tree (its arrays, QTensors and Adapters, not copies): what every
+  function of this module runs. Kernel dicts holding an "adapter" get a LowRankAdapter."""
+  blocks = params["blocks"]
+  if is_per_layer(blocks):
+    blocks = nnx.List([_block(config, blocks[str(i)]) for i in range(len(blocks))])
   else:
-    new = []
-    for i in range(config.num_layers):
-      kv = None if kvs is None else (kvs[0][i], kvs[1][i])
-      x, kv = step(layer_slice(blocks, i), x, cos, sin, mask, kv, index, layers.fold(dropout_rng, i))
-      new.append(kv)
-    if kvs is not None:
-      kvs = ([kv[0] for kv in new], [kv[1] for kv in new])
-      if not isinstance(cache["k"], list):
-        kvs = (jnp.stack(kvs[0]), jnp.stack(kvs[1]))
-  x = layers.rms_norm(x, params["final_norm"]["scale"], config.rms_eps)
-  return x, (None if cache is None else {"k": kvs[0], "v": kvs[1]})
+    blocks = _block(config, blocks)
+  lm_head = None if config.tie_embeddings else _linear(params["lm_head"], config.matmul_dtype)
+  return Decoder(config, Embedding(params["embed"]["embedding"]), blocks,
+                 RMSNorm(params["final_norm"]["scale"], config.rms_eps), lm_head)
+
+
+def params_of(model: Decoder) -> dict:
+  """The parameter tree of a Decoder (the inverse of `decoder`): arrays and QTensors, adapters as nn.Adapter."""
+  def linear(layer: Linear) -> dict:
+    p = {"kernel": layer.kernel.get_value()}
+    if layer.bias is not None:
+      p["bias"] = layer.bias.get_value()
+    if layer.adapter is not None:
+      p["adapter"] = layer.adapter.as_pytree()
+    return p
+
+  def block(b: Block) -> dict:
+    return {"attn_norm": {"scale": b.attn_norm.scale.get_value()},
+            "attn": {n: linear(getattr(b.attn, n)) for n in ("q_proj", "k_proj", "v_proj", "o_proj")},
+            "mlp_norm": {"scale": b.mlp_norm.scale.get_value()},
+            "mlp": {n: linear(getattr(b.mlp, n)) for n in ("gate_proj", "up_proj", "down_proj")}}
+
+  blocks = model.blocks
+  params = {"embed": {"embedding": model.embed.embedding.get_value()},
+            "blocks": {str(i): block(b) for i, b in enumerate(blocks)} if isinstance(blocks, nnx.List) else block(blocks),
+            "final_norm": {"scale": model.final_norm.scale.get_value()}}
+  if model.lm_head is not None:
+    params["lm_head"] = linear(model.lm_head)
+  return params
 
 
 def check_tokens(config: Config, tokens) -> None:
@@ -275,9 +420,7 @@ def apply(config: Config, params: dict, tokens: jax.Array, positions: jax.Array 
   tokens before each one, so a left-padded row is computed as if unpadded. dropout_rng enables the adapters'
   dropout (training).
   """
-  tokens, positions, key_mask = _inputs(config, tokens, positions, padding_mask)
-  logits, _ = forward(config, params, tokens, positions, key_mask, dropout_rng=dropout_rng)
-  return logits
+  return decoder(config, params)(tokens, positions, padding_mask, dropout_rng)
 
 
 def _inputs(config: Config, tokens, positions, padding_mask):
@@ -296,10 +439,7 @@ def nll(config: Config, params: dict, tokens: jax.Array, targets: jax.Array, pad
   """-log p(targets | tokens) [batch, seq] (float32): what `apply`'s logits give, with the head and the
   softmax fused (`layers.head_nll`), so the [batch, seq, vocab] logits are never whole. Training and
   perplexity use this."""
-  tokens, positions, key_mask = _inputs(config, tokens, None, padding_mask)
-  x, _ = features(config, params, tokens, positions, key_mask, dropout_rng=dropout_rng)
-  weight, vocab_first = head_weight(config, params)
-  return layers.head_nll(x, weight, targets, vocab_first=vocab_first, matmul_dtype=config.matmul_dtype, chunk=chunk)
+  return decoder(config, params).nll(tokens, targets, padding_mask, dropout_rng, chunk)
 
 
 def init_cache(config: Config, batch: int, length: int, per_layer: bool = False, dtype=None) -> dict:

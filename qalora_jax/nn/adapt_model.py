@@ -28,6 +28,7 @@ already quantized (one partial forward pass per group).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any, Callable, Iterable
 
@@ -150,11 +151,12 @@ def _replace(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
     setattr(parent, key, new)
 
 
-def _quantize(quantizer: Quantizer, kernel, where: str, hessian=None) -> QTensor:
+def quantize_kernel(quantizer: Quantizer, kernel, where: str, hessian=None) -> QTensor:
+  """`kernel` quantized (with the Hessian of its inputs for a quantizer that calibrates); errors name `where`."""
   if isinstance(kernel, QTensor):
     return kernel
   try:
-    if hessian is not None:
+    if hessian is not None and quantizer.needs_calibration:
       return quantizer.quantize_with_hessian(jnp.asarray(kernel, jnp.float32), hessian)
     return quantize_stacked(quantizer, jnp.asarray(kernel, jnp.float32))
   except ValueError as e:
@@ -222,12 +224,12 @@ def adapt(model: nnx.Module, rules: Rule | Iterable[Rule], *, key: jax.Array | N
                        f"allowed: an iterable of batches (and forward=fn(model, batch) if model(batch) is not "
                        f"how the model runs)")
     calibrate_sequential(model, {p: linears[p] for p in calibrated}, list(calibration),
-                         forward or (lambda m, batch: m(batch)),
-                         quantize=lambda p, h: _set_kernel(linears[p], _quantize(
+                         forward or call_model,
+                         quantize=lambda p, h: _set_kernel(linears[p], quantize_kernel(
                              chosen[p].quantizer, linears[p].kernel.get_value(), p, h)))
   for p, rule in chosen.items():
     if rule.quantizer is not None and p not in calibrated:
-      _set_kernel(linears[p], _quantize(rule.quantizer, linears[p].kernel.get_value(), p))
+      _set_kernel(linears[p], quantize_kernel(rule.quantizer, linears[p].kernel.get_value(), p))
 
   key = jax.random.PRNGKey(0) if key is None else key
   for i, (p, rule) in enumerate(chosen.items()):
@@ -265,6 +267,11 @@ def _is_linen(model) -> bool:
 
 
 # ------------------------------------------------------------------------------------- calibration
+
+
+def call_model(model, batch):
+  """The default calibration forward pass: model(batch)."""
+  return model(batch)
 
 
 class _Done(Exception):
@@ -314,44 +321,51 @@ class _capturing:
     return False
 
 
-@jax.jit
 def _gram(x: jax.Array) -> jax.Array:
   x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
   return x.T @ x
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _group_grams(graphdef, group: tuple[str, ...], forward, state, batch) -> dict[str, tuple[jax.Array, jax.Array]]:
+  """{path: (sum x x^T, number of inputs x)} of the inputs the layers of `group` receive in forward(model, batch), jitted: the trace
+  stops at the group's last call, so only the part of the forward pass they need is compiled and run."""
+  model = nnx.merge(graphdef, state)
+  members = {id(layer): p for p, layer in adapted_layers(model) if p in group}
+  grams: dict[str, jax.Array] = {}
+
+  def capture(layer, flat, x):
+    p = members.get(id(layer))
+    if p is not None and p not in grams:
+      grams[p] = (_gram(flat), jnp.asarray(flat.size // flat.shape[-1], jnp.float32))
+      if len(grams) == len(members):
+        raise _Done
+
+  with _capturing([layer for _, layer in adapted_layers(model)], capture):
+    try:
+      forward(model, batch)
+    except _Done:
+      pass
+  return grams
+
+
 def calibrate_sequential(model: nnx.Module, layers: dict[str, Linear], batches: list, forward,
                          quantize: Callable[[str, jax.Array], None]) -> None:
-  """Quantizes `layers` with H = (2 / N) sum x x^T of their inputs over `batches`, true sequential: for each
-  group of `call_order`, a forward pass per batch (stopped once the group has run) collects the group's Grams
-  with the earlier groups already quantized, then `quantize(path, H)` replaces those layers' kernels."""
+  """Quantizes `layers` (paths relative to `model`) with H = (2 / N) sum x x^T of their inputs over `batches`,
+  true sequential: for each group of `call_order`, the group's Grams are collected over every batch (a jitted
+  forward pass stopped at the group's last layer) with the earlier groups already quantized, then
+  `quantize(path, H)` replaces those layers' kernels. `forward(model, batch)` must be hashable (a function)."""
   if not batches:
     raise ValueError("calibration is empty; allowed: at least one batch")
   for group in call_order(model, layers, batches[0], forward):
-    members = {id(layers[p]): p for p in group}
     grams = {p: 0.0 for p in group}
-    tokens = {p: 0 for p in group}
-    seen: set[str] = set()
-
-    def capture(layer, flat, x, members=members, grams=grams, tokens=tokens, seen=seen):
-      p = members.get(id(layer))
-      if p is None:
-        return
-      grams[p] = grams[p] + _gram(flat)
-      tokens[p] += flat.size // flat.shape[-1]
-      seen.add(p)
-      if len(seen) == len(members):
-        seen.clear()
-        raise _Done
-
-    with _capturing(layers.values(), capture):
-      for batch in batches:
-        try:
-          forward(model, batch)
-        except _Done:
-          pass
+    tokens = {p: 0.0 for p in group}
+    graphdef, state = nnx.split(model)
+    for batch in batches:
+      for p, (gram, n) in _group_grams(graphdef, tuple(group), forward, state, batch).items():
+        grams[p], tokens[p] = grams[p] + gram, tokens[p] + n
     for p in group:
-      quantize(p, (2.0 / max(tokens[p], 1)) * grams[p])
+      quantize(p, (2.0 / tokens[p]) * grams[p])
 
 
 # -------------------------------------------------------------------------------------------- merge

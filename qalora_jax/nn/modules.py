@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from qalora_jax.nn.adapters import Adapter, AdapterMeta, adapter_delta, init_adapter
-from qalora_jax.nn.linear import base_matmul
+from qalora_jax.nn.linear import linear
 from qalora_jax.quant import QTensor
 
 
@@ -81,10 +81,14 @@ class LowRankAdapter(nnx.Module):
     """The functional core's Adapter(a, b, meta), on this module's current values."""
     return Adapter(self.a.get_value(), self.b.get_value(), self.meta)
 
-  def __call__(self, x: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
+  def dropout_key(self, dropout_rng: jax.Array | None) -> jax.Array | None:
+    """The caller's key, else one from this module's own stream while it is not deterministic."""
     if dropout_rng is None and self.rngs is not None and not self.deterministic:
-      dropout_rng = self.rngs.dropout()
-    return adapter_delta(x, self.as_pytree(), dropout_rng=dropout_rng)
+      return self.rngs.dropout()
+    return dropout_rng
+
+  def __call__(self, x: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
+    return adapter_delta(x, self.as_pytree(), dropout_rng=self.dropout_key(dropout_rng))
 
 
 def kernel_dims(kernel) -> tuple[tuple[int, ...], int, int]:
@@ -218,14 +222,16 @@ class Linear(nnx.Module):
     flat = x if self.layout is None else self.layout.flatten_input(x)
     if self.capture is not None:
       self.capture(self, flat, x)
-    y = base_matmul(flat, self.kernel.get_value(), self.matmul_dtype)
+    adapter = None
     if self.adapter is not None:
-      y = y + self.adapter(flat, dropout_rng)
-    if self.layout is not None:
-      y = self.layout.unflatten_output(y)
-    if self.bias is not None:
-      y = y + self.bias.get_value().astype(y.dtype)
-    return y
+      adapter, dropout_rng = self.adapter.as_pytree(), self.adapter.dropout_key(dropout_rng)
+    bias = None if self.bias is None else self.bias.get_value()
+    p = {"kernel": self.kernel.get_value(), "bias": bias if self.layout is None else None, "adapter": adapter}
+    y = linear(flat, p, dropout_rng=dropout_rng, matmul_dtype=self.matmul_dtype)
+    if self.layout is None:
+      return y
+    y = self.layout.unflatten_output(y)  # an einsum's bias has the output's shape
+    return y if bias is None else y + bias.astype(y.dtype)
 
 
 def stats(model: nnx.Module) -> dict[str, Any]:

@@ -1,0 +1,95 @@
+"""`qalora bench` of two versions of the code, alternately in one session: a change's speed against the commit
+before it, with the machine's noise falling on both sides alike.
+
+    python experiments/ab_bench.py --old addac0c [--rounds 3] [--out experiments/perf/ab.md]
+
+Each round runs every benchmark once with the old tree (a `git worktree` of --old, first on PYTHONPATH) and once
+with this checkout, each in a fresh process. Prints a Markdown table of the medians over rounds and of the
+ratio new / old taken within each round, and writes it (with the raw JSON lines) to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from qalora_jax.files import write_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHES = {
+    "train lora": ["train", "--method", "lora"],
+    "train qlora": ["train", "--method", "qlora"],
+    "train qalora": ["train", "--method", "qalora"],
+    "decode qalora-merged": ["decode", "--method", "qalora-merged"],
+}
+
+
+def run(tree: Path, args: list[str]) -> dict:
+  """One `qalora bench` JSON line, with the code imported from `tree`."""
+  env = {**os.environ, "PYTHONPATH": str(tree)}
+  code = "import sys, qalora_jax.cli as c; assert c.__file__.startswith(sys.argv[1]), c.__file__; " \
+         "sys.exit(c.main(['bench', *sys.argv[2:]]))"
+  proc = subprocess.run([sys.executable, "-c", code, str(tree), *args], capture_output=True, text=True, env=env)
+  if proc.returncode != 0:
+    raise RuntimeError(f"bench {' '.join(args)} in {tree} failed:\n{proc.stderr[-2000:]}")
+  return json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
+
+
+def cpu() -> str:
+  info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+  model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), platform.machine())
+  flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
+  wanted = [f for f in ("avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile") if f in flags]
+  return f"{model} ({os.cpu_count()} cores; {' '.join(wanted) or 'no AVX-512'})"
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--old", required=True, help="the git revision to compare against")
+  p.add_argument("--rounds", type=int, default=3)
+  p.add_argument("--only", default="", help="comma-separated benchmark names (default: all)")
+  p.add_argument("--out", default="")
+  args = p.parse_args(argv)
+  names = [n for n in BENCHES if not args.only or n in args.only.split(",")]
+  with tempfile.TemporaryDirectory(prefix="qalora-ab-") as tmp:
+    old = Path(tmp) / "old"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old), args.old], check=True,
+                   capture_output=True)
+    try:
+      lines = []
+      for r in range(args.rounds):
+        for name in names:
+          for side, tree in (("old", old), ("new", ROOT)) if r % 2 == 0 else (("new", ROOT), ("old", old)):
+            result = {**run(tree, BENCHES[name]), "name": name, "side": side, "round": r}
+            print(json.dumps(result), flush=True)
+            lines.append(result)
+    finally:
+      subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)], check=False)
+  rows = [f"A/B of `qalora bench` (tokens/s; medians of {args.rounds} alternating rounds), old = {args.old}, "
+          f"new = this checkout. CPU: {cpu()}.", "",
+          "| benchmark | old | new | new / old (per round) | compile s old / new |", "|---|---:|---:|---:|---:|"]
+  for name in names:
+    get = lambda side, key: [x[key] for x in lines if x["name"] == name and x["side"] == side]  # noqa: E731
+    ratios = [n / o for o, n in zip(get("old", "tokens_per_s"), get("new", "tokens_per_s"))]
+    rows.append(f"| {name} | {statistics.median(get('old', 'tokens_per_s')):.1f} | "
+                f"{statistics.median(get('new', 'tokens_per_s')):.1f} | {statistics.median(ratios):.3f} "
+                f"({', '.join(f'{x:.3f}' for x in ratios)}) | {statistics.median(get('old', 'compile_s')):.1f} / "
+                f"{statistics.median(get('new', 'compile_s')):.1f} |")
+  table = "\n".join(rows) + "\n"
+  print(table)
+  if args.out:
+    out = Path(args.out)
+    write_bytes(out, table.encode())
+    write_bytes(out.with_suffix(".jsonl"), "".join(json.dumps(x) + "\n" for x in lines).encode())
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
