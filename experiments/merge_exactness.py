@@ -31,7 +31,7 @@ def main():
                                                       f"--config.base.options.scale_dtype={scale_dtype}"])
       r = loop.build(cfg, log=lambda m: None)
       state, held = loop.train_steps(r, args.steps)
-      b_norm = float(sum(jnp.abs(a.b).max() for _, a in nn.trees.adapter_layers(state.trainable)))
+      b_norm = float(sum(jnp.abs(a.b).max() for _, a in nn.trees.adapter_layers(r.adapters(state.trainable))))
       unmerged, merged = r.params(state.trainable), r.merged(state.trainable)
       tokens = jnp.asarray(held[: 4 * 128].reshape(4, 128))
       lu, lm_ = r.apply(unmerged, tokens), r.apply(merged, tokens)

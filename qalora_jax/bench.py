@@ -101,11 +101,10 @@ def bench_train(method: str = "qalora", batch: int = 4, seq: int = 128, model: s
                 dtype: str = "float32", remat: bool = False, warmup: int = 2, repeats: int = 5,
                 matmul_dtype: str = "bfloat16") -> dict:
   from qalora_jax.train import loop
-  from qalora_jax.train.step import make_train_step
 
   cfg = train_config(method, model, batch, seq, dtype, remat, matmul_dtype)
   r = loop.build(cfg, log=lambda m: None)
-  init, step = make_train_step(r.nll, r.optimizer)
+  init, step = r.make_step()
   rng = np.random.default_rng(0)
   tokens = jnp.asarray(rng.integers(0, r.lm.config.vocab_size, (batch, seq + 1)), jnp.int32)
   data = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}

@@ -197,14 +197,12 @@ def _generate(args) -> int:
 def _export(args) -> int:
   from qalora_jax.export import peft
   from qalora_jax.train import loop
-  from qalora_jax.train.partition import partition
 
   r, trainable, _ = loop.restore(args.workdir, log=lambda m: print(m, file=sys.stderr))
-  adapters, extra = partition(trainable, r".*/adapter")
-  if extra:
+  if r.cfg.adapter.extra_trainable:
     raise ValueError("--format peft: the run also trains non-adapter leaves "
                      f"({r.cfg.adapter.extra_trainable}); PEFT adapter files hold adapters only")
-  out = peft.export_peft(adapters, args.out, base_model=r.cfg.model.name, overwrite=args.overwrite)
+  out = peft.export_peft(r.adapters(trainable), args.out, base_model=r.cfg.model.name, overwrite=args.overwrite)
   print(json.dumps({"out": str(out), "format": args.format}))
   return 0
 

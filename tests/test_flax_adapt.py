@@ -278,6 +278,16 @@ def test_a_kernel_the_quantizer_refuses_names_the_layer():
     qalora_jax.adapt(TinyLM(), nn.Rule(r"layers/0/up", quant.get("int", bits=4, group_size=128)))
 
 
+def test_a_failed_adapt_leaves_the_model_unchanged():
+  model = TinyLM()
+  before = model(TOKENS)
+  with pytest.raises(ValueError, match=r"layers/1/up: a qalora adapter needs a base whose groups carry"):
+    qalora_jax.adapt(model, [nn.Rule(r"layers/0/.*", INT4, "qalora"),
+                             nn.Rule(r"layers/1/up", quant.get("nf4", block_size=32), "qalora")])
+  assert not nn.adapted_layers(model)
+  np.testing.assert_array_equal(model(TOKENS), before)
+
+
 def test_qalora_group_size_must_be_the_bases():
   with pytest.raises(ValueError, match=r"layers/0/up: Rule.group_size=32 differs from the base quantizer's group "
                                        r"size 16"):

@@ -21,7 +21,7 @@ def trained_run(bits, scale_dtype, steps=5):
 @pytest.mark.parametrize("bits", [4, 3, 2])
 def test_merged_logits_equal_unmerged(bits):
   r, state, held = trained_run(bits, "float32")
-  assert all(float(jnp.abs(a.b).max()) > 0 for _, a in nn.trees.adapter_layers(state.trainable))
+  assert all(float(jnp.abs(a.b).max()) > 0 for _, a in nn.trees.adapter_layers(r.adapters(state.trainable)))
   merged = r.merged(state.trainable)
   tokens = jnp.asarray(held[:128].reshape(2, 64))
   unmerged_logits = r.apply(r.params(state.trainable), tokens)

@@ -61,9 +61,9 @@ def test_qalora_trains_and_merges_exactly_on_the_tiny_model():
   r = loop.build(cfg, log=lambda m: None)
   state, _ = loop.train_steps(r, 2)
   merged = r.merged(state.trainable)
-  layers = dict(nn.trees.linear_layers(r.frozen))
+  layers = dict(nn.trees.linear_layers(r.base_params()))
   merged_layers = dict(nn.trees.linear_layers(merged))
-  adapters = list(nn.trees.adapter_layers(state.trainable))
+  adapters = list(nn.trees.adapter_layers(r.adapters(state.trainable)))
   assert len(adapters) == 7
   dequantize = jax.jit(lambda qt: qt.dequantize())
   for path, adapter in adapters:

@@ -1,4 +1,9 @@
-"""A LLaMA-family decoder (LLaMA, Mistral, Qwen2) as pure functions over a nested-dict parameter tree.
+"""A LLaMA-family decoder (LLaMA, Mistral, Qwen2) as Flax NNX modules, and pure functions over its parameter tree.
+
+    model = decoder(config, params)                # Decoder(embed, blocks, final_norm, lm_head): NNX modules
+    graphdef, adapters, frozen = nnx.split(model, nn.AdapterParam, ...)
+    logits = apply(config, params, tokens)         # the functional form: decoder(config, params)(tokens)
+    params = params_of(model)                      # back to the tree
 
 Per block (pre-norm residual):
     h = x + o_proj(attention(rope(q_proj(norm(x))), rope(k_proj(norm(x))), v_proj(norm(x))))
@@ -11,8 +16,10 @@ by slicing when config.scan_layers is False), or per-layer (params["blocks"] = {
 each of the stacked structure without the L axis; run as an unrolled loop). `stack_blocks` and
 `unstack_blocks` convert. The stacked layout compiles one block for all layers (fast to compile, the usual
 choice for training); the per-layer layout lets XLA read each weight in place, which on CPU makes batch-1
-decoding 2-2.5x faster than a scan, where every step copies each layer's slice out of the stacked arrays.
-Any kernel dict may also hold an "adapter" (see qalora_jax.nn), applied by `nn.linear.linear`.
+decoding faster than a scan, where every step copies each layer's slice out of the stacked arrays.
+Any kernel dict may also hold an "adapter" (see qalora_jax.nn). In the Decoder the stacked layout is one Block
+whose Variables carry the L axis, the per-layer one an nnx.List of Blocks; every kernel dict is an nn.Linear
+(kernel and bias in nn.Frozen Variables, the adapter a LowRankAdapter), norms and the embedding are Frozen.
 
     params = {
       "embed":      {"embedding": [V, D]},

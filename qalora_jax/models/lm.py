@@ -4,6 +4,7 @@
     ids = lm.tokenizer.encode("To be, or not to be")
     logits = lm(jnp.asarray([ids]))                 # [1, seq, vocab], float32
     logits = lm.apply(other_params, tokens)          # pure in the parameters (jitted)
+    model = lm.decoder()                             # the same model as a Flax NNX module
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ class LanguageModel:
 
   def __call__(self, tokens, positions=None, padding_mask=None) -> jax.Array:
     return self.apply(self.params, tokens, positions, padding_mask)
+
+  def decoder(self, params: dict | None = None) -> llama.Decoder:
+    """The Flax NNX decoder around `params` (default: the held parameters), e.g. for nnx.split / nnx.display."""
+    return llama.decoder(self.config, self.params if params is None else params)
 
   def replace(self, **changes) -> LanguageModel:
     """A copy with fields replaced, e.g. lm.replace(params=frozen) or lm.replace(config=lm.config.replace(...))."""

@@ -170,7 +170,8 @@ def quantize_kernel(quantizer: Quantizer, kernel, where: str, hessian=None) -> Q
 def adapt(model: nnx.Module, rules: Rule | Iterable[Rule], *, key: jax.Array | None = None,
           rngs: nnx.Rngs | None = None, calibration: Iterable | None = None,
           forward: Callable[[nnx.Module, Any], Any] | None = None) -> nnx.Module:
-  """Quantizes and adapts the linear layers of `model` (in place) by `rules`; returns the model.
+  """Quantizes and adapts the linear layers of `model` (in place) by `rules`; returns the model. The work is
+  done on a clone and the new layers are put into `model` at the end, so an error leaves `model` unchanged.
 
   Args:
     model: any Flax NNX module.
@@ -191,7 +192,8 @@ def adapt(model: nnx.Module, rules: Rule | Iterable[Rule], *, key: jax.Array | N
   for i, rule in enumerate(rules):
     if not isinstance(rule, Rule):
       raise ValueError(f"rules[{i}]={rule!r} is not supported; allowed: qalora_jax.nn.Rule(...)")
-  layers = {module_path(path): (path, node) for path, node in nnx.iter_graph(model)
+  work = nnx.clone(model)
+  layers = {module_path(path): (path, node) for path, node in nnx.iter_graph(work)
             if isinstance(node, nnx.Module) and path and is_linear_layer(node)}
   chosen: dict[str, Rule] = {}
   for rule in rules:
@@ -214,7 +216,7 @@ def adapt(model: nnx.Module, rules: Rule | Iterable[Rule], *, key: jax.Array | N
     if rule.quantizer is not None and not isinstance(linear.kernel.get_value(), QTensor):
       _check_quantizable(rule.quantizer, linear, p)
     if linear is not layer:
-      _replace(model, path, linear)
+      _replace(work, path, linear)
     linears[p] = linear
 
   calibrated = [p for p, r in chosen.items() if r.quantizer is not None and r.quantizer.needs_calibration]
@@ -223,7 +225,7 @@ def adapt(model: nnx.Module, rules: Rule | Iterable[Rule], *, key: jax.Array | N
       raise ValueError(f"calibration=None, but {chosen[calibrated[0]].quantizer} on {calibrated[0]} calibrates; "
                        f"allowed: an iterable of batches (and forward=fn(model, batch) if model(batch) is not "
                        f"how the model runs)")
-    calibrate_sequential(model, {p: linears[p] for p in calibrated}, list(calibration),
+    calibrate_sequential(work, {p: linears[p] for p in calibrated}, list(calibration),
                          forward or call_model,
                          quantize=lambda p, h: _set_kernel(linears[p], quantize_kernel(
                              chosen[p].quantizer, linears[p].kernel.get_value(), p, h)))
@@ -241,8 +243,8 @@ def adapt(model: nnx.Module, rules: Rule | Iterable[Rule], *, key: jax.Array | N
     linears[p].adapter = LowRankAdapter.create(
         jax.random.fold_in(key, i), rule.method, kernel, rank=rule.rank, alpha=rule.alpha, rslora=rule.rslora,
         dropout=rule.dropout, rngs=rngs)
-    if rule.dropout > 0 and rngs is None:
-      linears[p].adapter.rngs = None  # dropout then needs the caller's dropout_rng
+  for p, linear in linears.items():
+    _replace(model, layers[p][0], linear)
   return model
 
 

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import shutil
 import time
 from pathlib import Path
@@ -23,10 +24,12 @@ import jax
 import ml_collections
 import numpy as np
 import optax
+from flax import nnx
 from tqdm.auto import tqdm
 
 from qalora_jax import assets, data, models, nn, quant
 from qalora_jax.files import write_json
+from qalora_jax.models import llama
 from qalora_jax.train import checkpoints
 from qalora_jax.train import mesh as mesh_lib
 from qalora_jax.train.config import base_config, flat, from_json, quantizer_from_spec, validate
@@ -214,37 +217,74 @@ def evaluate_ppl(lm, params, ids, window: int) -> float:
   return models.perplexity(lm, ids, window=min(window, len(ids)), params=params)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Run:
-  """Everything a run builds from its config before the first step."""
+  """Everything a run builds from its config before the first step: the decoder (an NNX module) split into
+
+      graphdef, trainable, frozen = nnx.split(model, nnx.Param, ...)
+
+  `trainable` holds the adapters (nn.AdapterParam, an nnx.Param) and the leaves config.adapter.extra_trainable
+  turned into nnx.Params; `frozen` holds the quantized base (nn.Frozen). The train step is a pure function of
+  (trainable, frozen, batch); the optimizer sees `trainable` alone."""
 
   cfg: ml_collections.ConfigDict
   lm: models.LanguageModel
-  frozen: dict  # quantized base, without the extra trainable leaves
-  trainable: dict  # adapters (+ extra trainable leaves), freshly initialised
+  graphdef: nnx.GraphDef
+  frozen: nnx.State
+  trainable: nnx.State  # freshly initialised
   optimizer: optax.GradientTransformation
 
-  def params(self, trainable: dict) -> dict:
-    """The model's parameters with the given trainable leaves."""
-    return nn.combine(self.frozen, trainable)
+  def model(self, trainable: nnx.State, frozen: nnx.State | None = None) -> llama.Decoder:
+    """The decoder with the given trainable state (and the run's frozen state)."""
+    return nnx.merge(self.graphdef, trainable, self.frozen if frozen is None else frozen)
+
+  def combine(self, frozen: nnx.State, trainable: nnx.State) -> llama.Decoder:
+    """`model` in the argument order of train.make_train_step's `combine`."""
+    return nnx.merge(self.graphdef, trainable, frozen)
+
+  @staticmethod
+  def nll(model: llama.Decoder, tokens, targets, dropout_rng=None):
+    """-log p(targets | tokens) [batch, seq], the head and softmax fused (what training uses)."""
+    return model.nll(tokens, targets, dropout_rng=dropout_rng)
+
+  def make_step(self):
+    """(init, step) of train.make_train_step over this run's states."""
+    return make_train_step(self.nll, self.optimizer, self.cfg.optim.accum_steps, combine=self.combine)
+
+  def params(self, trainable: nnx.State) -> dict:
+    """The model's parameter tree (nested dicts) with the given trainable leaves."""
+    return llama.params_of(self.model(trainable))
+
+  def adapters(self, trainable: nnx.State) -> dict:
+    """The adapter tree ({..: {"adapter": nn.Adapter}}) of the given trainable state (e.g. for PEFT export)."""
+    return partition(self.params(trainable), r".*/adapter")[0]
 
   def base_params(self) -> dict:
     """The quantized base alone (no adapters), with the extra trainable leaves at their initial values."""
-    return frozen_with(self.frozen, partition(self.trainable, r".*/adapter")[1])
+    model = self.model(self.trainable)
+    for _, layer in nn.adapted_layers(model):
+      layer.adapter = None
+    return llama.params_of(model)
 
-  def merged(self, trainable: dict, requantize: quant.Quantizer | None = None) -> dict:
+  def merged(self, trainable: nnx.State, requantize: quant.Quantizer | None = None) -> dict:
     """The adapters folded into the base (QA-LoRA: into the offsets; LoRA: float, or re-quantized with
     `requantize`), extra trained leaves kept."""
-    adapters, extra = partition(trainable, r".*/adapter")
-    return nn.merge_params(frozen_with(self.frozen, extra), adapters, requantize)
+    return llama.params_of(nn.merge(self.model(trainable), requantize))
 
   def apply(self, params, tokens, dropout_rng=None):
-    """Logits [batch, seq, vocab] (float32)."""
+    """Logits [batch, seq, vocab] (float32) of a parameter tree."""
     return models.apply(self.lm.config, params, tokens, dropout_rng=dropout_rng)
 
-  def nll(self, params, tokens, targets, dropout_rng=None):
-    """-log p(targets | tokens) [batch, seq], the head and softmax fused (what training uses)."""
-    return models.nll(self.lm.config, params, tokens, targets, dropout_rng=dropout_rng)
+
+def make_trainable(model: nnx.Module, pattern: str) -> None:
+  """Turns the Frozen Variables whose "/"-joined path fully matches `pattern` into nnx.Params (in place)."""
+  for path, node in list(nnx.iter_graph(model)):
+    if isinstance(node, nn.Frozen) and re.fullmatch(pattern, "/".join(map(str, path))):
+      parent = model
+      for key in path[:-2]:
+        parent = parent[key] if isinstance(key, int) else getattr(parent, key)
+      owner = parent[path[-2]] if isinstance(path[-2], int) else getattr(parent, path[-2])
+      setattr(owner, path[-1], nnx.Param(node.get_value()))
 
 
 def build(cfg: ml_collections.ConfigDict, log=print) -> Run:
@@ -256,11 +296,14 @@ def build(cfg: ml_collections.ConfigDict, log=print) -> Run:
   adapters = nn.add_adapters(frozen, cfg.adapter.method, rank=cfg.adapter.rank, alpha=cfg.adapter.alpha,
                              key=jax.random.fold_in(key, 1), targets=cfg.adapter.targets, rslora=cfg.adapter.rslora,
                              dropout=cfg.adapter.dropout)
-  extra, frozen = partition(frozen, cfg.adapter.extra_trainable or None)
+  model = llama.decoder(lm.config, nn.combine(frozen, adapters))
+  if cfg.adapter.extra_trainable:
+    make_trainable(model, cfg.adapter.extra_trainable)
+  graphdef, trainable, frozen = nnx.split(model, nnx.Param, ...)
   optimizer = make_optimizer(cfg.optim.learning_rate, total_steps=cfg.steps, warmup_steps=cfg.optim.warmup_steps,
                              schedule=cfg.optim.schedule, max_grad_norm=cfg.optim.max_grad_norm or None,
                              weight_decay=cfg.optim.weight_decay)
-  return Run(cfg, lm.replace(params=None), frozen, nn.combine(adapters, extra), optimizer)
+  return Run(cfg, lm.replace(params=None), graphdef, frozen, trainable, optimizer)
 
 
 def train_steps(r: Run, steps: int):
@@ -269,7 +312,7 @@ def train_steps(r: Run, steps: int):
   mesh = mesh_lib.make_mesh(r.cfg.mesh.data, r.cfg.mesh.fsdp)
   mesh_lib.check_batch(r.cfg.data.batch_size, r.cfg.optim.accum_steps, mesh)
   blocks, mask, held = training_data(r.cfg, r.lm)
-  init, step = make_train_step(r.nll, r.optimizer, r.cfg.optim.accum_steps)
+  init, step = r.make_step()
   state = init(r.trainable)
   state_shardings = mesh_lib.param_shardings(state, mesh)
   state = mesh_lib.put(state, state_shardings)
@@ -293,7 +336,7 @@ def restore(workdir: str | Path, log=print) -> tuple[Run, dict, int]:
   step, trainable = checkpoints.restore_adapters(workdir / "adapters", r.trainable, report=log)
   if trainable is not None:
     return r, trainable, step
-  init, _ = make_train_step(r.nll, r.optimizer, r.cfg.optim.accum_steps)
+  init, _ = r.make_step()
   step, state = checkpoints.restore_latest(checkpoints.manager(workdir / "checkpoints"), init(r.trainable), report=log)
   if state is None:
     raise ValueError(f"--workdir {workdir}: no readable checkpoint")
@@ -317,11 +360,12 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path, *, overwrite: bool 
   key = jax.random.PRNGKey(cfg.seed)
   blocks, mask, held_ids = training_data(cfg, lm)
   window = min(512, lm.config.max_seq_len)
-  init, step_fn = make_train_step(r.nll, r.optimizer, cfg.optim.accum_steps)
+  init, step_fn = r.make_step()
   state = init(r.trainable)
   state_shardings = mesh_lib.param_shardings(state, mesh)
   state = mesh_lib.put(state, state_shardings)  # before the restore: it restores into these shardings
-  r.frozen = frozen = mesh_lib.put(frozen, mesh_lib.param_shardings(frozen, mesh))
+  frozen = mesh_lib.put(frozen, mesh_lib.param_shardings(frozen, mesh))
+  r = dataclasses.replace(r, frozen=frozen)
   step_fn = jax.jit(step_fn, donate_argnums=0, out_shardings=(state_shardings, None))
 
   mgr = checkpoints.manager(workdir / "checkpoints")
@@ -406,11 +450,6 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path, *, overwrite: bool 
 def sample(r: Run, params: dict) -> str:
   """Greedy continuation of the config's sample prompt."""
   return models.generate(r.lm, [r.cfg.sample_prompt], r.cfg.sample_tokens, params=params)[0]
-
-
-def frozen_with(frozen: dict, extra: dict) -> dict:
-  """The frozen tree with extra trained leaves put back (for evaluating or merging without adapters)."""
-  return nn.combine(frozen, extra) if extra else frozen
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -64,13 +64,13 @@ def check_batch(batch_size: int, accum_steps: int, mesh: Mesh) -> None:
 
 
 def _is_stacked(path) -> bool:
-  """Whether a leaf lies under "blocks" with the layers stacked on its leading axis (not per-layer
-  {"0": ..., "1": ...} blocks)."""
+  """Whether a leaf lies under "blocks" with the layers stacked on its leading axis (not per-layer blocks,
+  keyed "0", "1", ... in a parameter tree or 0, 1, ... in an NNX state)."""
   keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
   for i, key in enumerate(keys):
     if key == "blocks":
       following = keys[i + 1] if i + 1 < len(keys) else None
-      return not (isinstance(following, str) and following.isdigit())
+      return not (isinstance(following, int) or (isinstance(following, str) and following.isdigit()))
   return False
 
 

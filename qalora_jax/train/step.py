@@ -44,10 +44,14 @@ def make_optimizer(learning_rate: float, *, total_steps: int = 1, warmup_steps: 
   return optax.chain(*parts)
 
 
-def make_train_step(nll_fn: Callable, optimizer: optax.GradientTransformation, accum_steps: int = 1):
+def make_train_step(nll_fn: Callable, optimizer: optax.GradientTransformation, accum_steps: int = 1,
+                    combine: Callable = combine):
   """Returns (init, step): init(trainable) -> TrainState; step(state, frozen, batch, rng) -> (state, metrics).
 
-  `nll_fn(params, inputs, targets, dropout_rng=...)` gives the float32 NLL [batch, seq] of each target; `batch`
+  `nll_fn(combine(frozen, trainable), inputs, targets, dropout_rng=...)` gives the float32 NLL [batch, seq] of
+  each target. `combine` makes the model's parameters from the two halves: `nn.combine` for nested-dict trees
+  (the default), or for Flax NNX states `lambda frozen, trainable: nnx.merge(graphdef, trainable, frozen)`,
+  whose result is then the model that nll_fn runs. `batch`
   has "inputs", "targets" and optionally "mask" [batch, seq] (1: counted). With accum_steps = k the batch is
   split into k micro-batches whose gradients are averaged (weighted by their token counts) before one update.
   """
