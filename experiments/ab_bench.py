@@ -3,7 +3,7 @@ before it, with the machine's noise falling on both sides alike.
 
     python experiments/ab_bench.py --old addac0c [--rounds 3] [--out experiments/perf/ab.md]
 
-Each round runs every benchmark once with the old tree (a `git worktree` of --old, first on PYTHONPATH) and once
+Each round runs every benchmark once with the old tree (a `git worktree` of --old, imported first) and once
 with this checkout, each in a fresh process. Prints a Markdown table of the medians over rounds and of the
 ratio new / old taken within each round, and writes it (with the raw JSON lines) to --out.
 """
@@ -33,10 +33,11 @@ BENCHES = {
 
 def run(tree: Path, args: list[str]) -> dict:
   """One `qalora bench` JSON line, with the code imported from `tree`."""
-  env = {**os.environ, "PYTHONPATH": str(tree)}
-  code = "import sys, qalora_jax.cli as c; assert c.__file__.startswith(sys.argv[1]), c.__file__; " \
-         "sys.exit(c.main(['bench', *sys.argv[2:]]))"
-  proc = subprocess.run([sys.executable, "-c", code, str(tree), *args], capture_output=True, text=True, env=env)
+  # An editable install's import hook would find this checkout first: drop it and put `tree` first on the path.
+  code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f)]; "
+          "sys.path.insert(0, sys.argv[1]); import qalora_jax.cli as c; "
+          "assert c.__file__.startswith(sys.argv[1]), c.__file__; sys.exit(c.main(['bench', *sys.argv[2:]]))")
+  proc = subprocess.run([sys.executable, "-c", code, str(tree), *args], capture_output=True, text=True)
   if proc.returncode != 0:
     raise RuntimeError(f"bench {' '.join(args)} in {tree} failed:\n{proc.stderr[-2000:]}")
   return json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])

@@ -5,7 +5,6 @@ same values as the run's pure step."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 

@@ -27,7 +27,8 @@ from safetensors.numpy import load_file, save_file
 
 from qalora_jax.files import atomic_dir
 from qalora_jax.nn.adapt_model import adapted_layers
-from qalora_jax.nn.trees import adapter_layers, kernel_shape, linear_layers
+from qalora_jax.nn.modules import kernel_dims
+from qalora_jax.nn.trees import adapter_layers, linear_layers
 from qalora_jax.nn.adapters import Adapter, AdapterMeta
 
 # Our block paths -> PEFT module names.
@@ -141,7 +142,7 @@ def import_peft(adapter_dir: str | Path, frozen: dict, *, dtype=jnp.float32) -> 
   for path, by_layer in sorted(found.items()):
     if path not in kernels:
       raise ValueError(f"{path}: the adapter has weights for a layer the model does not have")
-    lead, n_in, n_out = kernel_shape(kernels[path]["kernel"])
+    lead, n_in, n_out = kernel_dims(kernels[path]["kernel"])
     n_layers = lead[0] if lead else 1
     if sorted(by_layer) != list(range(n_layers)):
       raise ValueError(f"{path}: adapter covers layers {sorted(by_layer)[:5]}..., the model has {n_layers}")

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from qalora_jax.nn.adapters import METHODS, Adapter, init_adapter
 from qalora_jax.nn.merge import check_qalora_base, merge_adapter
+from qalora_jax.nn.modules import kernel_dims
 from qalora_jax.quant import QTensor, Quantizer
 
 # The seven linear layers of every block (QLoRA's and QA-LoRA's default); matched against layer paths.
@@ -50,13 +51,6 @@ def adapter_layers(adapters: dict, prefix: str = "") -> Iterator[tuple[str, Adap
       yield from adapter_layers(value, path)
 
 
-def kernel_shape(kernel) -> tuple[tuple[int, ...], int, int]:
-  """(leading axes, in, out) of a float kernel or a (possibly stacked) QTensor."""
-  if isinstance(kernel, QTensor):
-    return tuple(kernel["codes"].shape[:-2]), kernel.shape[0], kernel.shape[1]
-  return tuple(kernel.shape[:-2]), kernel.shape[-2], kernel.shape[-1]
-
-
 def _set(tree: dict, path: str, value: Any) -> None:
   keys = path.split("/")
   for key in keys[:-1]:
@@ -82,7 +76,7 @@ def add_adapters(frozen: dict, method: str, *, rank: int, alpha: float, key: jax
   adapters: dict = {}
   capped = []
   for i, (path, layer) in enumerate(chosen):
-    lead, n_in, n_out = kernel_shape(layer["kernel"])
+    lead, n_in, n_out = kernel_dims(layer["kernel"])
     group = 0
     if method == "qalora":
       group = getattr(layer["kernel"], "group_size", 0)
