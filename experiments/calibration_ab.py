@@ -1,0 +1,97 @@
+"""GPTQ calibration of SmolLM2-135M by two versions of the code, in one session: mean output error, held-out
+perplexity and time.
+
+    python experiments/calibration_ab.py --old addac0c [--bits 4 --group-size 32 --segments 32]
+        [--out experiments/perf/calibration_ab.md]
+
+Three runs, each in a fresh process: the old tree; this checkout; and this checkout with the old tree's
+query-blocked causal attention in place of the model's `layers.attention` (the only arithmetic the two
+versions do differently when calibrating), which separates what the attention's float rounding does to GPTQ
+from what the rest of the change does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from qalora_jax.files import write_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PROGRAM = r'''
+import json, sys
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f)]
+tree, old, blocked, bits, group, segments = sys.argv[1], sys.argv[2], sys.argv[3] == "1", *map(int, sys.argv[4:7])
+sys.path.insert(0, tree)
+import jax, jax.numpy as jnp
+import qalora_jax
+assert qalora_jax.__file__.startswith(tree), qalora_jax.__file__
+if blocked:  # the old tree's calibration attention, in place of the model's own
+  source = open(f"{old}/qalora_jax/calibration.py").read()
+  start = source.index("def causal_attention(")
+  namespace = {"jax": jax, "jnp": jnp}
+  exec(source[start:source.index("\n\n\n", start)], namespace)
+  from qalora_jax.models import layers
+  model_attention = layers.attention
+  layers.attention = lambda q, k, v, mask: namespace["causal_attention"](q, k, v)  # full causal segments only
+from qalora_jax import calibration, models, quant
+lm = models.load("smollm2-135m")
+tokens = calibration.calibration_tokens(lm, segments, 512, 0)
+held = calibration.heldout_tokens(lm, 8192)
+frozen, stats = calibration.quantize_model(lm.config, lm.params, tokens, quant.get("gptq", bits=bits, group_size=group),
+                                           progress=False)
+if blocked:
+  layers.attention = model_attention  # evaluate with the model's own attention
+ppl = models.perplexity(lm, held, window=512, params=frozen)
+print(json.dumps({"output_rel_error": stats.output_rel_error, "ppl": ppl, "seconds": stats.seconds}))
+'''
+
+
+def run(tree: Path, old: Path, blocked: bool, args) -> dict:
+  env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
+  proc = subprocess.run([sys.executable, "-c", PROGRAM, str(tree), str(old), "1" if blocked else "0",
+                         str(args.bits), str(args.group_size), str(args.segments)], capture_output=True, text=True,
+                        env=env)
+  if proc.returncode != 0:
+    raise RuntimeError(f"calibration in {tree} failed:\n{proc.stderr[-2000:]}")
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--old", required=True)
+  p.add_argument("--bits", type=int, default=4)
+  p.add_argument("--group-size", type=int, default=32)
+  p.add_argument("--segments", type=int, default=32)
+  p.add_argument("--out", default="")
+  args = p.parse_args(argv)
+  rows = [f"GPTQ {args.bits}-bit g{args.group_size} on SmolLM2-135M, {args.segments} x 512 calibration tokens "
+          f"(seed 0); perplexity on the first 8,192 Tempest tokens, 512-token windows. old = {args.old}.", "",
+          "| code | mean output error | perplexity | calibration s |", "|---|---:|---:|---:|"]
+  with tempfile.TemporaryDirectory(prefix="qalora-ab-") as tmp:
+    old = Path(tmp) / "old"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old), args.old], check=True,
+                   capture_output=True)
+    try:
+      for name, tree, blocked in (("old", old, False), ("new", ROOT, False),
+                                  ("new, with the old calibration attention", ROOT, True)):
+        r = run(tree, old, blocked, args)
+        rows.append(f"| {name} | {r['output_rel_error']:.10e} | {r['ppl']:.3f} | {r['seconds']:.0f} |")
+        print(rows[-1], flush=True)
+    finally:
+      subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)], check=False)
+  table = "\n".join(rows) + "\n"
+  print(table)
+  if args.out:
+    write_bytes(Path(args.out), table.encode())
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
