@@ -156,13 +156,6 @@ def stack_blocks(params: dict) -> dict:
   return {**params, "blocks": jax.tree.map(lambda *xs: jnp.stack(xs), *[blocks[str(i)] for i in range(len(blocks))])}
 
 
-def embed(config: Config, params: dict, tokens: jax.Array) -> jax.Array:
-  table = params["embed"]["embedding"]
-  if isinstance(table, QTensor):
-    table = table.dequantize(jnp.float32)
-  return jnp.take(table, tokens, axis=0).astype(config.dtype)
-
-
 def attention_mask(config: Config, key_mask: jax.Array, num_queries: int, index) -> jax.Array:
   """[b, t, S] mask over cache slots: query slot index + i sees key slot j if j <= index + i, key j is valid,
   and (with a sliding window) index + i - j < window."""
@@ -367,8 +360,8 @@ def _linear(p: dict, matmul_dtype) -> Linear:
 
 def _block(config: Config, p: dict) -> Block:
   md, a, m = config.matmul_dtype, p["attn"], p["mlp"]
-  attn = Attention(config, *(_linear(a[n], md) for n in ("q_proj", "k_proj", "v_proj", "o_proj")))
-  mlp = MLP(*(_linear(m[n], md) for n in ("gate_proj", "up_proj", "down_proj")))
+  attn = Attention(config, *(_linear(a[n], md) for n in ATTN_PROJS))
+  mlp = MLP(*(_linear(m[n], md) for n in MLP_PROJS))
   return Block(RMSNorm(p["attn_norm"]["scale"], config.rms_eps), attn, RMSNorm(p["mlp_norm"]["scale"], config.rms_eps),
                mlp)
 
@@ -398,9 +391,9 @@ def params_of(model: Decoder) -> dict:
 
   def block(b: Block) -> dict:
     return {"attn_norm": {"scale": b.attn_norm.scale.get_value()},
-            "attn": {n: linear(getattr(b.attn, n)) for n in ("q_proj", "k_proj", "v_proj", "o_proj")},
+            "attn": {n: linear(getattr(b.attn, n)) for n in ATTN_PROJS},
             "mlp_norm": {"scale": b.mlp_norm.scale.get_value()},
-            "mlp": {n: linear(getattr(b.mlp, n)) for n in ("gate_proj", "up_proj", "down_proj")}}
+            "mlp": {n: linear(getattr(b.mlp, n)) for n in MLP_PROJS}}
 
   blocks = model.blocks
   params = {"embed": {"embedding": model.embed.embedding.get_value()},
