@@ -15,14 +15,13 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
+
+from versions import ROOT, checkout, run_json
 
 from qalora_jax.files import write_bytes
 
-ROOT = Path(__file__).resolve().parents[1]
 BENCHES = {
     "train lora": ["train", "--method", "lora"],
     "train qlora": ["train", "--method", "qlora"],
@@ -33,14 +32,7 @@ BENCHES = {
 
 def run(tree: Path, args: list[str]) -> dict:
   """One `qalora bench` JSON line, with the code imported from `tree`."""
-  # An editable install's import hook would find this checkout first: drop it and put `tree` first on the path.
-  code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f)]; "
-          "sys.path.insert(0, sys.argv[1]); import qalora_jax.cli as c; "
-          "assert c.__file__.startswith(sys.argv[1]), c.__file__; sys.exit(c.main(['bench', *sys.argv[2:]]))")
-  proc = subprocess.run([sys.executable, "-c", code, str(tree), *args], capture_output=True, text=True)
-  if proc.returncode != 0:
-    raise RuntimeError(f"bench {' '.join(args)} in {tree} failed:\n{proc.stderr[-2000:]}")
-  return json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
+  return run_json(tree, "import qalora_jax.cli as c; sys.exit(c.main(['bench', *sys.argv[1:]]))", *args)
 
 
 def cpu() -> str:
@@ -59,20 +51,14 @@ def main(argv=None) -> int:
   p.add_argument("--out", default="")
   args = p.parse_args(argv)
   names = [n for n in BENCHES if not args.only or n in args.only.split(",")]
-  with tempfile.TemporaryDirectory(prefix="qalora-ab-") as tmp:
-    old = Path(tmp) / "old"
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old), args.old], check=True,
-                   capture_output=True)
-    try:
-      lines = []
-      for r in range(args.rounds):
-        for name in names:
-          for side, tree in (("old", old), ("new", ROOT)) if r % 2 == 0 else (("new", ROOT), ("old", old)):
-            result = {**run(tree, BENCHES[name]), "name": name, "side": side, "round": r}
-            print(json.dumps(result), flush=True)
-            lines.append(result)
-    finally:
-      subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)], check=False)
+  lines = []
+  with checkout(args.old) as old:
+    for r in range(args.rounds):
+      for name in names:
+        for side, tree in (("old", old), ("new", ROOT)) if r % 2 == 0 else (("new", ROOT), ("old", old)):
+          result = {**run(tree, BENCHES[name]), "name": name, "side": side, "round": r}
+          print(json.dumps(result), flush=True)
+          lines.append(result)
   rows = [f"A/B of `qalora bench` (tokens/s; medians of {args.rounds} alternating rounds), old = {args.old}, "
           f"new = this checkout. CPU: {cpu()}.", "",
           "| benchmark | old | new | new / old (per round) | compile s old / new |", "|---|---:|---:|---:|---:|"]

@@ -12,30 +12,22 @@ activations, 32-token prompt, 64 new tokens).
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
+
+from versions import ROOT, checkout, run_json
 
 from qalora_jax.files import write_bytes
 
-ROOT = Path(__file__).resolve().parents[1]
-
-# Run in a fresh process with the code of `tree` (argv[1]); prints {"instructions": n, "ops": {opcode: n}}.
+# Prints {"instructions": n, "ops": {opcode: n}} of the program named by argv[1].
 PROGRAM = r'''
-import sys
-sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f)]
-sys.path.insert(0, sys.argv[1])
-import collections, json, re
+import collections, re
 import jax, jax.numpy as jnp
-import qalora_jax
-assert qalora_jax.__file__.startswith(sys.argv[1]), qalora_jax.__file__
 from qalora_jax import bench, models
 from qalora_jax.models import generation, llama
 from qalora_jax.train import loop
 
-what = sys.argv[2]
+what = sys.argv[1]
 if what == "decode":
   lm = models.load("smollm2-135m")
   params = llama.unstack_blocks(bench.decode_params("qalora-merged", lm))
@@ -62,10 +54,7 @@ print(json.dumps({"instructions": sum(ops.values()), "ops": dict(sorted(ops.item
 
 
 def counts(tree: Path, what: str) -> dict:
-  proc = subprocess.run([sys.executable, "-c", PROGRAM, str(tree), what], capture_output=True, text=True)
-  if proc.returncode != 0:
-    raise RuntimeError(f"{what} in {tree} failed:\n{proc.stderr[-2000:]}")
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return run_json(tree, PROGRAM, what)
 
 
 def main(argv=None) -> int:
@@ -75,20 +64,14 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   rows = [f"Compiled HLO of the benchmarked programs, old = {args.old}, new = this checkout.", "",
           "| program | instructions old | instructions new | opcodes whose counts differ |", "|---|---:|---:|---|"]
-  with tempfile.TemporaryDirectory(prefix="qalora-ab-") as tmp:
-    old = Path(tmp) / "old"
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old), args.old], check=True,
-                   capture_output=True)
-    try:
-      for what in ("lora", "qlora", "qalora", "decode"):
-        a, b = counts(old, what), counts(ROOT, what)
-        differ = sorted(k for k in a["ops"].keys() | b["ops"].keys() if a["ops"].get(k) != b["ops"].get(k))
-        name = "decode qalora-merged" if what == "decode" else f"train {what}"
-        changes = ", ".join(f"{k} {a['ops'].get(k, 0)} -> {b['ops'].get(k, 0)}" for k in differ) or "none"
-        rows.append(f"| {name} | {a['instructions']:,} | {b['instructions']:,} | {changes} |")
-        print(rows[-1], flush=True)
-    finally:
-      subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)], check=False)
+  with checkout(args.old) as old:
+    for what in ("lora", "qlora", "qalora", "decode"):
+      a, b = counts(old, what), counts(ROOT, what)
+      differ = sorted(k for k in a["ops"].keys() | b["ops"].keys() if a["ops"].get(k) != b["ops"].get(k))
+      name = "decode qalora-merged" if what == "decode" else f"train {what}"
+      changes = ", ".join(f"{k} {a['ops'].get(k, 0)} -> {b['ops'].get(k, 0)}" for k in differ) or "none"
+      rows.append(f"| {name} | {a['instructions']:,} | {b['instructions']:,} | {changes} |")
+      print(rows[-1], flush=True)
   table = "\n".join(rows) + "\n"
   print(table)
   if args.out:

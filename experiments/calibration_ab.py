@@ -13,25 +13,17 @@ from what the rest of the change does.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
+
+from versions import ROOT, checkout, run_json
 
 from qalora_jax.files import write_bytes
 
-ROOT = Path(__file__).resolve().parents[1]
-
+# argv: the old tree, whether to use its attention ("1"), bits, group size, segments.
 PROGRAM = r'''
-import json, sys
-sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f)]
-tree, old, blocked, bits, group, segments = sys.argv[1], sys.argv[2], sys.argv[3] == "1", *map(int, sys.argv[4:7])
-sys.path.insert(0, tree)
+old, blocked, bits, group, segments = sys.argv[1], sys.argv[2] == "1", *map(int, sys.argv[3:6])
 import jax, jax.numpy as jnp
-import qalora_jax
-assert qalora_jax.__file__.startswith(tree), qalora_jax.__file__
 if blocked:  # the old tree's calibration attention, in place of the model's own
   source = open(f"{old}/qalora_jax/calibration.py").read()
   start = source.index("def causal_attention(")
@@ -54,13 +46,8 @@ print(json.dumps({"output_rel_error": stats.output_rel_error, "ppl": ppl, "secon
 
 
 def run(tree: Path, old: Path, blocked: bool, args) -> dict:
-  env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
-  proc = subprocess.run([sys.executable, "-c", PROGRAM, str(tree), str(old), "1" if blocked else "0",
-                         str(args.bits), str(args.group_size), str(args.segments)], capture_output=True, text=True,
-                        env=env)
-  if proc.returncode != 0:
-    raise RuntimeError(f"calibration in {tree} failed:\n{proc.stderr[-2000:]}")
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return run_json(tree, PROGRAM, str(old), "1" if blocked else "0", str(args.bits), str(args.group_size),
+                  str(args.segments), env={"OPENBLAS_NUM_THREADS": "1"})
 
 
 def main(argv=None) -> int:
@@ -74,18 +61,12 @@ def main(argv=None) -> int:
   rows = [f"GPTQ {args.bits}-bit g{args.group_size} on SmolLM2-135M, {args.segments} x 512 calibration tokens "
           f"(seed 0); perplexity on the first 8,192 Tempest tokens, 512-token windows. old = {args.old}.", "",
           "| code | mean output error | perplexity | calibration s |", "|---|---:|---:|---:|"]
-  with tempfile.TemporaryDirectory(prefix="qalora-ab-") as tmp:
-    old = Path(tmp) / "old"
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old), args.old], check=True,
-                   capture_output=True)
-    try:
-      for name, tree, blocked in (("old", old, False), ("new", ROOT, False),
-                                  ("new, with the old calibration attention", ROOT, True)):
-        r = run(tree, old, blocked, args)
-        rows.append(f"| {name} | {r['output_rel_error']:.10e} | {r['ppl']:.3f} | {r['seconds']:.0f} |")
-        print(rows[-1], flush=True)
-    finally:
-      subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)], check=False)
+  with checkout(args.old) as old:
+    for name, tree, blocked in (("old", old, False), ("new", ROOT, False),
+                                ("new, with the old calibration attention", ROOT, True)):
+      r = run(tree, old, blocked, args)
+      rows.append(f"| {name} | {r['output_rel_error']:.10e} | {r['ppl']:.3f} | {r['seconds']:.0f} |")
+      print(rows[-1], flush=True)
   table = "\n".join(rows) + "\n"
   print(table)
   if args.out:

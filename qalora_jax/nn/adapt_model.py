@@ -27,6 +27,7 @@ already quantized (one partial forward pass per group).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import re
@@ -38,7 +39,8 @@ from flax import nnx
 
 from qalora_jax.nn.adapters import METHODS
 from qalora_jax.nn.merge import check_qalora_base, merge_adapter
-from qalora_jax.nn.modules import AxesLayout, EinsumLayout, Frozen, Linear, LowRankAdapter
+from qalora_jax.nn.modules import AdapterParam, AxesLayout, EinsumLayout, Frozen, Linear, LowRankAdapter
+from qalora_jax.nn.trees import count_params, tree_nbytes
 from qalora_jax.quant import QTensor, Quantizer, quantize_stacked
 
 
@@ -96,10 +98,15 @@ def is_linear_layer(module) -> bool:
   return isinstance(module, (Linear, nnx.Linear, nnx.LinearGeneral, nnx.Einsum)) or _einsum_kernel(module) is not None
 
 
+def _layers(model: nnx.Module) -> dict[str, tuple[tuple, nnx.Module]]:
+  """{"/"-joined module path: (graph path, layer)} for every linear layer `adapt` can take, in graph order."""
+  return {module_path(path): (path, node) for path, node in nnx.iter_graph(model)
+          if isinstance(node, nnx.Module) and path and is_linear_layer(node)}
+
+
 def linear_layers(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
   """("/"-joined module path, layer) for every linear layer `adapt` can take, in graph order."""
-  return [(module_path(path), node) for path, node in nnx.iter_graph(model)
-          if isinstance(node, nnx.Module) and path and is_linear_layer(node)]
+  return [(p, node) for p, (_, node) in _layers(model).items()]
 
 
 def adapted_layers(model: nnx.Module) -> list[tuple[str, Linear]]:
@@ -193,8 +200,7 @@ def adapt(model: nnx.Module, rules: Rule | Iterable[Rule], *, key: jax.Array | N
     if not isinstance(rule, Rule):
       raise ValueError(f"rules[{i}]={rule!r} is not supported; allowed: qalora_jax.nn.Rule(...)")
   work = nnx.clone(model)
-  layers = {module_path(path): (path, node) for path, node in nnx.iter_graph(work)
-            if isinstance(node, nnx.Module) and path and is_linear_layer(node)}
+  layers = _layers(work)
   chosen: dict[str, Rule] = {}
   for rule in rules:
     matched = [p for p in layers if re.fullmatch(rule.pattern, p)]
@@ -307,20 +313,17 @@ def call_order(model: nnx.Module, layers: dict[str, Linear], batch, forward) -> 
   return groups
 
 
-class _capturing:
+@contextlib.contextmanager
+def _capturing(layers, fn):
   """Sets `capture` on the given layers for the duration of a `with` block."""
-
-  def __init__(self, layers, fn):
-    self.layers, self.fn = list(layers), fn
-
-  def __enter__(self):
-    for layer in self.layers:
-      layer.capture = self.fn
-
-  def __exit__(self, *exc):
-    for layer in self.layers:
+  layers = list(layers)
+  for layer in layers:
+    layer.capture = fn
+  try:
+    yield
+  finally:
+    for layer in layers:
       layer.capture = None
-    return False
 
 
 def _gram(x: jax.Array) -> jax.Array:
@@ -383,3 +386,11 @@ def merge(model: nnx.Module, requantize: Quantizer | None = None) -> nnx.Module:
     layer.kernel = Frozen(merge_adapter(layer.kernel.get_value(), layer.adapter.as_pytree(), requantize))
     layer.adapter = None
   return model
+
+
+def stats(model: nnx.Module) -> dict[str, int]:
+  """Counts over a model's state: {"adapter_params", "adapter_bytes", "frozen_bytes", "other_bytes"}
+  (QTensors at their packed size)."""
+  adapters, frozen, other = nnx.state(model, AdapterParam, Frozen, ...)
+  return {"adapter_params": count_params(adapters), "adapter_bytes": tree_nbytes(adapters),
+          "frozen_bytes": tree_nbytes(frozen), "other_bytes": tree_nbytes(other)}

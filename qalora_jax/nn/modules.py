@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from qalora_jax.nn.adapters import Adapter, AdapterMeta, adapter_delta, init_adapter
+from qalora_jax.nn.adapters import Adapter, AdapterMeta, init_adapter
 from qalora_jax.nn.linear import linear
 from qalora_jax.quant import QTensor
 
@@ -45,8 +44,9 @@ class AdapterParam(nnx.LoRAParam):
 
 
 class LowRankAdapter(nnx.Module):
-  """The adapter branch s * (pool(dropout(x)) A) B (see nn/adapters.py): A [..., in or ceil(in / g), r] and
-  B [..., r, out] in AdapterParam Variables; leading axes count stacked layers.
+  """The factors of the adapter branch s * (pool(dropout(x)) A) B (see nn/adapters.py), which nn.Linear adds:
+  A [..., in or ceil(in / g), r] and B [..., r, out] in AdapterParam Variables; leading axes count stacked
+  layers.
 
   Dropout (rate meta.dropout) needs a key: the caller's `dropout_rng`, or else this module's own `rngs`
   stream (given at creation, as nnx.Dropout does) while the module is not `deterministic` (nnx's
@@ -86,9 +86,6 @@ class LowRankAdapter(nnx.Module):
     if dropout_rng is None and self.rngs is not None and not self.deterministic:
       return self.rngs.dropout()
     return dropout_rng
-
-  def __call__(self, x: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
-    return adapter_delta(x, self.as_pytree(), dropout_rng=self.dropout_key(dropout_rng))
 
 
 def kernel_dims(kernel) -> tuple[tuple[int, ...], int, int]:
@@ -232,14 +229,3 @@ class Linear(nnx.Module):
       return y
     y = self.layout.unflatten_output(y)  # an einsum's bias has the output's shape
     return y if bias is None else y + bias.astype(y.dtype)
-
-
-def stats(model: nnx.Module) -> dict[str, Any]:
-  """Counts over a model's state: {"adapter_params", "adapter_bytes", "frozen_bytes", "other_bytes"}
-  (QTensors at their packed size)."""
-  def nbytes(state):
-    return sum(int(np.prod(np.shape(x))) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(state))
-
-  adapters, frozen, other = nnx.state(model, AdapterParam, Frozen, ...)
-  return {"adapter_params": sum(int(np.size(x)) for x in jax.tree.leaves(adapters)),
-          "adapter_bytes": nbytes(adapters), "frozen_bytes": nbytes(frozen), "other_bytes": nbytes(other)}
