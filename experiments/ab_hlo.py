@@ -15,9 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from versions import ROOT, checkout, run_json
-
-from qalora_jax.files import write_bytes
+from versions import ROOT, checkout, print_table, run_json
 
 # Prints {"instructions": n, "ops": {opcode: n}} of the program named by argv[1].
 PROGRAM = r'''
@@ -72,10 +70,7 @@ def main(argv=None) -> int:
       changes = ", ".join(f"{k} {a['ops'].get(k, 0)} -> {b['ops'].get(k, 0)}" for k in differ) or "none"
       rows.append(f"| {name} | {a['instructions']:,} | {b['instructions']:,} | {changes} |")
       print(rows[-1], flush=True)
-  table = "\n".join(rows) + "\n"
-  print(table)
-  if args.out:
-    write_bytes(Path(args.out), table.encode())
+  print_table(rows, args.out)
   return 0
 
 

@@ -16,9 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from versions import ROOT, checkout, run_json
-
-from qalora_jax.files import write_bytes
+from versions import ROOT, checkout, print_table, run_json
 
 # argv: the old tree, whether to use its attention ("1"), bits, group size, segments.
 PROGRAM = r'''
@@ -67,10 +65,7 @@ def main(argv=None) -> int:
       r = run(tree, old, blocked, args)
       rows.append(f"| {name} | {r['output_rel_error']:.10e} | {r['ppl']:.3f} | {r['seconds']:.0f} |")
       print(rows[-1], flush=True)
-  table = "\n".join(rows) + "\n"
-  print(table)
-  if args.out:
-    write_bytes(Path(args.out), table.encode())
+  print_table(rows, args.out)
   return 0
 
 

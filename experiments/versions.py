@@ -2,6 +2,7 @@
 
     with checkout("addac0c") as old:                 # a detached git worktree, removed afterwards
       line = run_json(old, "print(json.dumps(...))", "arg")   # a fresh process importing qalora_jax from `old`
+    print_table(rows, out)                           # the result, printed and written atomically
 """
 
 from __future__ import annotations
@@ -49,3 +50,13 @@ def run_json(tree: Path, program: str, *args: str, env: dict | None = None) -> d
   if proc.returncode != 0:
     raise RuntimeError(f"{' '.join(args)} in {tree} failed:\n{proc.stderr[-2000:]}")
   return json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
+
+
+def print_table(rows: list[str], out: str = "") -> None:
+  """Prints a Markdown table and, with `out`, writes it there atomically."""
+  from qalora_jax.files import write_bytes
+
+  table = "\n".join(rows) + "\n"
+  print(table)
+  if out:
+    write_bytes(Path(out), table.encode())
