@@ -5,7 +5,7 @@ perplexity and time.
         [--out experiments/perf/calibration_ab.md]
 
 Three runs, each in a fresh process: the old tree; this checkout; and this checkout with the old tree's
-query-blocked causal attention in place of the model's `layers.attention` (the only arithmetic the two
+query-blocked causal attention in place of the model's attention (the only arithmetic the two
 versions do differently when calibrating), which separates what the attention's float rounding does to GPTQ
 from what the rest of the change does.
 """
@@ -27,9 +27,9 @@ if blocked:  # the old tree's calibration attention, in place of the model's own
   start = source.index("def causal_attention(")
   namespace = {"jax": jax, "jnp": jnp}
   exec(source[start:source.index("\n\n\n", start)], namespace)
-  from qalora_jax.models import layers
-  model_attention = layers.attention
-  layers.attention = lambda q, k, v, mask: namespace["causal_attention"](q, k, v)  # full causal segments only
+  from qalora_jax.models import llama
+  model_attention = llama.attention
+  llama.attention = lambda q, k, v, mask: namespace["causal_attention"](q, k, v)  # full causal segments only
 from qalora_jax import calibration, models, quant
 lm = models.load("smollm2-135m")
 tokens = calibration.calibration_tokens(lm, segments, 512, 0)
@@ -37,7 +37,7 @@ held = calibration.heldout_tokens(lm, 8192)
 frozen, stats = calibration.quantize_model(lm.config, lm.params, tokens, quant.get("gptq", bits=bits, group_size=group),
                                            progress=False)
 if blocked:
-  layers.attention = model_attention  # evaluate with the model's own attention
+  llama.attention = model_attention  # evaluate with the model's own attention
 ppl = models.perplexity(lm, held, window=512, params=frozen)
 print(json.dumps({"output_rel_error": stats.output_rel_error, "ppl": ppl, "seconds": stats.seconds}))
 '''

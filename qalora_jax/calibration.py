@@ -159,7 +159,7 @@ def quantize_model(config: Config, params: dict, tokens, quantizer: Quantizer, *
     segment = jnp.asarray(tokens[s:s + batch_segments])
     positions = jnp.broadcast_to(jnp.arange(seq), segment.shape)
     cos, sin = layers.rope_angles(positions, rope_frequencies(cfg))
-    mask = llama.attention_mask(cfg, jnp.ones(segment.shape, bool), seq, 0)
+    mask = llama.attention_mask(cfg, jnp.ones(segment.shape, bool), 0)
     chunks.append((model.embed(segment, jnp.float32), cos, sin, mask))
   errors: dict[str, list[float]] = {}
   for block in tqdm(model.blocks, desc=f"calibrating {type(quantizer).__name__}", disable=not progress):

@@ -1,4 +1,5 @@
-"""The building blocks of the decoder as pure functions: dense, RMSNorm, RoPE, attention, SwiGLU.
+"""The building blocks of the decoder as pure functions: dense, RMSNorm, RoPE, SwiGLU, the output head (attention
+has its own module, models/attention.py).
 
 Every linear layer goes through `qalora_jax.nn.linear.linear`, the one place a weight (a float kernel, a
 QTensor, and optionally an adapter) meets an activation, so every method runs through the same model code.
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 from qalora_jax.nn.linear import linear, materialize, operand_dtype
 from qalora_jax.quant import QTensor
 
-__all__ = ["apply_rope", "attention", "dense", "fold", "head_logits", "head_nll", "linear", "materialize", "rms_norm",
+__all__ = ["apply_rope", "dense", "fold", "head_logits", "head_nll", "linear", "materialize", "rms_norm",
            "rope_angles", "swiglu"]
 
 
@@ -46,23 +47,6 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   cos = cos[:, :, None, :].astype(x.dtype)
   sin = sin[:, :, None, :].astype(x.dtype)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-
-
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-  """Grouped-query attention: softmax(q k^T / sqrt(d) + mask) v, each KV head serving num_heads / num_kv_heads
-  query heads.
-
-  q [b, t, heads, d], k and v [b, s, kv_heads, d], mask [b, t, s] (True: may attend) -> [b, t, heads, d].
-  Scores and softmax are computed in float32.
-  """
-  b, t, h, d = q.shape
-  kv_heads = k.shape[2]
-  q = q.reshape(b, t, kv_heads, h // kv_heads, d)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
-  scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-  return out.reshape(b, t, h, d)
 
 
 def fold(rng: jax.Array | None, i: int) -> jax.Array | None:

@@ -50,6 +50,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qalora_jax.models import layers
+from qalora_jax.models.attention import Mask, attention
 from qalora_jax.models.config import Config, rope_frequencies
 from qalora_jax.nn.modules import Frozen, Linear, LowRankAdapter
 from qalora_jax.quant import QTensor
@@ -156,15 +157,10 @@ def stack_blocks(params: dict) -> dict:
   return {**params, "blocks": jax.tree.map(lambda *xs: jnp.stack(xs), *[blocks[str(i)] for i in range(len(blocks))])}
 
 
-def attention_mask(config: Config, key_mask: jax.Array, num_queries: int, index) -> jax.Array:
-  """[b, t, S] mask over cache slots: query slot index + i sees key slot j if j <= index + i, key j is valid,
+def attention_mask(config: Config, key_mask: jax.Array, index) -> Mask:
+  """Which key slots each query sees: query slot index + i sees key slot j if j <= index + i, key j is valid,
   and (with a sliding window) index + i - j < window."""
-  q_slots = index + jnp.arange(num_queries)[:, None]
-  k_slots = jnp.arange(key_mask.shape[1])[None, :]
-  allowed = k_slots <= q_slots
-  if config.sliding_window is not None:
-    allowed = allowed & (q_slots - k_slots < config.sliding_window)
-  return allowed[None] & key_mask[:, None, :]
+  return Mask(key_mask, index, config.sliding_window)
 
 
 def default_positions(key_mask: jax.Array) -> jax.Array:
@@ -232,7 +228,7 @@ class Attention(nnx.Module):
       k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
       v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
       kv = (k, v)
-    a = layers.attention(q, k.astype(h.dtype), v.astype(h.dtype), mask)
+    a = attention(q, k.astype(h.dtype), v.astype(h.dtype), mask)
     return self.o_proj(a.reshape(b, t, c.q_size), dropout_rng=layers.fold(rng, 3)), kv
 
 
@@ -295,7 +291,7 @@ class Decoder(nnx.Module):
     config = self.config
     x = self.embed(tokens, config.dtype)
     cos, sin = layers.rope_angles(positions, rope_frequencies(config))
-    mask = attention_mask(config, key_mask, tokens.shape[1], index)
+    mask = attention_mask(config, key_mask, index)
     stacked = not isinstance(self.blocks, nnx.List)
     scanned = config.scan_layers and stacked
     if stacked:

@@ -1,0 +1,99 @@
+"""Blocked attention (online softmax, own backward pass) against the dense form, and the model using it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qalora_jax import models
+from qalora_jax.models import attention as attn
+from qalora_jax.models import llama
+from qalora_jax.train import loop
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  return loop.tiny_model(max_seq_len=512)
+
+
+def _inputs(rng, b, t, s, heads, kv_heads, d, dtype=jnp.float32):
+  q = jnp.asarray(rng.normal(size=(b, t, heads, d)), dtype)
+  k = jnp.asarray(rng.normal(size=(b, s, kv_heads, d)), dtype)
+  v = jnp.asarray(rng.normal(size=(b, s, kv_heads, d)), dtype)
+  return q, k, v
+
+
+@pytest.mark.parametrize("t,heads,kv_heads,block,window,left_pad", [
+    (300, 6, 2, 64, None, 7),     # ragged last block, grouped queries, left padding
+    (256, 4, 4, 64, 40, 0),       # sliding window: blocks outside it skipped
+    (130, 3, 1, 32, None, 0),     # one KV head for all query heads
+])
+def test_blocked_equals_dense_forward_and_gradients(t, heads, kv_heads, block, window, left_pad):
+  rng = np.random.default_rng(t)
+  q, k, v = _inputs(rng, 2, t, t, heads, kv_heads, 16)
+  key_mask = jnp.asarray(np.arange(t)[None, :] >= np.array([[left_pad], [0]]))
+  mask = attn.Mask(key_mask, 0, window)
+  # Rows with no visible key (left padding) are padding: compared nowhere, and given no gradient.
+  valid = key_mask[:, :, None, None]
+  weights = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+
+  def loss(fn):
+    return lambda q, k, v: jnp.sum(jnp.where(valid, fn(q, k, v), 0.0) * weights)
+
+  dense = lambda q, k, v: attn.dense_attention(q, k, v, mask)
+  blocked = lambda q, k, v: attn.blocked_attention(q, k, v, key_mask, 0, window, block)
+  np.testing.assert_allclose(np.where(valid, blocked(q, k, v), 0), np.where(valid, dense(q, k, v), 0), atol=2e-6)
+  for got, want in zip(jax.grad(loss(blocked), (0, 1, 2))(q, k, v), jax.grad(loss(dense), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(got, want, atol=2e-5 * float(jnp.max(jnp.abs(want))))
+
+
+def test_blocked_attention_in_bfloat16_stays_within_bfloat16_rounding_of_float32():
+  rng = np.random.default_rng(1)
+  q, k, v = _inputs(rng, 1, 512, 512, 6, 2, 32)
+  key_mask = jnp.ones((1, 512), bool)
+  want = attn.dense_attention(q, k, v, attn.Mask(key_mask))
+  got = attn.blocked_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), key_mask, 0, None, 128)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=3e-2)
+
+
+def test_no_pass_holds_a_sequence_by_sequence_array():
+  """The invariant the blocked form exists for: forward and backward hold no [t, S]-sized intermediate."""
+  t, block = 1024, 128
+  q, k, v = _inputs(np.random.default_rng(2), 1, t, t, 4, 2, 16)
+  key_mask = jnp.ones((1, t), bool)
+  loss = lambda q, k, v: jnp.sum(attn.blocked_attention(q, k, v, key_mask, 0, None, block) ** 2)
+  jaxpr = jax.make_jaxpr(jax.grad(loss, (0, 1, 2)))(q, k, v)
+  largest = max(int(np.prod(var.aval.shape)) for eqn in jaxpr.eqns for var in eqn.outvars)
+  assert largest < t * t, largest
+  dense_loss = lambda q, k, v: jnp.sum(attn.dense_attention(q, k, v, attn.Mask(key_mask)) ** 2)
+  jaxpr = jax.make_jaxpr(jax.grad(dense_loss, (0, 1, 2)))(q, k, v)
+  assert max(int(np.prod(var.aval.shape)) for eqn in jaxpr.eqns for var in eqn.outvars) >= t * t
+
+
+def test_causal_skipping_visits_the_lower_triangle_of_blocks():
+  mask = attn.Mask(jnp.ones((1, 1024), bool))
+  spans = attn._spans(1024, 256)
+  visited = [(i, j) for i, (qs, qe) in enumerate(spans) for j, (ks, ke) in enumerate(spans)
+             if mask.visible(qs, qe, ks, ke)]
+  assert visited == [(i, j) for i in range(4) for j in range(i + 1)]
+  windowed = attn.Mask(jnp.ones((1, 1024), bool), 0, 100)
+  assert not windowed.visible(512, 768, 0, 256)       # every query is > 256 positions past every key
+  assert windowed.visible(256, 512, 0, 256)           # query 256 sees keys 157..256
+
+
+def test_model_logits_and_cached_prefill_equal_the_dense_attention(tiny, monkeypatch):
+  """A 300-token pass runs blocked (three 128-blocks); replacing the attention by the dense form changes nothing,
+  with or without a KV cache."""
+  config, params = tiny.config, tiny.params
+  tokens = jnp.asarray(np.random.default_rng(3).integers(0, config.vocab_size, (2, 300)), jnp.int32)
+  monkeypatch.setattr(attn, "BLOCK", 128)
+  blocked = models.apply(config, params, tokens)
+  cache = llama.init_cache(config, 2, 320)
+  key_mask = jnp.zeros((2, 320), bool).at[:, :300].set(True)
+  cached, _ = llama.forward(config, params, tokens, llama.default_positions(tokens >= 0), key_mask, cache, 0)
+  monkeypatch.setattr(llama, "attention", lambda q, k, v, mask: attn.dense_attention(q, k, v, mask))
+  dense = models.apply(config, params, tokens)
+  scale = float(jnp.max(jnp.abs(dense)))
+  np.testing.assert_allclose(blocked, dense, atol=1e-5 * scale)
+  np.testing.assert_allclose(cached, dense, atol=1e-5 * scale)
