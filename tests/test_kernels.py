@@ -28,7 +28,8 @@ def test_leading_axes_and_fallback():
   x = jnp.asarray(rng.normal(size=(2, 3, 192)), jnp.float32)
   tiled = quant.get("int", bits=4, group_size=32).quantize(rng.normal(size=(192, 64)).astype(np.float32))
   ragged = quant.get("int", bits=4, group_size=128).quantize(rng.normal(size=(192, 64)).astype(np.float32))
-  assert not supported(ragged)  # 192 inputs: a group of 128 and a short one of 64
+  # 192 inputs: a group of 128 and a short one of 64; blocks of 64 inputs tile them, blocks of 128 do not
+  assert supported(ragged) and not supported(ragged, block_k=128)
   for qt, block_k in ((tiled, 64), (ragged, 128)):
     got = int4_matmul(x, qt, block_k=block_k, interpret=True)
     np.testing.assert_allclose(np.asarray(got), np.asarray(x @ qt.dequantize()), rtol=1e-5, atol=1e-4)

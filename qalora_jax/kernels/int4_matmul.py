@@ -1,20 +1,30 @@
-"""A Pallas kernel for y = x W~ with W~ an INT4 group-wise QTensor (format "int", with offsets), on GPU.
+"""A Pallas kernel for y = x W~ and dx = dy W~^T with W~ an INT4 group-wise QTensor (format "int", with offsets).
 
 W~[i, o] = scale[l, o] * q[i, o] + offset[l, o] for i in group l. The kernel reads the packed codes (8 four-bit
 codes per uint32 word along `in`, code 8w + j in bits [4j, 4j + 4) of word w: see quant/packing.py), never a
-float copy of W: each program computes a [block_m, block_n] tile of y, looping over `in` in steps of
-block_k inputs (a whole number of groups and of words):
+float copy of W. Program (r, c, s) of the grid computes a [block_m, block_n] tile of the output from the s-th of
+`splits` equal slices of the reduction axis, in steps of block_k:
 
-    acc += x[:, k-block] @ (q[k-block, n-block] * scale + offset)        # dequantized in registers
+    forward   acc += x[:, k-block] @ dequant(q[k-block, n-block])          (reduction over `in`)
+    backward  acc += dy[:, k-block] @ dequant(q[n-block, k-block])^T       (reduction over `out`)
 
-`interpret=True` runs the same kernel through Pallas' interpreter (any backend; the tests check it against
-`x @ qt.dequantize()` on CPU). `int4_matmul` falls back to that reference where the shapes do not tile
-(a ragged last group, `in` not a multiple of block_k, `out` not a multiple of block_n).
+dequantized in registers (in float32, then cast to the operand dtype: x's dtype, so bf16 operands stay bf16)
+and accumulated in float32. With splits > 1 each slice writes a float32 partial tile and the slices are
+summed outside the kernel (split-K: more programs when the output alone gives few). A block inside one group
+loads one scale row; a block holding several groups loads one row per group.
+
+`choose_blocks` picks the blocks per shape within what Triton compiles: every loaded slice a power of two and
+every dot at least 16 in each dimension. The GPU lowering is Triton's (Pallas' GPU default, Mosaic GPU, needs
+a different kernel style); `interpret=True` runs the same kernel through Pallas' interpreter on any backend
+(the tests check it against float64 on CPU). `int4_matmul` falls back to `x @ qt.dequantize()` where no
+blocks fit (`supported` is False).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -23,61 +33,246 @@ from jax.experimental import pallas as pl
 from qalora_jax.quant import QTensor
 
 CODES_PER_WORD = 8
+MIN_DOT = 16  # Triton's smallest dot: 16 in each dimension
+TARGET_PROGRAMS = 256  # split-K until the grid has this many programs (about two per multiprocessor of an H100)
+MAX_BLOCK_M, MAX_BLOCK_N, MAX_BLOCK_K = 128, 64, 128
 
 
-def supported(qt: QTensor, block_n: int = 64, block_k: int = 128) -> bool:
-  """Whether the kernel handles `qt` with these blocks (else `int4_matmul` uses the reference path)."""
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+  """A tiling: [block_m, block_n] output tiles, block_k reduction steps, `splits` slices of the reduction."""
+
+  block_m: int
+  block_n: int
+  block_k: int
+  splits: int = 1
+
+
+def _pow2_at_most(limit: int, divides: int) -> int:
+  """The largest power of two <= limit that divides `divides` (1 if none above it)."""
+  b = 1
+  while b * 2 <= limit and divides % (b * 2) == 0:
+    b *= 2
+  return b
+
+
+def _group_fits(block: int, group_size: int) -> bool:
+  """Whether a block along `in` lies inside one group or holds whole groups."""
+  return group_size % block == 0 or block % group_size == 0
+
+
+def _eligible(qt) -> bool:
+  return (isinstance(qt, QTensor) and qt.format == "int" and qt.bits == 4 and "offset" in qt.arrays
+          and qt["codes"].ndim == 2)
+
+
+def blocks_fit(qt: QTensor, blocks: Blocks, *, transpose: bool = False) -> bool:
+  """Whether `blocks` tile `qt` (for dy W~^T if `transpose`) within Triton's limits."""
+  if not _eligible(qt):
+    return False
   n_in, n_out = qt.shape
-  return (qt.format == "int" and qt.bits == 4 and "offset" in qt.arrays and qt["codes"].ndim == 2
-          and block_k % qt.group_size == 0 and block_k % CODES_PER_WORD == 0 and n_in % block_k == 0
-          and n_out % block_n == 0)
+  g = qt.group_size
+  reduce, width = (n_out, n_in) if transpose else (n_in, n_out)
+  in_block = blocks.block_n if transpose else blocks.block_k  # the block that runs along `in`
+  pow2 = all(b & (b - 1) == 0 for b in (blocks.block_m, blocks.block_n, blocks.block_k))
+  return (pow2 and min(blocks.block_m, blocks.block_n, blocks.block_k) >= MIN_DOT
+          and in_block % CODES_PER_WORD == 0 and _group_fits(in_block, g) and g % CODES_PER_WORD == 0
+          and width % blocks.block_n == 0 and reduce % (blocks.block_k * blocks.splits) == 0)
 
 
-def _kernel(x_ref, codes_ref, scale_ref, offset_ref, o_ref, *, block_k: int, group_size: int, n_in: int):
-  block_m, block_n = o_ref.shape
-  words_k, groups_k = block_k // CODES_PER_WORD, block_k // group_size
+def choose_blocks(m: int, qt: QTensor, *, transpose: bool = False) -> Blocks | None:
+  """Blocks for an [m, in] @ W~ (or [m, out] @ W~^T) product, None if none fit.
+
+  block_m: the rows rounded up to a power of two (16 to 128); block_n and block_k: the largest powers of two
+  up to 64 and 128 that divide the output and reduction widths (and fit the groups); splits: the fewest
+  divisors of the reduction steps that give TARGET_PROGRAMS programs (or as many as there are steps).
+  """
+  if not _eligible(qt):
+    return None
+  n_in, n_out = qt.shape
+  g = qt.group_size
+  reduce, width = (n_out, n_in) if transpose else (n_in, n_out)
+  block_m = min(MAX_BLOCK_M, max(MIN_DOT, 1 << max(0, m - 1).bit_length()))
+  block_n = _pow2_at_most(MAX_BLOCK_N, width)
+  block_k = _pow2_at_most(MAX_BLOCK_K, reduce)
+  # The block along `in` must lie inside a group or hold whole groups: shrink it until it does.
+  if transpose:
+    while block_n >= MIN_DOT and not _group_fits(block_n, g):
+      block_n //= 2
+  else:
+    while block_k >= MIN_DOT and not _group_fits(block_k, g):
+      block_k //= 2
+  blocks = Blocks(block_m, block_n, block_k)
+  if not blocks_fit(qt, blocks, transpose=transpose):
+    return None
+  programs = -(-m // block_m) * (width // block_n)
+  steps = reduce // block_k
+  splits = next((d for d in range(1, steps + 1) if steps % d == 0 and programs * d >= TARGET_PROGRAMS), steps)
+  return dataclasses.replace(blocks, splits=splits)
+
+
+def supported(qt: QTensor, block_n: int | None = None, block_k: int | None = None, *,
+              transpose: bool = False) -> bool:
+  """Whether the kernel handles `qt` (with these blocks, else with the chosen ones) rather than the fallback."""
+  chosen = choose_blocks(1, qt, transpose=transpose)
+  if chosen is None:
+    return False
+  blocks = dataclasses.replace(chosen, block_n=block_n or chosen.block_n, block_k=block_k or chosen.block_k,
+                               splits=1)
+  return blocks_fit(qt, blocks, transpose=transpose)
+
+
+def _unpack(words: jax.Array) -> jax.Array:
+  """[w, n] uint32 words -> [8w, n] float32 codes (code 8w + j in bits [4j, 4j + 4) of word w)."""
   shifts = (jnp.arange(CODES_PER_WORD, dtype=jnp.uint32) * 4)[None, :, None]
+  q = (words[:, None, :] >> shifts) & 0xF
+  return q.astype(jnp.float32).reshape(words.shape[0] * CODES_PER_WORD, words.shape[1])
+
+
+def _dequant(words, scale_ref, offset_ref, start: int | jax.Array, rows: int, cols, group_size: int):
+  """W~ rows [start, start + rows) (in float32) of the column slice `cols`, from their packed words."""
+  q = _unpack(words)
+  if group_size >= rows:  # one group: one scale row
+    row = pl.ds(start // group_size, 1)
+    return q * scale_ref[row, cols].astype(jnp.float32) + offset_ref[row, cols].astype(jnp.float32)
+  groups = rows // group_size
+  row = pl.ds(start // group_size, groups)
+  scale = scale_ref[row, cols].astype(jnp.float32)[:, None, :]
+  offset = offset_ref[row, cols].astype(jnp.float32)[:, None, :]
+  q = q.reshape(groups, group_size, q.shape[-1])
+  return (q * scale + offset).reshape(rows, q.shape[-1])
+
+
+def _forward_kernel(x_ref, codes_ref, scale_ref, offset_ref, o_ref, *, blocks: Blocks, group_size: int,
+                    steps: int):
+  """o = x[:, slice s] @ W~[slice s, n-block]; x's block holds every input, codes/scale/offset one n-block."""
+  bk = blocks.block_k
+  start0 = pl.program_id(2) * (steps * bk)
+  cols = pl.ds(0, blocks.block_n)
 
   def body(k, acc):
-    x = x_ref[:, pl.ds(k * block_k, block_k)].astype(jnp.float32)
-    words = codes_ref[pl.ds(k * words_k, words_k), :]
-    q = ((words[:, None, :] >> shifts) & 0xF).astype(jnp.float32).reshape(groups_k, group_size, block_n)
-    scale = scale_ref[pl.ds(k * groups_k, groups_k), :].astype(jnp.float32)
-    offset = offset_ref[pl.ds(k * groups_k, groups_k), :].astype(jnp.float32)
-    w = (q * scale[:, None, :] + offset[:, None, :]).reshape(block_k, block_n)
+    start = pl.multiple_of(start0 + k * bk, bk)
+    x = x_ref[:, pl.ds(start, bk)]
+    words = codes_ref[pl.ds(start // CODES_PER_WORD, bk // CODES_PER_WORD), :]
+    w = _dequant(words, scale_ref, offset_ref, start, bk, cols, group_size).astype(x.dtype)
     return acc + jnp.dot(x, w, preferred_element_type=jnp.float32)
 
-  acc = jax.lax.fori_loop(0, n_in // block_k, body, jnp.zeros((block_m, block_n), jnp.float32))
+  acc = jax.lax.fori_loop(0, steps, body, jnp.zeros(o_ref.shape, jnp.float32))
   o_ref[...] = acc.astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("block_m", "block_n", "block_k", "interpret"))
-def int4_matmul(x: jax.Array, qt: QTensor, *, block_m: int = 16, block_n: int = 64, block_k: int = 128,
+def _transposed_kernel(dy_ref, codes_ref, scale_ref, offset_ref, o_ref, *, blocks: Blocks, group_size: int,
+                       steps: int):
+  """o = dy[:, slice s] @ W~[n-block, slice s]^T; codes/scale/offset hold every output column."""
+  bn, bk = blocks.block_n, blocks.block_k
+  n_start = pl.program_id(1) * bn
+  start0 = pl.program_id(2) * (steps * bk)
+  words_rows = pl.ds(0, bn // CODES_PER_WORD)  # the codes block holds this n-block's words only
+
+  def body(k, acc):
+    start = pl.multiple_of(start0 + k * bk, bk)
+    cols = pl.ds(start, bk)
+    dy = dy_ref[:, cols]
+    w = _dequant(codes_ref[words_rows, cols], scale_ref, offset_ref, n_start, bn, cols, group_size)
+    w = w.astype(dy.dtype)
+    return acc + jax.lax.dot_general(dy, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+  acc = jax.lax.fori_loop(0, steps, body, jnp.zeros(o_ref.shape, jnp.float32))
+  o_ref[...] = acc.astype(o_ref.dtype)
+
+
+BACKENDS = ("triton", "default")
+
+
+def _compiler_params(blocks: Blocks, backend: str):
+  """Triton's compiler parameters (backend "triton"), or None: Pallas' own GPU default (backend "default")."""
+  if backend == "default":
+    return None
+  from jax.experimental.pallas import triton as pl_triton
+  return pl_triton.CompilerParams(num_warps=4 if blocks.block_m * blocks.block_n <= 64 * 64 else 8, num_stages=2)
+
+
+@functools.partial(jax.jit, static_argnames=("transpose", "blocks", "block_m", "block_n", "block_k", "splits",
+                                             "out_dtype", "backend", "interpret"))
+def int4_matmul(x: jax.Array, qt: QTensor, *, transpose: bool = False, blocks: Blocks | None = None,
+                block_m: int | None = None, block_n: int | None = None, block_k: int | None = None,
+                splits: int | None = None, out_dtype=None, backend: str = "triton",
                 interpret: bool = False) -> jax.Array:
-  """x [..., in] @ dequantize(qt) [in, out] -> [..., out] in x's dtype, reading the packed INT4 codes."""
+  """x [..., in] @ W~ [in, out] -> [..., out] (transpose: x [..., out] @ W~^T -> [..., in]) in `out_dtype`
+  (None: x's dtype), the operands in x's dtype, accumulated in float32.
+
+  Blocks are `blocks`, else `choose_blocks` with any of block_m, block_n, block_k, splits overriding it.
+  `backend` picks the GPU lowering: "triton" (Triton compiler parameters) or "default" (none: Pallas' default).
+  """
+  if backend not in BACKENDS:
+    raise ValueError(f"backend={backend!r}; choose one of {BACKENDS}")
   n_in, n_out = qt.shape
-  if x.shape[-1] != n_in:
-    raise ValueError(f"x has {x.shape[-1]} features; the weight expects in={n_in}")
-  if not supported(qt, block_n, block_k):
-    return jnp.einsum("...i,io->...o", x, qt.dequantize(x.dtype))
+  reduce, width = (n_out, n_in) if transpose else (n_in, n_out)
+  if x.shape[-1] != reduce:
+    side = "out" if transpose else "in"
+    raise ValueError(f"x has {x.shape[-1]} features; the weight expects {side}={reduce}")
+  out_dtype = jnp.dtype(out_dtype or x.dtype)
   lead = x.shape[:-1]
-  x2 = x.reshape(-1, n_in)
+  x2 = x.reshape(-1, reduce)
   m = x2.shape[0]
-  padded = -(-m // block_m) * block_m
+  if blocks is None:
+    chosen = choose_blocks(m, qt, transpose=transpose)
+    if chosen is not None:
+      overrides = dict(block_m=block_m, block_n=block_n, block_k=block_k,
+                       splits=1 if (block_n or block_k) and splits is None else splits)
+      blocks = dataclasses.replace(chosen, **{k: v for k, v in overrides.items() if v is not None})
+  if blocks is None or not blocks_fit(qt, blocks, transpose=transpose):
+    w = qt.dequantize(x.dtype)
+    spec = "...o,io->...i" if transpose else "...i,io->...o"
+    return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(out_dtype)
+  bm, bn, bk, splits = blocks.block_m, blocks.block_n, blocks.block_k, blocks.splits
+  padded = -(-m // bm) * bm
   x2 = jnp.pad(x2, ((0, padded - m), (0, 0)))
-  kernel = functools.partial(_kernel, block_k=block_k, group_size=qt.group_size, n_in=n_in)
+  col_blocks = width // bn
+  steps = reduce // (bk * splits)
   groups = qt["scale"].shape[0]
+  if transpose:  # codes [in/8, out]: a program reads its n-block's rows of words, every column
+    kernel = _transposed_kernel
+    weight_specs = [pl.BlockSpec((bn // CODES_PER_WORD, n_out), lambda i, j, s: (j, 0)),
+                    pl.BlockSpec((groups, n_out), lambda i, j, s: (0, 0)),
+                    pl.BlockSpec((groups, n_out), lambda i, j, s: (0, 0))]
+  else:  # a program reads every row of words of its n-block of columns
+    kernel = _forward_kernel
+    weight_specs = [pl.BlockSpec((n_in // CODES_PER_WORD, bn), lambda i, j, s: (0, j)),
+                    pl.BlockSpec((groups, bn), lambda i, j, s: (0, j)),
+                    pl.BlockSpec((groups, bn), lambda i, j, s: (0, j))]
   y = pl.pallas_call(
-      kernel,
-      out_shape=jax.ShapeDtypeStruct((padded, n_out), x.dtype),
-      grid=(padded // block_m, n_out // block_n),
-      in_specs=[
-          pl.BlockSpec((block_m, n_in), lambda i, j: (i, 0)),
-          pl.BlockSpec((n_in // CODES_PER_WORD, block_n), lambda i, j: (0, j)),
-          pl.BlockSpec((groups, block_n), lambda i, j: (0, j)),
-          pl.BlockSpec((groups, block_n), lambda i, j: (0, j)),
-      ],
-      out_specs=pl.BlockSpec((block_m, block_n), lambda i, j: (i, j)),
+      functools.partial(kernel, blocks=blocks, group_size=qt.group_size, steps=steps),
+      out_shape=jax.ShapeDtypeStruct((padded, splits * width), out_dtype if splits == 1 else jnp.float32),
+      grid=(padded // bm, col_blocks, splits),
+      in_specs=[pl.BlockSpec((bm, reduce), lambda i, j, s: (i, 0)), *weight_specs],
+      out_specs=pl.BlockSpec((bm, bn), lambda i, j, s: (i, s * col_blocks + j)),
+      compiler_params=None if interpret else _compiler_params(blocks, backend),
       interpret=interpret,
   )(x2, qt["codes"], qt["scale"], qt["offset"])
-  return y[:m].reshape(*lead, n_out)
+  if splits > 1:
+    y = y.reshape(padded, splits, width).sum(axis=1).astype(out_dtype)
+  return y[:m].reshape(*lead, width)
+
+
+KERNEL_MAX_ROWS = 64  # base_matmul runs the kernel on GPUs for at most this many rows (decoding, short prompts)
+
+
+def uses_kernel(x_shape, kernel, *, transpose: bool = False) -> bool:
+  """Whether `dispatch` stages the kernel for x of this shape: an eligible QTensor and at most KERNEL_MAX_ROWS
+  rows (the kernel re-dequantizes W for every block of rows; XLA's dequantize-then-dot wins on many rows)."""
+  m = math.prod(x_shape[:-1])
+  return 0 < m <= KERNEL_MAX_ROWS and choose_blocks(m, kernel, transpose=transpose) is not None
+
+
+def dispatch(x: jax.Array, kernel, operand_dtype, xla, *, transpose: bool = False) -> jax.Array:
+  """`xla(x, kernel)` (the dequantize-then-dot) except on CUDA GPUs where `uses_kernel`: there x (cast to
+  operand_dtype) @ W~ (transpose: W~^T) by `int4_matmul`, out in x's dtype. Chosen when lowering
+  (lax.platform_dependent), so any other backend compiles exactly `xla`."""
+  if not uses_kernel(x.shape, kernel, transpose=transpose):
+    return xla(x, kernel)
+
+  def gpu(x, kernel):
+    return int4_matmul(x.astype(operand_dtype), kernel, transpose=transpose, out_dtype=x.dtype)
+
+  return jax.lax.platform_dependent(x, kernel, cuda=gpu, default=xla)

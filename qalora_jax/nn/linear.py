@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from qalora_jax.kernels import cpu_int4
+from qalora_jax.kernels import int4_matmul as pallas_int4
 from qalora_jax.nn.adapters import Adapter, adapter_delta
 from qalora_jax.quant import QTensor
 
@@ -34,6 +35,7 @@ def base_matmul(x: jax.Array, kernel, matmul_dtype=None) -> jax.Array:
 
   matmul_dtype "int8" multiplies an INT4 QTensor with int8-quantized activations in the CPU decoding kernel
   (qalora_jax.kernels.cpu_int4) where it runs; other weights, and every weight where it does not, use x.dtype.
+  On CUDA GPUs an INT4 QTensor and few rows run x W and dy W^T in the Pallas kernel (kernels/int4_matmul.py).
 
   Its gradients are written out so that nothing float is kept for a quantized W:
     dx = dy W^T   (W dequantized again in the backward pass, straight into the matmul)
@@ -41,8 +43,13 @@ def base_matmul(x: jax.Array, kernel, matmul_dtype=None) -> jax.Array:
   """
   if matmul_dtype == "int8" and cpu_int4.supports(kernel):
     return cpu_int4.matmul(x, kernel)
-  w = materialize(kernel, operand_dtype(matmul_dtype, x.dtype))
-  return jnp.einsum("...i,io->...o", x.astype(w.dtype), w, preferred_element_type=x.dtype)
+  dtype = operand_dtype(matmul_dtype, x.dtype)
+
+  def xla(x, kernel):
+    w = materialize(kernel, dtype)
+    return jnp.einsum("...i,io->...o", x.astype(w.dtype), w, preferred_element_type=x.dtype)
+
+  return pallas_int4.dispatch(x, kernel, dtype, xla)
 
 
 def _base_matmul_fwd(x, kernel, matmul_dtype):
@@ -52,10 +59,16 @@ def _base_matmul_fwd(x, kernel, matmul_dtype):
 
 def _base_matmul_bwd(matmul_dtype, residuals, dy):
   x, kernel = residuals
-  w = materialize(kernel, operand_dtype(matmul_dtype, dy.dtype))
+  dtype = operand_dtype(matmul_dtype, dy.dtype)
+  if x is None:  # a frozen QTensor: dx only
+
+    def xla(dy, kernel):
+      w = materialize(kernel, dtype)
+      return jnp.einsum("...o,io->...i", dy.astype(w.dtype), w, preferred_element_type=dy.dtype)
+
+    return pallas_int4.dispatch(dy, kernel, dtype, xla, transpose=True), None
+  w = materialize(kernel, dtype)
   dx = jnp.einsum("...o,io->...i", dy.astype(w.dtype), w, preferred_element_type=dy.dtype)
-  if x is None:
-    return dx, None
   dw = jnp.einsum("...i,...o->io", x.astype(w.dtype), dy.astype(w.dtype), preferred_element_type=jnp.float32)
   return dx, dw.astype(kernel.dtype)
 
