@@ -132,3 +132,52 @@ def test_param_shardings_split_one_dimension_over_fsdp():
   specs = jax.tree.map(lambda s: tuple(s.spec), mesh_lib.param_shardings(tree, mesh))
   assert specs == {"blocks": {"a": (None, "fsdp", None), "norm": ("fsdp", None)}, "embed": (None, "fsdp"),
                    "per_layer": {"blocks": {"0": {"w": ("fsdp", None)}}}, "odd": (None, None), "count": ()}
+
+
+def test_mesh_shape_fills_an_axis_given_as_0():
+  assert mesh_lib.mesh_shape(0, 1, 8) == (8, 1)
+  assert mesh_lib.mesh_shape(0, 2, 8) == (4, 2)
+  assert mesh_lib.mesh_shape(2, 0, 8) == (2, 4)
+  assert mesh_lib.mesh_shape(4, 2, 8) == (4, 2)
+  assert mesh_lib.mesh_shape(0, 1, 1) == (1, 1)
+  with pytest.raises(ValueError, match=r"config.mesh.fsdp=3 does not divide the 8 available devices; choose a "
+                                       r"divisor of 8"):
+    mesh_lib.mesh_shape(0, 3, 8)
+  with pytest.raises(ValueError, match="config.mesh.data and config.mesh.fsdp are both 0; at most one may be 0"):
+    mesh_lib.mesh_shape(0, 0, 8)
+  with pytest.raises(ValueError, match=r"1 x 1 = 1 does not match the 8 available devices; choose data x fsdp = 8"):
+    mesh_lib.mesh_shape(1, 1, 8)
+
+
+def test_mesh_config_values_are_checked():
+  assert (config_lib.base_config().mesh.data, config_lib.base_config().mesh.fsdp) == (0, 1)
+  with pytest.raises(ValueError, match=r"config.mesh.data=-1 must be at least 0 \(0: the devices the other axis"):
+    config_lib.load(f"{TINY}:method=qalora", ["--config.mesh.data=-1"])
+  with pytest.raises(ValueError, match="config.mesh.data and config.mesh.fsdp are both 0"):
+    config_lib.load(f"{TINY}:method=qalora", ["--config.mesh.fsdp=0"])
+
+
+DEFAULT_MESH_CHILD = """
+import json
+from qalora_jax.train import config as config_lib, mesh as mesh_lib
+shapes, errors = [], []
+for overrides in ([], ["--config.mesh.fsdp=2"], ["--config.mesh.data=1", "--config.mesh.fsdp=1"]):
+  cfg = config_lib.load("configs/tiny.py", overrides)
+  try:
+    shapes.append(dict(mesh_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp).shape))
+  except ValueError as e:
+    errors.append(str(e))
+print(json.dumps({"shapes": shapes, "errors": errors}))
+"""
+
+
+def test_the_default_mesh_uses_every_device_and_an_explicit_one_is_checked():
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8")
+  done = subprocess.run([sys.executable, "-c", DEFAULT_MESH_CHILD], env=env, cwd=ROOT, capture_output=True,
+                        text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-4000:]
+  result = json.loads(done.stdout.splitlines()[-1])
+  assert result["shapes"] == [{"data": 8, "fsdp": 1}, {"data": 4, "fsdp": 2}]
+  assert result["errors"] == ["config.mesh.data x config.mesh.fsdp = 1 x 1 = 1 does not match the 8 available "
+                              "devices; choose data x fsdp = 8"]

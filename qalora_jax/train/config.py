@@ -83,10 +83,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.weight_decay = 0.0
   c.optim.accum_steps = 1
 
-  # Devices: a (data, fsdp) mesh; data * fsdp must equal the number of devices. Batches are split over
-  # both axes, parameters, adapters and optimizer state over fsdp (qalora_jax.train.mesh).
+  # Devices: a (data, fsdp) mesh; data * fsdp must equal the number of devices, an axis set to 0 takes the
+  # devices the other leaves (the default: data parallelism over every device). Batches are split over both
+  # axes, parameters, adapters and optimizer state over fsdp (qalora_jax.train.mesh).
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = 1
+  c.mesh.data = 0
   c.mesh.fsdp = 1
 
   # Extra evaluations at the end of a run: the merged model re-quantized with each of these quantizers
@@ -263,13 +264,20 @@ def validate(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDic
       raise ValueError(f"config.{dotted}={config[section][key]!r} is not supported; allowed: {', '.join(allowed)}")
   if config.steps < 0:
     raise ValueError(f"config.steps={config.steps} must be at least 0 (0: evaluate the base only)")
-  for dotted in ("data.seq_len", "data.batch_size", "adapter.rank", "optim.accum_steps", "mesh.data", "mesh.fsdp",
-                 "base.calibration", "base.calibration_len"):
+  for dotted in ("data.seq_len", "data.batch_size", "adapter.rank", "optim.accum_steps", "base.calibration",
+                 "base.calibration_len"):
     node = config
     for key in dotted.split("."):
       node = node[key]
     if node < 1:
       raise ValueError(f"config.{dotted}={node} must be at least 1")
+  for axis in ("data", "fsdp"):
+    if config.mesh[axis] < 0:
+      raise ValueError(f"config.mesh.{axis}={config.mesh[axis]} must be at least 0 (0: the devices the other "
+                       f"axis leaves)")
+  if config.mesh.data == 0 and config.mesh.fsdp == 0:
+    raise ValueError("config.mesh.data and config.mesh.fsdp are both 0; at most one may be 0 (it takes the devices "
+                     "the other leaves)")
   if config.data.batch_size % config.optim.accum_steps:
     raise ValueError(f"config.data.batch_size={config.data.batch_size} must be a multiple of "
                      f"config.optim.accum_steps={config.optim.accum_steps}")

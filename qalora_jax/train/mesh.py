@@ -18,6 +18,8 @@ Layout:
 
 data x fsdp = 1 x 1 is the single-device case. data = N, fsdp = 1 is plain data parallelism (every device
 holds the whole model); fsdp = N additionally divides the memory of the model and its optimizer state by N.
+An axis given as 0 takes every device the other one leaves: the default, data = 0 and fsdp = 1, is data
+parallelism over all devices (one device: 1 x 1); an explicit data x fsdp must equal the number of devices.
 
 Multi-host (several processes, e.g. one per GPU host or TPU VM): every process runs the same command and
 calls jax.distributed.initialize() before anything else touches JAX; jax.devices() then lists the devices
@@ -35,16 +37,31 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 AXES = ("data", "fsdp")
 
 
-def make_mesh(data: int, fsdp: int) -> Mesh:
-  """A ("data", "fsdp") mesh of shape [data, fsdp] over jax.devices(); fsdp is the inner axis, so the
-  devices that exchange parameter shards are neighbours. Raises ValueError when data * fsdp is not the
-  number of devices."""
-  devices = jax.devices()
-  if data * fsdp != len(devices):
+def mesh_shape(data: int, fsdp: int, devices: int) -> tuple[int, int]:
+  """(data, fsdp) for `devices` devices, an axis given as 0 filled with devices / the other axis. Raises
+  ValueError when both are 0, when the given axis does not divide the devices, or when an explicit
+  data * fsdp is not the number of devices."""
+  plural = "s" if devices != 1 else ""
+  if data == 0 and fsdp == 0:
+    raise ValueError("config.mesh.data and config.mesh.fsdp are both 0; at most one may be 0 (it takes the devices "
+                     "the other leaves)")
+  if data == 0 or fsdp == 0:
+    name, given = ("fsdp", fsdp) if data == 0 else ("data", data)
+    if devices % given:
+      raise ValueError(f"config.mesh.{name}={given} does not divide the {devices} available device{plural}; "
+                       f"choose a divisor of {devices}")
+    return (devices // given, given) if data == 0 else (given, devices // given)
+  if data * fsdp != devices:
     raise ValueError(f"config.mesh.data x config.mesh.fsdp = {data} x {fsdp} = {data * fsdp} does not match "
-                     f"the {len(devices)} available device{'s' if len(devices) != 1 else ''}; "
-                     f"choose data x fsdp = {len(devices)}")
-  return Mesh(np.asarray(devices).reshape(data, fsdp), AXES)
+                     f"the {devices} available device{plural}; choose data x fsdp = {devices}")
+  return data, fsdp
+
+
+def make_mesh(data: int = 0, fsdp: int = 1) -> Mesh:
+  """A ("data", "fsdp") mesh of shape `mesh_shape(data, fsdp, device count)` over jax.devices(); fsdp is the
+  inner axis, so the devices that exchange parameter shards are neighbours."""
+  devices = jax.devices()
+  return Mesh(np.asarray(devices).reshape(mesh_shape(data, fsdp, len(devices))), AXES)
 
 
 def check_batch(batch_size: int, accum_steps: int, mesh: Mesh) -> None:
