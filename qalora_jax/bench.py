@@ -3,8 +3,8 @@
     qalora bench train --method qalora --batch 4 --seq 128      # one JSON line
     qalora bench decode --method qalora-merged --new-tokens 64
 
-train: the jitted training step of LoRA (float base), QLoRA (NF4 + double quantization) or QA-LoRA (INT4
-g32), r = 16 on all seven linears, AdamW, on random token batches (as the PyTorch peers in shared/bench).
+train: the jitted training step of LoRA (float base), QLoRA (NF4 + double quantization) or QA-LoRA (INT-k,
+`bits` 2/3/4/8 and `group_size`, default INT4 g32), r = 16 on all seven linears, AdamW, on random token batches (as the PyTorch peers in shared/bench).
 tokens_per_s is batch x seq over the median of `repeats` timed steps after `warmup` steps; compile_s the
 time to lower and compile the step; mfu = model FLOPs per second / the float32 matmul peak measured in the
 same process, with the model FLOPs of a step on a frozen base counted as forward + input gradients:
@@ -79,7 +79,7 @@ def _check(name: str, value, allowed) -> None:
 
 
 def train_config(method: str, model: str, batch: int, seq: int, dtype: str, remat: bool,
-                 matmul_dtype: str = "bfloat16"):
+                 matmul_dtype: str = "bfloat16", bits: int = 4, group_size: int = 32):
   from qalora_jax.train.config import base_config, validate
 
   _check("method", method, TRAIN_METHODS)
@@ -92,17 +92,17 @@ def train_config(method: str, model: str, batch: int, seq: int, dtype: str, rema
   elif method == "qlora":
     c.base.quantizer, c.base.options, c.adapter.method = "nf4", {"block_size": 64, "double_quant": True}, "lora"
   else:
-    c.base.quantizer, c.base.options, c.adapter.method = "int", {"bits": 4, "group_size": 32}, "qalora"
+    c.base.quantizer, c.base.options, c.adapter.method = "int", {"bits": bits, "group_size": group_size}, "qalora"
   validate(c)
   return c
 
 
 def bench_train(method: str = "qalora", batch: int = 4, seq: int = 128, model: str = "smollm2-135m",
                 dtype: str = "float32", remat: bool = False, warmup: int = 2, repeats: int = 5,
-                matmul_dtype: str = "bfloat16") -> dict:
+                matmul_dtype: str = "bfloat16", bits: int = 4, group_size: int = 32) -> dict:
   from qalora_jax.train import loop
 
-  cfg = train_config(method, model, batch, seq, dtype, remat, matmul_dtype)
+  cfg = train_config(method, model, batch, seq, dtype, remat, matmul_dtype, bits, group_size)
   r = loop.build(cfg, log=lambda m: None)
   init, step = r.make_step()
   rng = np.random.default_rng(0)
@@ -125,7 +125,8 @@ def bench_train(method: str = "qalora", batch: int = 4, seq: int = 128, model: s
   step_s = _median_s(one, repeats)
   peak = matmul_peak_flops(dtype=matmul_dtype)
   return {"bench": "train", "method": method, "batch": batch, "seq": seq, "dtype": dtype,
-          "matmul_dtype": matmul_dtype, "remat": remat,
+          "matmul_dtype": matmul_dtype, "remat": remat, **({"bits": bits, "group_size": group_size}
+                                                           if method == "qalora" else {}),
           "tokens_per_s": batch * seq / step_s, "step_s": step_s, "compile_s": compile_s,
           "peak_rss_mb": peak_rss_mb(), "step_gflop": flops / 1e9, "matmul_peak_gflop_s": peak / 1e9,
           "mfu": flops / step_s / peak, "device": jax.devices()[0].device_kind}

@@ -112,7 +112,8 @@ def _bench(args) -> int:
 
   if args.what == "train":
     result = bench.bench_train(args.method or "qalora", args.batch, args.seq, args.model, args.dtype, args.remat,
-                               repeats=args.repeats, matmul_dtype=args.matmul_dtype or "bfloat16")
+                               repeats=args.repeats, matmul_dtype=args.matmul_dtype or "bfloat16", bits=args.bits,
+                               group_size=args.group_size)
   elif args.what == "decode":
     result = bench.bench_decode(args.method or "qalora-merged", args.new_tokens, args.prompt, args.model,
                                 repeats=args.repeats, matmul_dtype=args.matmul_dtype or "int8")
@@ -130,50 +131,69 @@ def _eval_params(args):
   return r, (r.merged(trainable) if args.merged else r.params(trainable)), step
 
 
+def _heldout_ids(lm, info: dict):
+  """A saved model's held-out tokens: its run's (when `qalora merge` wrote it), else The Tempest's first 8192."""
+  from qalora_jax.train import loop
+
+  if info.get("run_config"):
+    from qalora_jax.train.config import from_json
+
+    return loop.training_data(from_json(info["run_config"]), lm)[2]
+  from qalora_jax import calibration
+
+  return calibration.heldout_tokens(lm, 8192)
+
+
 def _eval(args) -> int:
   from qalora_jax.train import loop
 
-  r, params, step = _eval_params(args)
+  if args.model:  # any model; a merged directory counts as merged
+    from qalora_jax import models
+
+    lm = models.load(args.model)
+    params, info = lm.params, models.saved_info(args.model) or {}
+    step, merged = info.get("step"), "step" in info
+  else:
+    r, params, step = _eval_params(args)
+    lm, merged = r.lm, args.merged
   if args.mc:
     from qalora_jax.eval import multiple_choice
 
-    result = multiple_choice.evaluate(multiple_choice.model_logits_fn(r.lm, params), r.lm.tokenizer.encode,
-                                      args.mc, k_shot=args.shots, max_len=r.lm.config.max_seq_len)
-    print(json.dumps({**result, "step": step, "merged": args.merged}))
+    result = multiple_choice.evaluate(multiple_choice.model_logits_fn(lm, params), lm.tokenizer.encode,
+                                      args.mc, k_shot=args.shots, max_len=lm.config.max_seq_len)
+    print(json.dumps({**result, "step": step, "merged": merged}))
     return 0
   if args.data:
     text = open(args.data, encoding="utf-8").read()
     if not text.strip():
       raise ValueError(f"--data {args.data}: the file is empty")
-    ids = r.lm.tokenizer.encode(text)
+    ids = lm.tokenizer.encode(text)
+  elif args.model:
+    ids = _heldout_ids(lm, info)
   else:
     _, _, ids = loop.training_data(r.cfg, r.lm)
-  window = min(args.window, r.lm.config.max_seq_len, len(ids))
-  ppl = loop.evaluate_ppl(r.lm, params, ids, window)
+  window = min(args.window, lm.config.max_seq_len, len(ids))
+  ppl = loop.evaluate_ppl(lm, params, ids, window)
   n = (len(ids) // window) * (window - 1)
-  print(json.dumps({"ppl": ppl, "tokens": n, "step": step, "merged": args.merged}))
+  print(json.dumps({"ppl": ppl, "tokens": n, "step": step, "merged": merged}))
   return 0
 
 
 def _merge(args) -> int:
+  """Writes the merged model as a saved model directory (models.save): a model like any other for
+  `generate --model`, `eval --model`, `export --model` and models.load."""
   from pathlib import Path
 
-  import orbax.checkpoint as ocp
-
-  from qalora_jax import nn
-  from qalora_jax.files import atomic_dir, write_json
+  from qalora_jax import models, nn
   from qalora_jax.train import loop
   from qalora_jax.train.config import quantizer_from_spec
 
   r, trainable, step = loop.restore(args.workdir, log=lambda m: print(m, file=sys.stderr))
   merged = r.merged(trainable, quantizer_from_spec(args.requantize) if args.requantize else None)
-  with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
-    ckpt = ocp.StandardCheckpointer()
-    ckpt.save((tmp / "params").absolute(), merged)
-    ckpt.wait_until_finished()
-    config = json.loads((Path(args.workdir) / "config.json").read_text())
-    write_json(tmp / "merged.json", {"config": config, "step": step, "bytes": nn.tree_nbytes(merged),
-                                     "source": str(Path(args.workdir).absolute())})
+  config = json.loads((Path(args.workdir) / "config.json").read_text())
+  info = {"step": step, "workdir": str(Path(args.workdir).absolute()), "source": r.cfg.model.name,
+          "requantize": args.requantize, "run_config": config}
+  models.save(r.lm.replace(params=merged), args.out, info=info, overwrite=args.overwrite)
   print(json.dumps({"out": str(args.out), "bytes": nn.tree_nbytes(merged), "step": step}))
   return 0
 
@@ -194,10 +214,52 @@ def _generate(args) -> int:
   return 0
 
 
+def _source_gguf(name):
+  """The GGUF file a model name resolves to (its metadata and tokenizer carry over), else None."""
+  from qalora_jax import models
+
+  if not name or name == "tiny":
+    return None
+  path = models.lm.resolve(name)
+  return path if path.suffix == ".gguf" else None
+
+
+def _export_gguf(args) -> int:
+  from qalora_jax import models
+  from qalora_jax.export import gguf as gguf_export
+  from qalora_jax.train.config import quantizer_from_spec
+
+  requantize = quantizer_from_spec(args.requantize) if args.requantize else None
+  if args.workdir:
+    from qalora_jax.train import loop
+
+    r, trainable, _ = loop.restore(args.workdir, log=lambda m: print(m, file=sys.stderr))
+    cfg = r.cfg
+    if cfg.adapter.method == "lora" and cfg.base.quantizer != "none" and requantize is None and args.merged != "float":
+      raise ValueError(f"--workdir {args.workdir}: lora adapters on a {cfg.base.quantizer} base do not merge exactly "
+                       f"into INT-k weights; allowed: --merged float (float32 weights) or --requantize NAME:k=v "
+                       f"(lossy, e.g. int:bits=4,group_size=32)")
+    lm = r.lm.replace(params=r.merged(trainable, requantize))
+    source = cfg.model.name
+  else:
+    rules = None if requantize is None else [(models.BLOCK_LINEARS, requantize)]
+    lm = models.load(args.model, keep_quantized=rules is None, quantize=rules)
+    source = (models.saved_info(args.model) or {}).get("source", args.model)
+  report = gguf_export.export_gguf(args.out, lm.config, lm.params, lm.tokenizer, source=_source_gguf(source),
+                                   float_type=args.float_type, allow_rounding=args.allow_rounding,
+                                   overwrite=args.overwrite)
+  print(json.dumps({**report, "format": args.format}))
+  return 0
+
+
 def _export(args) -> int:
+  if args.format == "gguf":
+    return _export_gguf(args)
   from qalora_jax.export import peft
   from qalora_jax.train import loop
 
+  if not args.workdir:
+    raise ValueError("--format peft exports a run's adapters; allowed: --workdir W")
   r, trainable, _ = loop.restore(args.workdir, log=lambda m: print(m, file=sys.stderr))
   if r.cfg.adapter.extra_trainable:
     raise ValueError("--format peft: the run also trains non-adapter leaves "
@@ -285,13 +347,18 @@ def build_parser() -> argparse.ArgumentParser:
                       "train: bfloat16 (default) | float32; decode: int8 (default: int8 activations against "
                       "INT4 weights in the CPU kernel) | float32 | bfloat16")
   p.add_argument("--remat", action="store_true", help="train: rematerialise each block in the backward pass")
+  p.add_argument("--bits", type=int, default=4, help="train, qalora: bits of the INT-k base (2 | 3 | 4 | 8)")
+  p.add_argument("--group-size", type=int, default=32, help="train, qalora: inputs per quantization group")
   p.add_argument("--new-tokens", type=int, default=64)
   p.add_argument("--prompt", type=int, default=32, help="decode: prompt tokens")
   p.add_argument("--repeats", type=int, default=5)
   p.set_defaults(run=_bench)
 
-  p = sub.add_parser("eval", help="held-out perplexity of a trained run (JSON line)")
-  p.add_argument("--workdir", required=True)
+  p = sub.add_parser("eval", help="held-out perplexity of a trained run or a model (JSON line)")
+  source = p.add_mutually_exclusive_group(required=True)
+  source.add_argument("--workdir", help="a training workdir (its base + adapters)")
+  source.add_argument("--model", help="asset name, GGUF path, HF directory or merged directory (default data: a "
+                                      "merged run's held-out tokens, else The Tempest's first 8192)")
   p.add_argument("--data", help="a text file to evaluate on (default: the config's held-out plays)")
   p.add_argument("--merged", action="store_true", help="evaluate with the adapters merged into the base")
   p.add_argument("--window", type=int, default=512, help="tokens per perplexity window")
@@ -299,7 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--shots", type=int, default=5, help="few-shot examples per question (with --mc)")
   p.set_defaults(run=_eval)
 
-  p = sub.add_parser("merge", help="fold a run's adapters into its base and save the merged parameters")
+  p = sub.add_parser("merge", help="fold a run's adapters into its base and save the merged model",
+                     description="Writes a model directory (model.safetensors with the QTensors as they are, "
+                                 "qalora_model.json, tokenizer.json) that generate/eval/export --model and "
+                                 "models.load read.")
   p.add_argument("--workdir", required=True)
   p.add_argument("--out", required=True)
   p.add_argument("--requantize", metavar="NAME[:k=v,...]",
@@ -319,10 +389,24 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--seed", type=int, default=0)
   p.set_defaults(run=_generate)
 
-  p = sub.add_parser("export", help="write a run's adapters in another tool's format")
-  p.add_argument("--workdir", required=True)
-  p.add_argument("--format", required=True, choices=["peft"])
+  p = sub.add_parser("export", help="write a run's adapters (peft) or a merged model (gguf) for other tools",
+                     description="peft: the run's adapters as a PEFT directory. gguf: the merged model as one "
+                                 "GGUF file for llama.cpp, INT-k weights exactly (Q4_1 / Q4_0 / Q8_0); a "
+                                 "setting with no exact GGUF type is refused, naming the nearest one.")
+  source = p.add_mutually_exclusive_group(required=True)
+  source.add_argument("--workdir", help="a training run (gguf: its adapters merged first)")
+  source.add_argument("--model", help="gguf: asset name, GGUF path, HF or merged directory")
+  p.add_argument("--format", required=True, choices=["peft", "gguf"])
   p.add_argument("--out", required=True)
+  p.add_argument("--merged", choices=["exact", "float"], default="exact",
+                 help="gguf --workdir: exact (default; QA-LoRA into the offsets) | float (LoRA on a quantized base "
+                      "merged into float32 weights)")
+  p.add_argument("--requantize", metavar="NAME[:k=v,...]",
+                 help="gguf: quantize the (merged) float block linears first, e.g. int:bits=4,group_size=64")
+  p.add_argument("--float-type", choices=["source", "f32", "f16"], default="source",
+                 help="gguf: embedding and other float tensors as in the source GGUF when exact (default), f32 or f16")
+  p.add_argument("--allow-rounding", action="store_true",
+                 help="gguf: write values float16 cannot hold exactly (reports max |dw|); refused otherwise")
   p.add_argument("--overwrite", action="store_true")
   p.set_defaults(run=_export)
   return parser
