@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 from pathlib import Path
 
 from versions import ROOT, checkout, run_json
 
+from qalora_jax import hardware
 from qalora_jax.files import write_bytes
 
 BENCHES = {
@@ -33,14 +32,6 @@ BENCHES = {
 def run(tree: Path, args: list[str]) -> dict:
   """One `qalora bench` JSON line, with the code imported from `tree`."""
   return run_json(tree, "import qalora_jax.cli as c; sys.exit(c.main(['bench', *sys.argv[1:]]))", *args)
-
-
-def cpu() -> str:
-  info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-  model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), platform.machine())
-  flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
-  wanted = [f for f in ("avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile") if f in flags]
-  return f"{model} ({os.cpu_count()} cores; {' '.join(wanted) or 'no AVX-512'})"
 
 
 def main(argv=None) -> int:
@@ -60,7 +51,7 @@ def main(argv=None) -> int:
           print(json.dumps(result), flush=True)
           lines.append(result)
   rows = [f"A/B of `qalora bench` (tokens/s; medians of {args.rounds} alternating rounds), old = {args.old}, "
-          f"new = this checkout. CPU: {cpu()}.", "",
+          f"new = this checkout. CPU: {hardware.describe()}.", "",
           "| benchmark | old | new | new / old (per round) | compile s old / new |", "|---|---:|---:|---:|---:|"]
   for name in names:
     get = lambda side, key: [x[key] for x in lines if x["name"] == name and x["side"] == side]  # noqa: E731

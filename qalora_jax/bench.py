@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qalora_jax import models, nn, quant
+from qalora_jax import hardware, models, nn, quant
 
 TRAIN_METHODS = ("lora", "qlora", "qalora")
 DECODE_METHODS = ("fp32", "qlora", "qalora-merged")
@@ -71,6 +71,11 @@ def train_flops_per_token(config: models.Config, seq: int) -> float:
   n_linear = config.num_layers * (d * (q + 2 * kv) + q * d + 3 * d * f)
   forward = 2 * (n_linear + config.vocab_size * d) + 4 * config.num_layers * seq * q
   return 2.0 * forward
+
+
+def machine() -> dict:
+  """The fields every benchmark line carries: the JAX device and the CPU (model, cores, instruction flags)."""
+  return {"device": jax.devices()[0].device_kind, "cpu": hardware.cpu()}
 
 
 def _check(name: str, value, allowed) -> None:
@@ -129,7 +134,7 @@ def bench_train(method: str = "qalora", batch: int = 4, seq: int = 128, model: s
                                                            if method == "qalora" else {}),
           "tokens_per_s": batch * seq / step_s, "step_s": step_s, "compile_s": compile_s,
           "peak_rss_mb": peak_rss_mb(), "step_gflop": flops / 1e9, "matmul_peak_gflop_s": peak / 1e9,
-          "mfu": flops / step_s / peak, "device": jax.devices()[0].device_kind}
+          "mfu": flops / step_s / peak, **machine()}
 
 
 def decode_params(method: str, lm: models.LanguageModel) -> dict:
@@ -172,8 +177,11 @@ def bench_decode(method: str = "qalora-merged", new_tokens: int = 64, prompt: in
   seconds = _median_s(decode, repeats)
   bytes_per_token = nn.tree_nbytes(params)
   tokens_per_s = new_tokens / seconds
-  return {"bench": "decode", "method": method, "matmul_dtype": matmul_dtype, "new_tokens": new_tokens,
+  from qalora_jax.kernels import cpu_int4
+
+  return {"bench": "decode", "method": method, "matmul_dtype": matmul_dtype,
+          "int8_kernel": matmul_dtype == "int8" and cpu_int4.available(), "new_tokens": new_tokens,
           "prompt": prompt,
           "tokens_per_s": tokens_per_s, "compile_s": compile_s, "peak_rss_mb": peak_rss_mb(),
           "bytes_per_token": bytes_per_token, "read_gb_s": bytes_per_token * tokens_per_s / 1e9,
-          "bandwidth_gb_s": read_bandwidth() / 1e9, "device": jax.devices()[0].device_kind}
+          "bandwidth_gb_s": read_bandwidth() / 1e9, **machine()}

@@ -119,7 +119,7 @@ def _bench(args) -> int:
                                 repeats=args.repeats, matmul_dtype=args.matmul_dtype or "int8")
   else:
     result = {"bench": "peaks", "matmul_peak_gflop_s": bench.matmul_peak_flops() / 1e9,
-              "bandwidth_gb_s": bench.read_bandwidth() / 1e9}
+              "bandwidth_gb_s": bench.read_bandwidth() / 1e9, **bench.machine()}
   print(json.dumps(result))
   return 0
 
@@ -229,18 +229,23 @@ def _export_gguf(args) -> int:
   from qalora_jax.export import gguf as gguf_export
   from qalora_jax.train.config import quantizer_from_spec
 
+  gguf_export.check_out(args.out, args.overwrite)  # before the slow part
   requantize = quantizer_from_spec(args.requantize) if args.requantize else None
   if args.workdir:
+    from pathlib import Path
+
     from qalora_jax.train import loop
 
+    config = Path(args.workdir) / "config.json"
+    cfg = json.loads(config.read_text()) if config.is_file() else None
+    if (cfg and cfg["adapter"]["method"] == "lora" and cfg["base"]["quantizer"] != "none" and requantize is None
+        and args.merged != "float"):
+      raise ValueError(f"--workdir {args.workdir}: lora adapters on a {cfg['base']['quantizer']} base do not merge "
+                       f"exactly into INT-k weights; allowed: --merged float (float32 weights) or --requantize "
+                       f"NAME:k=v (lossy, e.g. int:bits=4,group_size=32)")
     r, trainable, _ = loop.restore(args.workdir, log=lambda m: print(m, file=sys.stderr))
-    cfg = r.cfg
-    if cfg.adapter.method == "lora" and cfg.base.quantizer != "none" and requantize is None and args.merged != "float":
-      raise ValueError(f"--workdir {args.workdir}: lora adapters on a {cfg.base.quantizer} base do not merge exactly "
-                       f"into INT-k weights; allowed: --merged float (float32 weights) or --requantize NAME:k=v "
-                       f"(lossy, e.g. int:bits=4,group_size=32)")
     lm = r.lm.replace(params=r.merged(trainable, requantize))
-    source = cfg.model.name
+    source = r.cfg.model.name
   else:
     rules = None if requantize is None else [(models.BLOCK_LINEARS, requantize)]
     lm = models.load(args.model, keep_quantized=rules is None, quantize=rules)

@@ -13,7 +13,8 @@ two halves, the second on XLA's own intra-op thread pool. It is what `matmul_dty
 (models.Config); `reference` is the same arithmetic in plain JAX, which the tests hold the kernel to.
 
 The C++ source is compiled on first use with the system C++ compiler ($CXX, else g++) for this machine
-(-march=native) and cached under the asset cache; where that fails (no compiler, no AVX512-VNNI, a non-CPU
+(-march=native) and cached under the asset cache, keyed on the source, the compiler and its flags, the JAX and
+jaxlib versions and the CPU's model and instruction flags (a cache carried to another CPU is never loaded there); where that fails (no compiler, no AVX512-VNNI, a non-CPU
 backend, QALORA_CPU_KERNELS=0), `supports` is False and callers fall back to float matmuls.
 """
 
@@ -31,30 +32,40 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 
+from qalora_jax import hardware
 from qalora_jax.quant import QTensor, packing
 
 SOURCE = Path(__file__).with_name("cpu_int4_q8.cc")
 TARGETS = {np.dtype(np.float32): "qalora_int4_q8_f32", np.dtype(np.float16): "qalora_int4_q8_f16"}
 
 
-def _compile() -> Path:
-  """The kernel library for this machine, compiled once and cached (raises RuntimeError when it cannot be)."""
+def _build() -> tuple[list[str], Path]:
+  """The compiler command (less the output) and the cached library's path, keyed on everything the library
+  depends on. -march=native makes it valid only on a CPU with the same instructions, so they are in the key."""
   from qalora_jax import assets
 
   cxx = os.environ.get("CXX") or shutil.which("g++")
   if not cxx:
     raise RuntimeError("no C++ compiler (set CXX or install g++)")
   flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-I", jax.ffi.include_dir()]
-  key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cxx, *flags, jax.__version__]).encode()).hexdigest()[:16]
-  path = assets.cache_dir() / "kernels" / f"cpu_int4_q8-{key}.so"
+  machine = hardware.cpu()
+  key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cxx, *flags, jax.__version__, jaxlib.__version__,
+                                                      machine["model"], *machine["flags"]]).encode()).hexdigest()[:16]
+  return [cxx, *flags, str(SOURCE)], assets.cache_dir() / "kernels" / f"cpu_int4_q8-{key}.so"
+
+
+def _compile() -> Path:
+  """The kernel library for this machine, compiled once and cached (raises RuntimeError when it cannot be)."""
+  command, path = _build()
   if path.exists():
     return path
   path.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
     out = Path(tmp) / path.name
-    done = subprocess.run([cxx, *flags, str(SOURCE), "-o", str(out)], capture_output=True, text=True)
+    done = subprocess.run([*command, "-o", str(out)], capture_output=True, text=True)
     if done.returncode:
       errors = [line for line in done.stderr.splitlines() if "error" in line] or done.stderr.splitlines()[-1:]
       raise RuntimeError(f"compiling {SOURCE.name} failed: {errors[0] if errors else done.returncode}")
