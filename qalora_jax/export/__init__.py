@@ -1,1 +1,1 @@
-"""Interop: PEFT adapter directories (and, later, GPTQ-layout checkpoints)."""
+"""Interop: PEFT adapter directories (peft), GPTQ-layout checkpoints (gptq), GGUF files for llama.cpp (gguf)."""

@@ -1,6 +1,9 @@
-"""`load` a model by asset name, GGUF file or Hugging Face directory, as a `LanguageModel`.
+"""`load` a model by asset name, GGUF file, Hugging Face directory or saved model directory, as a
+`LanguageModel`; `save` writes the latter (what `qalora merge` writes).
 
     lm = models.load("smollm2-135m")
+    models.save(lm, "runs/merged")                  # QTensors kept as they are
+    lm = models.load("runs/merged")
     ids = lm.tokenizer.encode("To be, or not to be")
     logits = lm(jnp.asarray([ids]))                 # [1, seq, vocab], float32
     logits = lm.apply(other_params, tokens)          # pure in the parameters (jitted)
@@ -10,17 +13,28 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors
+import safetensors.flax
+import tokenizers
 
 from qalora_jax import assets
+from qalora_jax.files import atomic_dir, write_json
 from qalora_jax.models import gguf, hf, llama
-from qalora_jax.models.config import Config
+from qalora_jax.models.config import Config, RopeScaling
 from qalora_jax.models.quantize import Quantizing
 from qalora_jax.models.tokenizer import Tokenizer
+from qalora_jax.quant import QMeta, QTensor
+
+# A saved model directory (`save`): these three files.
+SAVED_JSON = "qalora_model.json"
+SAVED_WEIGHTS = "model.safetensors"
+SAVED_TOKENIZER = "tokenizer.json"
 
 
 @dataclasses.dataclass
@@ -62,24 +76,100 @@ def resolve(model: str | Path) -> Path:
   if str(model) in model_names():
     return assets.fetch(str(model))
   raise ValueError(f"model={str(model)!r} is not supported; allowed: {', '.join(model_names())}, "
-                   f"a .gguf file, or a Hugging Face model directory")
+                   f"a .gguf file, a Hugging Face model directory, or a saved model directory")
 
 
-def load(model: str | Path, dtype: str = "float32", param_dtype=np.float32, quantize=None, **config_overrides
-           ) -> LanguageModel:
-  """Loads a model by asset name ("smollm2-135m"), GGUF file or Hugging Face directory (config.json and
-  safetensors). `dtype` is the compute dtype, `param_dtype` the storage dtype of the float parameters;
-  `quantize` (rules as for `quantize_params`) quantizes each weight as it is read, so the float model is
-  never whole in memory; further keywords replace Config fields (e.g. scan_layers=False, remat=True)."""
+def save(lm: LanguageModel, out: str | Path, info: dict | None = None, overwrite: bool = False) -> Path:
+  """Writes `lm` as a model directory that `load` reads back, atomically:
+
+    model.safetensors   every parameter leaf: a float leaf as tensor "<path>", a QTensor as its arrays
+                        "<path>/<array>" with its QMeta in the file's metadata ("qtensors", JSON)
+    qalora_model.json   {"config": the Config's fields, "tokenizer": special ids, "info": `info`}
+    tokenizer.json      the tokenizer (`tokenizers` JSON)
+
+  The arrays are written as they are (dtype included), so QTensors load back bit for bit."""
+  if lm.tokenizer is None:
+    raise ValueError("lm.tokenizer=None: a saved model directory holds its tokenizer; allowed: a model with one")
+  tensors, metas = {}, {}
+  for path, leaf in llama.flatten(lm.params):
+    if isinstance(leaf, QTensor):
+      metas[path] = dataclasses.asdict(leaf.meta)
+      tensors.update({f"{path}/{name}": jnp.asarray(a) for name, a in leaf.arrays.items()})
+    else:
+      tensors[path] = jnp.asarray(leaf)
+  tok = lm.tokenizer
+  with atomic_dir(out, overwrite=overwrite) as tmp:
+    safetensors.flax.save_file(tensors, str(tmp / SAVED_WEIGHTS), metadata={"qtensors": json.dumps(metas)})
+    (tmp / SAVED_TOKENIZER).write_text(tok.backend.to_str())
+    write_json(tmp / SAVED_JSON, {
+        "config": dataclasses.asdict(lm.config),
+        "tokenizer": {"bos_id": tok.bos_id, "eos_ids": list(tok.eos_ids), "pad_id": tok.pad_id},
+        "info": info or {}})
+  return Path(out)
+
+
+def saved_info(model: str | Path) -> dict | None:
+  """The `info` a saved model directory was written with (None for any other model)."""
+  path = Path(model).expanduser()
+  if not (path / SAVED_JSON).is_file():
+    return None
+  return json.loads((path / SAVED_JSON).read_text())["info"]
+
+
+def _load_saved(path: Path, dtype, param_dtype, quantizing, config_overrides) -> LanguageModel:
+  spec = json.loads((path / SAVED_JSON).read_text())
+  fields = dict(spec["config"])
+  if fields.get("rope_scaling") is not None:
+    fields["rope_scaling"] = RopeScaling(**fields["rope_scaling"])
+  fields["eos_ids"] = tuple(fields.get("eos_ids") or ())
+  saved = Config(**fields)
+  # Run-time settings start from the defaults, as for any other model; the layout follows scan_layers.
+  config = saved.replace(dtype=dtype, matmul_dtype=None, remat=False, scan_layers=True).replace(**config_overrides)
+  with safetensors.safe_open(str(path / SAVED_WEIGHTS), "flax") as f:
+    metas = json.loads(f.metadata()["qtensors"])
+    arrays = {name: f.get_tensor(name) for name in f.keys()}
+  leaves = {}
+  for p, m in metas.items():
+    meta = QMeta(m["format"], tuple(m["shape"]), m["bits"], m["group_size"], tuple(tuple(o) for o in m["options"]))
+    prefix = f"{p}/"
+    leaves[p] = QTensor({k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}, meta)
+  owned = {f"{p}/{name}" for p, leaf in leaves.items() for name in leaf.arrays}
+  for name, a in arrays.items():
+    if name not in owned:
+      leaves[name] = a.astype(param_dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+  params = llama.stack_blocks(llama.unflatten(leaves))
+  if quantizing is not None:  # on the stacked layout, whose paths the rules name
+    params = llama.unflatten({p: quantizing(p, leaf) for p, leaf in llama.flatten(params)})
+  if not config.scan_layers:
+    params = llama.unstack_blocks(params)
+  t = spec["tokenizer"]
+  tokenizer = Tokenizer(tokenizers.Tokenizer.from_file(str(path / SAVED_TOKENIZER)), bos_id=t["bos_id"],
+                        eos_ids=tuple(t["eos_ids"]), pad_id=t["pad_id"])
+  return LanguageModel(config, params, tokenizer)
+
+
+def load(model: str | Path, dtype: str = "float32", param_dtype=np.float32, quantize=None,
+         keep_quantized: bool = False, **config_overrides) -> LanguageModel:
+  """Loads a model by asset name ("smollm2-135m"), GGUF file, Hugging Face directory (config.json and
+  safetensors) or a directory written by `save` (QTensors as saved). `dtype` is the compute dtype,
+  `param_dtype` the storage dtype of the float parameters; `quantize` (rules as for `quantize_params`)
+  quantizes each float weight as it is read, so the float model is never whole in memory; `keep_quantized`
+  keeps a GGUF file's Q4_0 / Q4_1 / Q8_0 block linears as the `int` QTensors they hold exactly
+  (`gguf.load`); further keywords replace Config fields (e.g. scan_layers=False, remat=True)."""
   path = resolve(model)
   quantizing = None if quantize is None else Quantizing(quantize)
   finish = None if quantizing is None else (lambda p, w: quantizing(p, jnp.asarray(w, param_dtype)))
+  if path.is_dir() and (path / SAVED_JSON).is_file():
+    lm = _load_saved(path, dtype, param_dtype, quantizing, config_overrides)
+    if quantizing is not None:
+      quantizing.summary()
+    return lm
   if path.is_dir():
     config, params, tokenizer = hf.load(path, dtype=dtype, param_dtype=param_dtype, finish=finish,
                                         **config_overrides)
   elif path.suffix == ".gguf":
     config, params, tokenizer = gguf.load(path, dtype=dtype, param_dtype=param_dtype, finish=finish,
-                                          **config_overrides)
+                                          keep_quantized=keep_quantized, **config_overrides)
   else:
     raise ValueError(f"model={str(model)!r} is not supported: {path.name} is neither a .gguf file nor a "
                      f"directory; allowed: {', '.join(model_names())}, a .gguf file, or a Hugging Face model directory")
