@@ -297,7 +297,8 @@ def stage_lowering(c: Check) -> None:
          f"{results['default']}/{len(cases)}" + (" (lowered, not compiled: dry run)" if dry else ""))
   qt = random_int4(*((128, 64) if dry else (576, 1536)), 32, seed=2)
   x = jnp.ones((1, qt.shape[0]), jnp.bfloat16)
-  lowered = jax.jit(base_matmul).trace(x, qt).lower(lowering_platforms=("cuda",))
+  traced = jax.jit(base_matmul).trace(x, qt)
+  lowered = traced.lower(lowering_platforms=("cuda",)) if dry else traced.lower()
   in_model = "__gpu$xla.gpu.triton" in lowered.as_text()
   c.record("lowering", base_matmul_runs_the_kernel_on_cuda=in_model)
   c.note("lowering", "base_matmul (1 row) on cuda", "the Triton kernel" if in_model else "XLA only")
@@ -313,8 +314,9 @@ def stage_correctness(c: Check) -> None:
   rng = np.random.default_rng(0)
   worst, passed, total, skipped = 0.0, 0, 0, 0
   group_for_rows = {1: 32, 5: 64, 37: 128}
-  cases = [(shape, m, transpose, group_for_rows[m], "float32") for shape in c.plan.correctness_shapes
-           for transpose in (False, True) for m in c.plan.correctness_rows]
+  # rows outer (one group size per row count): each weight is unpacked to float64 once
+  cases = [(shape, m, transpose, group_for_rows[m], "float32") for m in c.plan.correctness_rows
+           for shape in c.plan.correctness_shapes for transpose in (False, True)]
   cases += [(shape, 5, False, 32, "bfloat16") for shape in c.plan.correctness_shapes]
   weights = {}
   for (n_in, n_out), m, transpose, g, dtype in cases:
@@ -357,7 +359,7 @@ def stage_microbench(c: Check) -> None:
   cases = [(shape, g, m, False) for m in c.plan.micro_rows for shape, g in c.plan.micro_shapes]
   if not c.plan.dry:
     cases += [(LAYER_8B, 32, m, True) for m in (1, 16)]
-  copies, skipped = {}, 0
+  copies, skipped = {}, 0  # (in, out, g) -> copies of the weight, kept for every row count
   for (n_in, n_out), g, m, transpose in cases:
     if c.time_left() < 5:
       skipped += 1
@@ -366,7 +368,7 @@ def stage_microbench(c: Check) -> None:
     if key not in copies:
       one = random_int4(n_in, n_out, g, seed=0)
       count = 2 if c.plan.dry else max(2, min(64, math.ceil(4 * L2_BYTES / one.nbytes)))
-      copies = {key: [one] + [random_int4(n_in, n_out, g, seed=s) for s in range(1, count)]}
+      copies[key] = [one] + [random_int4(n_in, n_out, g, seed=s) for s in range(1, count)]
     qts = copies[key]
     x = jnp.asarray(rng.normal(size=(m, n_out if transpose else n_in)), jnp.bfloat16)
     width = n_in if transpose else n_out
@@ -579,6 +581,14 @@ def main(argv=None) -> int:
   c = Check(Plan.make(args.dry_run), out, args.budget or (120.0 if args.dry_run else 420.0))
   c.cache["installed"] = installed
   c.record("start", argv=sys.argv[1:], dry_run=args.dry_run, stages=stages)
+  import jax
+
+  if not args.dry_run and jax.default_backend() not in ("gpu", "cuda"):
+    c.record("start", event="error", error=f"no GPU: JAX's backend is {jax.default_backend()!r} "
+             f"({jax.devices()}); the full sizes would run for hours here (use --dry-run)")
+    c.note("start", "status", f"no GPU (backend {jax.default_backend()})")
+    print_summary(c)
+    return 1
   for name in stages:
     left = c.deadline - time.time()
     limit = left if args.dry_run else min(STAGE_SECONDS[name], left)

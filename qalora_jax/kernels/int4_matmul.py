@@ -9,15 +9,20 @@ float copy of W. Program (r, c, s) of the grid computes a [block_m, block_n] til
     backward  acc += dy[:, k-block] @ dequant(q[n-block, k-block])^T       (reduction over `out`)
 
 dequantized in registers (in float32, then cast to the operand dtype: x's dtype, so bf16 operands stay bf16)
-and accumulated in float32. With splits > 1 each slice writes a float32 partial tile and the slices are
-summed outside the kernel (split-K: more programs when the output alone gives few). A block inside one group
+and accumulated in float32. With splits > 1 each slice writes a float32 partial tile and the slices are summed
+outside the kernel (split-K, for outputs too narrow to give the grid enough programs). A block inside one group
 loads one scale row; a block holding several groups loads one row per group.
 
 `choose_blocks` picks the blocks per shape within what Triton compiles: every loaded slice a power of two and
-every dot at least 16 in each dimension. The GPU lowering is Triton's (Pallas' GPU default, Mosaic GPU, needs
-a different kernel style); `interpret=True` runs the same kernel through Pallas' interpreter on any backend
-(the tests check it against float64 on CPU). `int4_matmul` falls back to `x @ qt.dequantize()` where no
-blocks fit (`supported` is False).
+every dot at least 16 in each dimension. The kernel lowers through Pallas' Triton backend (Triton compiler
+parameters); Pallas' default GPU backend, Mosaic GPU, wants another kernel style (experiments/gpu/check.py
+records what each does with this one). `interpret=True` runs the same kernel through Pallas' interpreter on any
+backend (the tests check it against float64 on CPU). `int4_matmul` falls back to `x @ qt.dequantize()` where
+no blocks fit.
+
+`dispatch` is how the model uses it (nn/linear.py's base_matmul, forward and backward): on CUDA GPUs, for an
+eligible QTensor and at most KERNEL_MAX_ROWS rows, chosen with lax.platform_dependent when lowering, so every
+other backend compiles XLA's dequantize-then-dot exactly as before.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -184,6 +190,16 @@ def _transposed_kernel(dy_ref, codes_ref, scale_ref, offset_ref, o_ref, *, block
 BACKENDS = ("triton", "default")
 
 
+@functools.cache
+def triton_available() -> bool:
+  """Whether this JAX has Pallas' Triton backend (its compiler parameters), which `dispatch` lowers through."""
+  try:
+    from jax.experimental.pallas import triton as pl_triton
+  except ImportError:
+    return False
+  return hasattr(pl_triton, "CompilerParams")
+
+
 def _compiler_params(blocks: Blocks, backend: str):
   """Triton's compiler parameters (backend "triton"), or None: Pallas' own GPU default (backend "default")."""
   if backend == "default":
@@ -255,14 +271,17 @@ def int4_matmul(x: jax.Array, qt: QTensor, *, transpose: bool = False, blocks: B
   return y[:m].reshape(*lead, width)
 
 
-KERNEL_MAX_ROWS = 64  # base_matmul runs the kernel on GPUs for at most this many rows (decoding, short prompts)
+# base_matmul runs the kernel on GPUs for at most this many rows (decoding, short prompts); a first choice that
+# experiments/gpu/check.py's microbenchmarks (kernel against XLA at 1, 16, 256 and 4096 rows) are there to revise.
+KERNEL_MAX_ROWS = 64
 
 
 def uses_kernel(x_shape, kernel, *, transpose: bool = False) -> bool:
-  """Whether `dispatch` stages the kernel for x of this shape: an eligible QTensor and at most KERNEL_MAX_ROWS
-  rows (the kernel re-dequantizes W for every block of rows; XLA's dequantize-then-dot wins on many rows)."""
+  """Whether `dispatch` stages the kernel for x of this shape: an eligible QTensor, blocks that fit, at most
+  KERNEL_MAX_ROWS rows (every block of rows dequantizes W again), and Pallas' Triton backend present."""
   m = math.prod(x_shape[:-1])
-  return 0 < m <= KERNEL_MAX_ROWS and choose_blocks(m, kernel, transpose=transpose) is not None
+  return (0 < m <= KERNEL_MAX_ROWS and choose_blocks(m, kernel, transpose=transpose) is not None
+          and triton_available())
 
 
 def dispatch(x: jax.Array, kernel, operand_dtype, xla, *, transpose: bool = False) -> jax.Array:
@@ -275,4 +294,9 @@ def dispatch(x: jax.Array, kernel, operand_dtype, xla, *, transpose: bool = Fals
   def gpu(x, kernel):
     return int4_matmul(x.astype(operand_dtype), kernel, transpose=transpose, out_dtype=x.dtype)
 
-  return jax.lax.platform_dependent(x, kernel, cuda=gpu, default=xla)
+  try:
+    return jax.lax.platform_dependent(x, kernel, cuda=gpu, default=xla)
+  except (NotImplementedError, TypeError, ValueError) as e:  # a Pallas API this JAX lacks: XLA's path, said
+    warnings.warn(f"the Pallas INT4 kernel does not trace with jax {jax.__version__} ({type(e).__name__}: {e}); "
+                  f"using XLA's dequantize-then-dot", stacklevel=3)
+    return xla(x, kernel)
