@@ -1,6 +1,6 @@
 """The GPU check: one command that measures what the framework does on a GPU, in stages.
 
-    python experiments/gpu/check.py --out DIR          # on a GPU machine (about 6 to 7 minutes on an H200)
+    python experiments/gpu/check.py --out DIR             # on a GPU machine (at most about 6.5 minutes)
     python experiments/gpu/check.py --dry-run --out DIR   # the same stages on CPU, tiny shapes (tests run it)
 
 It first installs the pure-Python wheels carried in experiments/gpu/wheels/ that the machine lacks (gguf and
@@ -57,7 +57,7 @@ L2_BYTES = 60 * 2 ** 20  # an H200's L2 (a timing rotates over enough weights to
 # Shapes [in, out] and sizes; the dry run's are tiny.
 SMOLLM2 = [(576, 576), (576, 192), (1536, 576), (576, 1536)]
 LAYER_8B = (4096, 14336)
-STAGE_SECONDS = {"env": 25, "lowering": 35, "correctness": 60, "microbench": 75, "train": 140, "decode": 50}
+STAGE_SECONDS = {"env": 20, "lowering": 30, "correctness": 55, "microbench": 70, "train": 140, "decode": 45}
 
 
 @dataclasses.dataclass
@@ -565,7 +565,7 @@ def main(argv=None) -> int:
                       "else runs/gpu-check)")
   parser.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU, the kernel in interpret mode")
   parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
-  parser.add_argument("--budget", type=float, default=None, help="seconds for all stages (default: 420; dry run 120)")
+  parser.add_argument("--budget", type=float, default=None, help="seconds for all stages (default: 370; dry run 120)")
   args = parser.parse_args(argv)
   import os
 
@@ -578,7 +578,7 @@ def main(argv=None) -> int:
   sys.path.insert(0, str(ROOT))
   if args.dry_run:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  c = Check(Plan.make(args.dry_run), out, args.budget or (120.0 if args.dry_run else 420.0))
+  c = Check(Plan.make(args.dry_run), out, args.budget or (120.0 if args.dry_run else 370.0))
   c.cache["installed"] = installed
   c.record("start", argv=sys.argv[1:], dry_run=args.dry_run, stages=stages)
   import jax
