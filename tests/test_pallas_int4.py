@@ -195,3 +195,15 @@ def test_the_decoder_runs_its_linears_through_the_kernel_when_decoding_on_cuda()
   # (a kernel of one shape is lowered once and called for each layer that has it)
   codes = {re.search(r"tensor<(\w+)xui32>", line)[1] for line in text.splitlines() if TRITON_CALL in line}
   assert codes == {"8x64", "8x32", "8x128", "16x64"}
+
+
+def test_a_kernel_that_does_not_trace_leaves_xla_s_path_with_a_warning(monkeypatch):
+  def broken(*args, **kwargs):
+    raise NotImplementedError("no such Pallas primitive")
+
+  monkeypatch.setattr(pallas_int4, "int4_matmul", broken)
+  qt = random_int4(576, 192, 32)
+  x = jnp.ones((1, 576), jnp.bfloat16)
+  with pytest.warns(UserWarning, match="the Pallas INT4 kernel does not trace with jax .* no such Pallas primitive"):
+    text = _lowered(linear.base_matmul, x, qt, platform="cuda")
+  assert TRITON_CALL not in text

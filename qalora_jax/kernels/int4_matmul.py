@@ -295,8 +295,9 @@ def dispatch(x: jax.Array, kernel, operand_dtype, xla, *, transpose: bool = Fals
     return int4_matmul(x.astype(operand_dtype), kernel, transpose=transpose, out_dtype=x.dtype)
 
   try:
-    return jax.lax.platform_dependent(x, kernel, cuda=gpu, default=xla)
+    jax.eval_shape(gpu, x, kernel)  # the kernel traced once here (int4_matmul's jit keeps the trace)
   except (NotImplementedError, TypeError, ValueError) as e:  # a Pallas API this JAX lacks: XLA's path, said
     warnings.warn(f"the Pallas INT4 kernel does not trace with jax {jax.__version__} ({type(e).__name__}: {e}); "
                   f"using XLA's dequantize-then-dot", stacklevel=3)
     return xla(x, kernel)
+  return jax.lax.platform_dependent(x, kernel, cuda=gpu, default=xla)
