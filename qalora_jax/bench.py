@@ -16,7 +16,8 @@ t = 128, REFERENCE.md section 7). peak_rss_mb is the process's peak resident mem
 
 decode: greedy decoding at batch 1 (a `prompt`-token random prompt, `new_tokens` new tokens, no early stop)
 with fp32 weights, an NF4 + DQ base with unmerged LoRA adapters (QLoRA), or a merged QA-LoRA INT4 g32 model
-(the same pure INT4 tree a merge produces). bytes_per_token is the parameter bytes read per token (every
+(the same pure INT4 tree a merge produces), the token table and tied head float32 or (embedding "int8") 8-bit
+codes per 32 inputs, as llama.cpp's Q8_0. bytes_per_token is the parameter bytes read per token (every
 weight once); read_gb_s = bytes_per_token x tokens/s, against the read bandwidth measured in the process.
 """
 
@@ -34,6 +35,7 @@ from qalora_jax import hardware, models, nn, quant
 
 TRAIN_METHODS = ("lora", "qlora", "qalora")
 DECODE_METHODS = ("fp32", "qlora", "qalora-merged")
+EMBEDDINGS = ("float", "int8")
 
 
 def _median_s(fn, repeats: int) -> float:
@@ -137,9 +139,18 @@ def bench_train(method: str = "qalora", batch: int = 4, seq: int = 128, model: s
           "mfu": flops / step_s / peak, **machine()}
 
 
-def decode_params(method: str, lm: models.LanguageModel) -> dict:
-  """The parameter tree `method` decodes with (stacked blocks)."""
+def decode_params(method: str, lm: models.LanguageModel, embedding: str = "float") -> dict:
+  """The parameter tree `method` decodes with (stacked blocks); embedding "int8" stores the token table (and
+  so the tied head) as 8-bit codes per 32 inputs with float16 scale and offset (see models.quantize)."""
   _check("method", method, DECODE_METHODS)
+  _check("embedding", embedding, EMBEDDINGS)
+  params = _decode_params(method, lm)
+  if embedding == "int8":
+    params, _ = models.quantize_params(params, [("embed/embedding", quant.get("int", bits=8, group_size=32))])
+  return params
+
+
+def _decode_params(method: str, lm: models.LanguageModel) -> dict:
   if method == "fp32":
     return lm.params
   key = jax.random.PRNGKey(0)
@@ -151,7 +162,8 @@ def decode_params(method: str, lm: models.LanguageModel) -> dict:
 
 
 def bench_decode(method: str = "qalora-merged", new_tokens: int = 64, prompt: int = 32,
-                 model: str = "smollm2-135m", repeats: int = 5, matmul_dtype: str = "int8") -> dict:
+                 model: str = "smollm2-135m", repeats: int = 5, matmul_dtype: str = "int8",
+                 embedding: str = "float") -> dict:
   from qalora_jax.models import generation, llama
 
   if model == "tiny":
@@ -160,7 +172,7 @@ def bench_decode(method: str = "qalora-merged", new_tokens: int = 64, prompt: in
     lm = tiny_model()
   else:
     lm = models.load(model)
-  params = llama.unstack_blocks(decode_params(method, lm))
+  params = llama.unstack_blocks(decode_params(method, lm, embedding))
   # No early stop: every run makes exactly new_tokens.
   config = lm.config.replace(eos_ids=(), matmul_dtype=matmul_dtype)
   ids = np.random.default_rng(0).integers(3, config.vocab_size, (1, prompt)).astype(np.int32)
@@ -179,7 +191,7 @@ def bench_decode(method: str = "qalora-merged", new_tokens: int = 64, prompt: in
   tokens_per_s = new_tokens / seconds
   from qalora_jax.kernels import cpu_int4
 
-  return {"bench": "decode", "method": method, "matmul_dtype": matmul_dtype,
+  return {"bench": "decode", "method": method, "matmul_dtype": matmul_dtype, "embedding": embedding,
           "int8_kernel": matmul_dtype == "int8" and cpu_int4.available(), "new_tokens": new_tokens,
           "prompt": prompt,
           "tokens_per_s": tokens_per_s, "compile_s": compile_s, "peak_rss_mb": peak_rss_mb(),

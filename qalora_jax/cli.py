@@ -116,7 +116,8 @@ def _bench(args) -> int:
                                group_size=args.group_size)
   elif args.what == "decode":
     result = bench.bench_decode(args.method or "qalora-merged", args.new_tokens, args.prompt, args.model,
-                                repeats=args.repeats, matmul_dtype=args.matmul_dtype or "int8")
+                                repeats=args.repeats, matmul_dtype=args.matmul_dtype or "int8",
+                                embedding=args.embedding)
   else:
     result = {"bench": "peaks", "matmul_peak_gflop_s": bench.matmul_peak_flops() / 1e9,
               "bandwidth_gb_s": bench.read_bandwidth() / 1e9, **bench.machine()}
@@ -356,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--group-size", type=int, default=32, help="train, qalora: inputs per quantization group")
   p.add_argument("--new-tokens", type=int, default=64)
   p.add_argument("--prompt", type=int, default=32, help="decode: prompt tokens")
+  p.add_argument("--embedding", default="float", help="decode: the token table and tied head, float (float32) | "
+                                                      "int8 (8-bit codes per 32 inputs, as llama.cpp's Q8_0)")
   p.add_argument("--repeats", type=int, default=5)
   p.set_defaults(run=_bench)
 

@@ -38,11 +38,11 @@ def test_leading_axes_and_fallback():
     int4_matmul(jnp.zeros((1, 100)), tiled, interpret=True)
 
 
-# The CPU decoding kernel (kernels/cpu_int4.py): int8 activations against packed INT4 codes.
+# The CPU decoding kernel (kernels/cpu_int4.py): int8 activations against packed INT4 (or INT8) codes.
 
 def _int4(n_in, n_out, group_size, seed=0, **options):
   w = np.random.default_rng(seed).normal(size=(n_in, n_out)).astype(np.float32) * 0.05
-  return quant.get("int", bits=4, group_size=group_size, **options).quantize(w)
+  return quant.get("int", **{"bits": 4, "group_size": group_size, **options}).quantize(w)
 
 
 def test_cpu_reference_is_exact_when_the_activations_are_int8_already():
@@ -58,6 +58,7 @@ def test_cpu_reference_is_exact_when_the_activations_are_int8_already():
 
 @pytest.mark.parametrize("options", [{}, {"scale_dtype": "float32"}, {"scale_dtype": "bfloat16"},
                                      {"symmetric": True}, {"group_size": 64}, {"group_size": 128},
+                                     {"bits": 8}, {"bits": 8, "symmetric": True, "group_size": 64},
                                      {"n_in": 512, "n_out": 1040}])  # wide: two halves, one on another thread
 def test_cpu_kernel_matches_its_reference(options):
   if not cpu_int4.available():
@@ -66,6 +67,7 @@ def test_cpu_kernel_matches_its_reference(options):
   n_in, n_out = options.pop("n_in"), options.pop("n_out")
   qt = _int4(n_in, n_out, **options)
   assert cpu_int4.supports(qt)
+  # 6 rows: one tile of four through a shared pass over the codes, then two single rows
   x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 3, n_in)), jnp.float32)
   got = jax.jit(cpu_int4.matmul)(x, qt)
   assert got.shape == (2, 3, n_out)

@@ -1,21 +1,23 @@
-"""y = x W~ on the CPU for an INT4 group-wise QTensor, reading the packed codes: the decoding kernel.
+"""y = x W~ on the CPU for an INT4 or INT8 group-wise QTensor, reading the packed codes: the decoding kernel.
 
 Batch-1 decoding is memory-bound, and XLA's CPU backend has a fast matrix-vector product only for float32
 operands: left to itself it dequantizes every weight to float32 (hoisting that out of the decoding loop, so
-it reads 4 bytes a weight). This kernel reads the packed codes (half a byte a weight) and multiplies them with
-int8 activations: each row of x is quantized to int8 per quantization group (x_i ~ a_g xq_i, a_g =
+it reads 4 bytes a weight). This kernel reads the packed codes (half a byte or a byte a weight) and multiplies
+them with int8 activations: each row of x is quantized to int8 per quantization group (x_i ~ a_g xq_i, a_g =
 max |x_i| / 127 over the group, the llama.cpp Q8 scheme), and
 
     y_o = sum_g ( a_g scale[g, o] sum_{i in g} xq_i q[i, o] + offset[g, o] sum_{i in g} x_i )
 
-the inner sums being AVX512-VNNI byte dot products (cpu_int4_q8.cc); a wide layer's columns are computed in
-two halves, the second on XLA's own intra-op thread pool. It is what `matmul_dtype="int8"` selects
+the inner sums being AVX512-VNNI byte dot products (cpu_int4_q8.cc); rows go four at a time through one pass
+over the codes (a prompt reads the weights once per four tokens), and a wide layer's columns are computed in two
+halves, the second on XLA's own intra-op thread pool. It is what `matmul_dtype="int8"` selects
 (models.Config); `reference` is the same arithmetic in plain JAX, which the tests hold the kernel to.
 
 The C++ source is compiled on first use with the system C++ compiler ($CXX, else g++) for this machine
 (-march=native) and cached under the asset cache, keyed on the source, the compiler and its flags, the JAX and
-jaxlib versions and the CPU's model and instruction flags (a cache carried to another CPU is never loaded there); where that fails (no compiler, no AVX512-VNNI, a non-CPU
-backend, QALORA_CPU_KERNELS=0), `supports` is False and callers fall back to float matmuls.
+jaxlib versions and the CPU's model and instruction flags (a cache carried to another CPU is never loaded
+there); where that fails (no compiler, no AVX512-VNNI, a non-CPU backend, QALORA_CPU_KERNELS=0), `supports` is
+False and callers fall back to float matmuls.
 """
 
 from __future__ import annotations
@@ -90,12 +92,12 @@ def available() -> bool:
 
 
 def shape_ok(qt: QTensor) -> bool:
-  """Whether `qt` has the layout the kernel reads: a 2-D INT4 "int" tensor whose groups are whole words and
-  divide `in`, and `out` a multiple of 16."""
-  if not (isinstance(qt, QTensor) and qt.format == "int" and qt.bits == 4 and qt["codes"].ndim == 2):
+  """Whether `qt` has the layout the kernel reads: a 2-D INT4 or INT8 "int" tensor whose groups are whole words
+  and divide `in`, and `out` a multiple of 16."""
+  if not (isinstance(qt, QTensor) and qt.format == "int" and qt.bits in (4, 8) and qt["codes"].ndim == 2):
     return False
   n_in, n_out = qt.shape
-  return qt.group_size % 8 == 0 and n_in % qt.group_size == 0 and n_out % 16 == 0
+  return qt.group_size % (32 // qt.bits) == 0 and n_in % qt.group_size == 0 and n_out % 16 == 0
 
 
 def supports(kernel) -> bool:
@@ -118,7 +120,7 @@ def matmul(x: jax.Array, qt: QTensor) -> jax.Array:
   scale, offset = _scales(qt)
   call = jax.ffi.ffi_call(TARGETS[np.dtype(scale.dtype)], jax.ShapeDtypeStruct((rows.shape[0], n_out), jnp.float32),
                           vmap_method="sequential")
-  y = call(rows, qt["codes"], scale, offset, group=np.int64(qt.group_size))
+  y = call(rows, qt["codes"], scale, offset, group=np.int64(qt.group_size), bits=np.int64(qt.bits))
   return y.reshape(x.shape[:-1] + (n_out,)).astype(x.dtype)
 
 
@@ -129,7 +131,7 @@ def reference(x: jax.Array, qt: QTensor) -> jax.Array:
   xg = x.astype(jnp.float32).reshape(x.shape[:-1] + (n_in // g, g))
   amax = jnp.abs(xg).max(axis=-1, keepdims=True)
   xq = jnp.round(xg * jnp.where(amax > 0, 127.0 / amax, 0.0))
-  q = packing.unpack(qt["codes"], 4, n_in).astype(jnp.float32).reshape(n_in // g, g, n_out)
+  q = packing.unpack(qt["codes"], qt.bits, n_in).astype(jnp.float32).reshape(n_in // g, g, n_out)
   dots = jnp.einsum("...gi,gio->...go", xq, q)
   scale, offset = (s.astype(jnp.float32) for s in _scales(qt))
   return (((amax / 127.0) * scale * dots).sum(-2) + (xg.sum(-1)[..., None] * offset).sum(-2)).astype(x.dtype)

@@ -1,14 +1,16 @@
-// y = x W on the CPU for a group-wise INT4 W, reading the packed codes (see qalora_jax/kernels/cpu_int4.py).
+// y = x W on the CPU for a group-wise INT4 or INT8 W, reading the packed codes (see qalora_jax/kernels/cpu_int4.py).
 //
-// W[i, o] = scale[g, o] * q[i, o] + offset[g, o] for input i in group g; q is packed 8 codes per uint32 word along
-// the input axis, code k of word j (input 8j + k) in bits [4k, 4k + 4). Each row of x is quantized to int8 per
-// group (x_i ~ a_g xq_i, a_g = max_{i in g} |x_i| / 127, the llama.cpp Q8 scheme), so that
+// W[i, o] = scale[g, o] * q[i, o] + offset[g, o] for input i in group g; q is packed along the input axis, 8 four-bit
+// codes a uint32 word (code k of word j, input 8j + k, in bits [4k, 4k + 4)) or 4 eight-bit codes (input 4j + k in
+// byte k). Each row of x is quantized to int8 per group (x_i ~ a_g xq_i, a_g = max_{i in g} |x_i| / 127, the
+// llama.cpp Q8 scheme), so that
 //
 //   y_o = sum_g ( a_g scale[g, o] sum_{i in g} xq_i q[i, o] + offset[g, o] sum_{i in g} x_i )
 //
-// and the inner sums are AVX512-VNNI byte dot products: the low nibbles of a word are the codes of the even
-// inputs, the high nibbles those of the odd inputs, each a [4 x u8] lane against a broadcast [4 x s8] quad of xq.
-// A wide layer's columns are split in two halves, the second offered to XLA's intra-op thread pool.
+// and the inner sums are AVX512-VNNI byte dot products, a [4 x u8] lane of codes against a broadcast [4 x s8] quad
+// of xq: for 4-bit codes the low nibbles of a word are the codes of the even inputs and the high nibbles those of
+// the odd inputs; 8-bit codes are the word's bytes. Rows go four at a time through one pass over the codes, and a
+// wide layer's columns are split in two halves, the second offered to XLA's intra-op thread pool.
 #if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VNNI__)
 #error "needs AVX512F, AVX512BW and AVX512-VNNI"
 #endif
@@ -34,17 +36,20 @@ inline __m512 load16(const uint16_t* p) {  // 16 float16 values
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
-// One row of x quantized to int8 per group: the byte quads of the even and the odd inputs of each word (the
-// order the codes' low and high nibbles hold them), the steps a_g and the float sums of each group.
+// One row of x quantized to int8 per group: for each packed word the int8 quads its codes meet (4-bit: the
+// even and the odd inputs of the word, the order the codes' low and high nibbles hold them; 8-bit: the word's
+// four inputs, in `lo`), the steps a_g and the float sums of each group.
 struct Quantized {
-  std::vector<int32_t> even, odd;
+  std::vector<int32_t> lo, hi;
   std::vector<float> step, sum;
 };
 
+template <int BITS>
 Quantized quantize_row(const float* x, int64_t n_in, int64_t group) {
-  const int64_t n_groups = n_in / group, words = group / 8;
-  Quantized q{std::vector<int32_t>(n_in / 8), std::vector<int32_t>(n_in / 8), std::vector<float>(n_groups),
-              std::vector<float>(n_groups)};
+  constexpr int per_word = 32 / BITS;
+  const int64_t n_groups = n_in / group, words = group / per_word;
+  Quantized q{std::vector<int32_t>(n_in / per_word), std::vector<int32_t>(BITS == 4 ? n_in / per_word : 0),
+              std::vector<float>(n_groups), std::vector<float>(n_groups)};
   for (int64_t g = 0; g < n_groups; ++g) {
     float amax = 0.f, sum = 0.f;
     for (int64_t i = g * group; i < (g + 1) * group; ++i) {
@@ -55,38 +60,53 @@ Quantized quantize_row(const float* x, int64_t n_in, int64_t group) {
     q.step[g] = amax / 127.f;
     q.sum[g] = sum;
     for (int64_t j = g * words; j < (g + 1) * words; ++j) {
-      int8_t e[4], o[4];
+      int8_t a[4], b[4];
       for (int k = 0; k < 4; ++k) {
-        e[k] = static_cast<int8_t>(std::nearbyint(x[8 * j + 2 * k] * inv));
-        o[k] = static_cast<int8_t>(std::nearbyint(x[8 * j + 2 * k + 1] * inv));
+        if (BITS == 4) {
+          a[k] = static_cast<int8_t>(std::nearbyint(x[8 * j + 2 * k] * inv));
+          b[k] = static_cast<int8_t>(std::nearbyint(x[8 * j + 2 * k + 1] * inv));
+        } else {
+          a[k] = static_cast<int8_t>(std::nearbyint(x[4 * j + k] * inv));
+        }
       }
-      std::memcpy(&q.even[j], e, 4);
-      std::memcpy(&q.odd[j], o, 4);
+      std::memcpy(&q.lo[j], a, 4);
+      if (BITS == 4) std::memcpy(&q.hi[j], b, 4);
     }
   }
   return q;
 }
 
-// y[c] for the columns c in [c0, c1) (multiples of 16).
-template <typename S>
-void columns(const Quantized& q, const uint32_t* codes, const S* scale, const S* offset, float* y, int64_t n_in,
-             int64_t n_out, int64_t group, int64_t c0, int64_t c1) {
-  const int64_t n_groups = n_in / group, words = group / 8;
+// y[r][c] for R rows and the columns c in [c0, c1) (multiples of 16): each word of codes is loaded once for
+// all R rows (prompt processing reads the weights once per R rows, not once per row).
+template <typename S, int BITS, int R>
+void columns(const Quantized* const* q, const uint32_t* codes, const S* scale, const S* offset, float* const* y,
+             int64_t n_in, int64_t n_out, int64_t group, int64_t c0, int64_t c1) {
+  const int64_t n_groups = n_in / group, words = group / (32 / BITS);
   const __m512i nibble = _mm512_set1_epi32(0x0F0F0F0F);
-  std::fill(y + c0, y + c1, 0.f);
+  for (int r = 0; r < R; ++r) std::fill(y[r] + c0, y[r] + c1, 0.f);
   for (int64_t g = 0; g < n_groups; ++g) {
-    const __m512 ag = _mm512_set1_ps(q.step[g]), sg = _mm512_set1_ps(q.sum[g]);
-    for (int64_t c = c0; c < c1; c += 16) {  // 16 columns: the group's rows of words, the dot product in a register
-      __m512i dot = _mm512_setzero_si512();
+    for (int64_t c = c0; c < c1; c += 16) {  // 16 columns: the group's rows of words, the dot products in registers
+      __m512i dot[R];
+      for (int r = 0; r < R; ++r) dot[r] = _mm512_setzero_si512();
       for (int64_t j = g * words; j < (g + 1) * words; ++j) {
         const __m512i w = _mm512_loadu_si512(codes + j * n_out + c);
-        dot = _mm512_dpbusd_epi32(dot, _mm512_and_si512(w, nibble), _mm512_set1_epi32(q.even[j]));
-        dot = _mm512_dpbusd_epi32(dot, _mm512_and_si512(_mm512_srli_epi32(w, 4), nibble), _mm512_set1_epi32(q.odd[j]));
+        if (BITS == 4) {
+          const __m512i lo = _mm512_and_si512(w, nibble), hi = _mm512_and_si512(_mm512_srli_epi32(w, 4), nibble);
+          for (int r = 0; r < R; ++r) {
+            dot[r] = _mm512_dpbusd_epi32(dot[r], lo, _mm512_set1_epi32(q[r]->lo[j]));
+            dot[r] = _mm512_dpbusd_epi32(dot[r], hi, _mm512_set1_epi32(q[r]->hi[j]));
+          }
+        } else {
+          for (int r = 0; r < R; ++r) dot[r] = _mm512_dpbusd_epi32(dot[r], w, _mm512_set1_epi32(q[r]->lo[j]));
+        }
       }
-      __m512 r = _mm512_loadu_ps(y + c);
-      r = _mm512_fmadd_ps(_mm512_mul_ps(load16(scale + g * n_out + c), ag), _mm512_cvtepi32_ps(dot), r);
-      r = _mm512_fmadd_ps(load16(offset + g * n_out + c), sg, r);
-      _mm512_storeu_ps(y + c, r);
+      const __m512 sc = load16(scale + g * n_out + c), of = load16(offset + g * n_out + c);
+      for (int r = 0; r < R; ++r) {
+        __m512 acc = _mm512_loadu_ps(y[r] + c);
+        acc = _mm512_fmadd_ps(_mm512_mul_ps(sc, _mm512_set1_ps(q[r]->step[g])), _mm512_cvtepi32_ps(dot[r]), acc);
+        acc = _mm512_fmadd_ps(of, _mm512_set1_ps(q[r]->sum[g]), acc);
+        _mm512_storeu_ps(y[r] + c, acc);
+      }
     }
   }
 }
@@ -114,28 +134,53 @@ void both(ffi::ThreadPool& pool, F first, G second) {
   }
 }
 
-template <ffi::DataType T, typename S>
-ffi::Error Int4MatmulQ8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U32> codes,
-                        ffi::Buffer<T> scale, ffi::Buffer<T> offset, ffi::ResultBuffer<ffi::F32> y, int64_t group) {
-  const auto xd = x.dimensions(), cd = codes.dimensions();
-  if (xd.size() != 2 || cd.size() != 2) return ffi::Error::InvalidArgument("x and codes must be 2-D");
-  const int64_t rows = xd[0], n_in = xd[1], n_out = cd[1];
-  if (group % 8 || n_in % group || cd[0] * 8 != n_in || n_out % 16)
-    return ffi::Error::InvalidArgument("needs group % 8 == 0, in % group == 0, codes [in / 8, out], out % 16 == 0");
-  const S* s = reinterpret_cast<const S*>(scale.typed_data());
-  const S* o = reinterpret_cast<const S*>(offset.typed_data());
-  const uint32_t* c = codes.typed_data();
+constexpr int ROWS = 4;  // rows that share one pass over the weights
+
+template <typename S, int BITS>
+void matmul(ffi::ThreadPool& pool, const float* x, const uint32_t* c, const S* s, const S* o, float* y, int64_t rows,
+            int64_t n_in, int64_t n_out, int64_t group) {
+  std::vector<Quantized> q;
+  q.reserve(rows);
+  for (int64_t r = 0; r < rows; ++r) q.push_back(quantize_row<BITS>(x + r * n_in, n_in, group));
   // Split only wide layers: a small one is not worth a task.
   const int64_t half = n_in * n_out >= (1 << 18) && pool.num_threads() > 1 ? 16 * (n_out / 32) : 0;
-  for (int64_t r = 0; r < rows; ++r) {
-    const Quantized q = quantize_row(x.typed_data() + r * n_in, n_in, group);
-    float* yr = y->typed_data() + r * n_out;
+  for (int64_t r0 = 0; r0 < rows; r0 += ROWS) {
+    const Quantized* qs[ROWS];
+    float* ys[ROWS];
+    const int n = static_cast<int>(std::min<int64_t>(ROWS, rows - r0));
+    for (int r = 0; r < n; ++r) qs[r] = &q[r0 + r], ys[r] = y + (r0 + r) * n_out;
+    auto run = [=](int64_t a, int64_t b) {
+      if (n == ROWS) {
+        columns<S, BITS, ROWS>(qs, c, s, o, ys, n_in, n_out, group, a, b);
+      } else {
+        for (int r = 0; r < n; ++r) columns<S, BITS, 1>(qs + r, c, s, o, ys + r, n_in, n_out, group, a, b);
+      }
+    };
     if (half) {
-      both(pool, [&] { columns<S>(q, c, s, o, yr, n_in, n_out, group, 0, half); },
-           [&q, c, s, o, yr, n_in, n_out, group, half] { columns<S>(q, c, s, o, yr, n_in, n_out, group, half, n_out); });
+      both(pool, [&] { run(0, half); }, [run, half, n_out] { run(half, n_out); });
     } else {
-      columns<S>(q, c, s, o, yr, n_in, n_out, group, 0, n_out);
+      run(0, n_out);
     }
+  }
+}
+
+template <ffi::DataType T, typename S>
+ffi::Error IntMatmulQ8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U32> codes,
+                       ffi::Buffer<T> scale, ffi::Buffer<T> offset, ffi::ResultBuffer<ffi::F32> y, int64_t group,
+                       int64_t bits) {
+  const auto xd = x.dimensions(), cd = codes.dimensions();
+  if (xd.size() != 2 || cd.size() != 2) return ffi::Error::InvalidArgument("x and codes must be 2-D");
+  if (bits != 4 && bits != 8) return ffi::Error::InvalidArgument("bits must be 4 or 8");
+  const int64_t rows = xd[0], n_in = xd[1], n_out = cd[1], per_word = 32 / bits;
+  if (group % per_word || n_in % group || cd[0] * per_word != n_in || n_out % 16)
+    return ffi::Error::InvalidArgument("needs whole words a group, in % group == 0, codes [in / (32 / bits), out], "
+                                       "out % 16 == 0");
+  const S* s = reinterpret_cast<const S*>(scale.typed_data());
+  const S* o = reinterpret_cast<const S*>(offset.typed_data());
+  if (bits == 4) {
+    matmul<S, 4>(pool, x.typed_data(), codes.typed_data(), s, o, y->typed_data(), rows, n_in, n_out, group);
+  } else {
+    matmul<S, 8>(pool, x.typed_data(), codes.typed_data(), s, o, y->typed_data(), rows, n_in, n_out, group);
   }
   return ffi::Error::Success();
 }
@@ -144,7 +189,7 @@ ffi::Error Int4MatmulQ8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
 
 #define QALORA_BIND(T)                                                                                         \
   ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::U32>>().Arg<       \
-      ffi::Buffer<T>>().Arg<ffi::Buffer<T>>().Ret<ffi::Buffer<ffi::F32>>().Attr<int64_t>("group")
+      ffi::Buffer<T>>().Arg<ffi::Buffer<T>>().Ret<ffi::Buffer<ffi::F32>>().Attr<int64_t>("group").Attr<int64_t>("bits")
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(qalora_int4_q8_f32, (Int4MatmulQ8<ffi::F32, float>), QALORA_BIND(ffi::F32));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(qalora_int4_q8_f16, (Int4MatmulQ8<ffi::F16, uint16_t>), QALORA_BIND(ffi::F16));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(qalora_int4_q8_f32, (IntMatmulQ8<ffi::F32, float>), QALORA_BIND(ffi::F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(qalora_int4_q8_f16, (IntMatmulQ8<ffi::F16, uint16_t>), QALORA_BIND(ffi::F16));

@@ -12,7 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from qalora_jax.nn.linear import linear, materialize, operand_dtype
+from qalora_jax.nn.linear import base_matmul, linear, materialize, operand_dtype
 from qalora_jax.quant import QTensor
 
 __all__ = ["apply_rope", "dense", "fold", "head_logits", "head_nll", "linear", "materialize", "rms_norm",
@@ -63,7 +63,10 @@ def swiglu(x: jax.Array, p: dict, dropout_rng: jax.Array | None = None, matmul_d
 
 
 def head_logits(x: jax.Array, weight, vocab_first: bool, matmul_dtype: str | None = None) -> jax.Array:
-  """Logits in float32: x E^T for a vocab-first table E [V, D] (tied embeddings), else x W for W [D, V]."""
+  """Logits in float32: x E^T for a vocab-first table E [V, D] (tied embeddings), else x W for W [D, V] (a
+  quantized W through `base_matmul`, so matmul_dtype "int8" reaches the CPU kernel)."""
+  if isinstance(weight, QTensor) and not vocab_first:
+    return base_matmul(x.astype(jnp.float32), weight, matmul_dtype)
   w = materialize(weight, operand_dtype(matmul_dtype, x.dtype))
   spec = "...d,vd->...v" if vocab_first else "...d,dv->...v"
   return jnp.einsum(spec, x.astype(w.dtype), w, preferred_element_type=jnp.float32)

@@ -45,6 +45,8 @@ written "/"-joined: "blocks/attn/q_proj/kernel" (stacked) or "blocks/3/attn/q_pr
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -196,15 +198,19 @@ class RMSNorm(nnx.Module):
 
 
 class Embedding(nnx.Module):
-  """The token table [V, D] (float or a QTensor), Frozen; also the output head when embeddings are tied."""
+  """The token table, Frozen: a float [V, D], or a QTensor of its transpose [D, V] (groups along D; see
+  models.quantize); also the output head when embeddings are tied."""
 
   def __init__(self, table):
     self.embedding = table if isinstance(table, nnx.Variable) else Frozen(table)
 
   def __call__(self, tokens: jax.Array, dtype) -> jax.Array:
     table = self.embedding.get_value()
-    if isinstance(table, QTensor):
-      table = table.dequantize(jnp.float32)
+    if isinstance(table, QTensor):  # dequantize only the tokens' columns
+      flat = tokens.reshape(-1)
+      columns = QTensor({k: jnp.take(a, flat, axis=-1) for k, a in table.arrays.items()},
+                        dataclasses.replace(table.meta, shape=(table.shape[0], flat.size)))
+      return columns.dequantize(jnp.float32).T.reshape(*tokens.shape, table.shape[0]).astype(dtype)
     return jnp.take(table, tokens, axis=0).astype(dtype)
 
 
@@ -275,7 +281,8 @@ class Decoder(nnx.Module):
   def head_weight(self):
     """(the output head's weight, whether it is vocab-first [V, D])."""
     if self.config.tie_embeddings:
-      return self.embed.embedding.get_value(), True
+      table = self.embed.embedding.get_value()
+      return table, not isinstance(table, QTensor)  # a quantized table is stored [D, V]
     return self.lm_head.kernel.get_value(), False
 
   def features(self, tokens, positions, key_mask, cache=None, index=0, dropout_rng=None):

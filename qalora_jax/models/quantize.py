@@ -11,6 +11,10 @@ Rules are (pattern, quantizer or None) pairs matched in order with `re.fullmatch
 parameter paths of `llama.param_paths` ("blocks/attn/q_proj/kernel", "embed/embedding", "lm_head/kernel",
 ...); the first matching rule decides, and a path no rule matches stays float. A stacked block kernel
 [L, in, out] is quantized layer by layer and the L QTensors are stacked into one (leaves get a leading L axis).
+The token table embed/embedding [V, D] is quantized transposed, as a [D, V] QTensor (groups along D, one set of
+scales per token), which the embedding lookup gathers columns of and a tied head multiplies as x W:
+
+    frozen, _ = quantize_params(merged, [(BLOCK_LINEARS, None), ("embed/embedding", quant.get("int", bits=8))])
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from qalora_jax.quant import QMeta, QTensor, Quantizer, quantize_stacked
 
 # Every linear layer of the blocks; embeddings, the output head and the norms stay float.
 BLOCK_LINEARS = r"blocks/(attn|mlp)/[a-z_]+_proj/kernel"
+
+EMBEDDING = "embed/embedding"
 
 Rule = tuple[str, Optional[Quantizer]]
 
@@ -103,7 +109,9 @@ class Quantizing:
         if leaf.ndim not in (2, 3):
           raise ValueError(f"rule {pattern!r} matched {path} of shape {list(leaf.shape)}; allowed: kernels "
                            f"[in, out] or stacked [layers, in, out]")
-        out = quantize_stacked(quantizer, jnp.asarray(leaf))
+        # The token table [V, D] is quantized as its transpose [D, V]: groups run along the model dimension, one
+        # set of scales per token row (llama.cpp's Q8_0 rows), and the tied head is then a plain x W.
+        out = quantize_stacked(quantizer, jnp.asarray(leaf).T if path == EMBEDDING else jnp.asarray(leaf))
       s = self.stats[k]
       s["tensors"] += 1
       s["matrices"] += leaf.shape[0] if leaf.ndim == 3 else 1

@@ -1,0 +1,63 @@
+"""A token table stored quantized ([D, V] QTensor): the lookup, the tied head, and decoding with it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qalora_jax import bench, models, quant
+from qalora_jax.kernels import cpu_int4
+from qalora_jax.train import loop
+
+INT8 = quant.get("int", bits=8, group_size=32)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  return loop.tiny_model()
+
+
+def test_the_table_is_quantized_transposed_and_looked_up_by_column(tiny):
+  frozen, summary = models.quantize_params(tiny.params, [("embed/embedding", INT8)])
+  table, qt = tiny.params["embed"]["embedding"], frozen["embed"]["embedding"]
+  v, d = table.shape
+  assert qt.shape == (d, v) and summary.bytes_after < summary.bytes_before
+  tokens = jnp.asarray([[3, 200, 3], [0, v - 1, 17]])
+  model = tiny.decoder(frozen)
+  rows = model.embed(tokens, jnp.float32)
+  np.testing.assert_array_equal(rows, np.asarray(qt.dequantize()).T[np.asarray(tokens)])
+  # 8-bit codes per 32 inputs: each value within half a step (range / 255) of the float one
+  assert float(jnp.max(jnp.abs(rows - table[tokens]))) <= float(np.ptp(table)) / 255 / 2 + 1e-4
+  weight, vocab_first = model.head_weight()
+  assert weight.shape == (d, v) and not vocab_first
+
+
+def test_logits_with_a_quantized_table_equal_the_dequantized_float_model(tiny):
+  frozen, _ = models.quantize_params(tiny.params, [("embed/embedding", INT8)])
+  dequantized = {**tiny.params, "embed": {"embedding": frozen["embed"]["embedding"].dequantize().T}}
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 258, (2, 24)), jnp.int32)
+  got = models.apply(tiny.config, frozen, tokens)
+  want = models.apply(tiny.config, dequantized, tokens)
+  np.testing.assert_allclose(got, want, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+  targets = jnp.roll(tokens, -1, axis=1)
+  np.testing.assert_allclose(models.nll(tiny.config, frozen, tokens, targets),
+                             models.nll(tiny.config, dequantized, tokens, targets), rtol=1e-5)
+
+
+def test_the_cpu_kernel_runs_the_quantized_head_like_its_reference():
+  qt = INT8.quantize(np.random.default_rng(1).normal(size=(64, 272)).astype(np.float32))
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(5, 64)), jnp.float32)
+  if not cpu_int4.available():
+    pytest.skip("the CPU kernel does not build here")
+  assert cpu_int4.supports(qt)
+  got = models.layers.head_logits(x, qt, vocab_first=False, matmul_dtype="int8")
+  np.testing.assert_allclose(got, cpu_int4.reference(x, qt), rtol=1e-5, atol=1e-5)
+
+
+def test_decode_bench_with_an_int8_table_reads_fewer_bytes():
+  float_run = bench.bench_decode(model="tiny", new_tokens=4, repeats=1, embedding="float")
+  int8_run = bench.bench_decode(model="tiny", new_tokens=4, repeats=1, embedding="int8")
+  table = 258 * 64
+  assert float_run["bytes_per_token"] - int8_run["bytes_per_token"] == table * 4 - (table + 2 * 2 * table // 32)
+  with pytest.raises(ValueError, match="embedding 'int4' is not supported; allowed: float, int8"):
+    bench.bench_decode(model="tiny", embedding="int4")
