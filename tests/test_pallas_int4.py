@@ -166,6 +166,14 @@ def test_base_matmul_stages_the_kernel_for_cuda_only():
                                      platform="cuda")  # a float kernel: XLA's dot
 
 
+def test_qalora_gpu_kernels_0_keeps_gpus_on_xla_s_path(monkeypatch):
+  qt, x = random_int4(576, 192, 32), jnp.ones((1, 576), jnp.bfloat16)
+  monkeypatch.setenv("QALORA_GPU_KERNELS", "0")
+  assert TRITON_CALL not in _lowered(linear.base_matmul, x, qt, platform="cuda")
+  monkeypatch.setenv("QALORA_GPU_KERNELS", "1")
+  assert TRITON_CALL in _lowered(lambda x, qt: linear.base_matmul(x, qt) + 0, x, qt, platform="cuda")
+
+
 def test_base_matmul_on_cpu_is_the_dequantize_then_dot():
   """Bit for bit what x @ materialize(W) and dy @ materialize(W)^T give, in every dtype combination."""
   rng = np.random.default_rng(0)

@@ -22,7 +22,8 @@ no blocks fit.
 
 `dispatch` is how the model uses it (nn/linear.py's base_matmul, forward and backward): on CUDA GPUs, for an
 eligible QTensor and at most KERNEL_MAX_ROWS rows, chosen with lax.platform_dependent when lowering, so every
-other backend compiles XLA's dequantize-then-dot exactly as before.
+other backend compiles XLA's dequantize-then-dot exactly as before. QALORA_GPU_KERNELS=0 in the environment
+keeps GPUs on XLA's path too.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import warnings
 
 import jax
@@ -278,10 +280,11 @@ KERNEL_MAX_ROWS = 64
 
 def uses_kernel(x_shape, kernel, *, transpose: bool = False) -> bool:
   """Whether `dispatch` stages the kernel for x of this shape: an eligible QTensor, blocks that fit, at most
-  KERNEL_MAX_ROWS rows (every block of rows dequantizes W again), and Pallas' Triton backend present."""
+  KERNEL_MAX_ROWS rows (every block of rows dequantizes W again), Pallas' Triton backend present, and the
+  environment variable QALORA_GPU_KERNELS not "0" (read when tracing)."""
   m = math.prod(x_shape[:-1])
-  return (0 < m <= KERNEL_MAX_ROWS and choose_blocks(m, kernel, transpose=transpose) is not None
-          and triton_available())
+  return (0 < m <= KERNEL_MAX_ROWS and os.environ.get("QALORA_GPU_KERNELS") != "0"
+          and choose_blocks(m, kernel, transpose=transpose) is not None and triton_available())
 
 
 def dispatch(x: jax.Array, kernel, operand_dtype, xla, *, transpose: bool = False) -> jax.Array:
