@@ -1,0 +1,46 @@
+"""experiments/perf_vs_peers.py: ratios taken within rounds, targets judged on them, README kept in step."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+import perf_vs_peers as perf  # noqa: E402
+
+CPU = {"model": "Test CPU", "cores": 2, "flags": ["avx512f"]}
+
+
+def _line(run, rnd, tps, rss=1000.0):
+  return {"run": run, "round": rnd, "tokens_per_s": tps, "maxrss_mb": rss, "cpu": CPU}
+
+
+def test_ratios_are_taken_within_rounds_not_between_medians():
+  # Round 0 is slow for both, round 1 fast for both, round 2 only the peer is fast.
+  lines = [_line("ours qalora", 0, 100), _line("peer qlora bf16", 0, 50),
+           _line("ours qalora", 1, 300), _line("peer qlora bf16", 1, 200),
+           _line("ours qalora", 2, 110), _line("peer qlora bf16", 2, 220)]
+  target = perf.TARGETS[0]
+  ratios = perf.within_round_ratios(lines, target)
+  assert ratios == pytest.approx([2.0, 1.5, 0.5])
+  text = perf.tables(lines)
+  # median of within-round ratios is 1.5 (met); the ratio of medians would be 110 / 200 = 0.55
+  assert "| 1.50x [0.50-2.00] | >= 1.5x | yes |" in text
+  assert "Test CPU, 2 cores, avx512f" in text
+  assert "Not measured in this run: " in text and target.label not in text.split("Not measured")[1]
+
+
+def test_a_round_missing_one_side_is_left_out_and_memory_targets_are_upper_bounds():
+  lines = [_line("ours qalora remat", 0, 1, rss=500), _line("peer qlora bf16", 0, 1, rss=1000),
+           _line("ours qalora remat", 1, 1, rss=600)]
+  rss = next(t for t in perf.TARGETS if t.field == "maxrss_mb" and t.num == "ours qalora remat")
+  assert perf.within_round_ratios(lines, rss) == [0.5]
+  assert rss.met(0.5) and not rss.met(0.6)
+
+
+def test_the_readme_shows_the_committed_performance_tables():
+  committed = (ROOT / "experiments" / "perf" / "perf_vs_peers.md").read_text()
+  readme = (ROOT / "README.md").read_text()
+  start = readme.index(perf.BEGIN) + len(perf.BEGIN)
+  assert readme[start:readme.index(perf.END, start)] == "\n" + committed
