@@ -97,3 +97,30 @@ def test_model_logits_and_cached_prefill_equal_the_dense_attention(tiny, monkeyp
   scale = float(jnp.max(jnp.abs(dense)))
   np.testing.assert_allclose(blocked, dense, atol=1e-5 * scale)
   np.testing.assert_allclose(cached, dense, atol=1e-5 * scale)
+
+
+def test_a_rematerialised_block_does_not_run_the_attention_again():
+  """With the names REMAT_SAVED kept, the gradient of a checkpointed block has the exps of one forward and one
+  backward attention pass, not two forward passes and a backward one."""
+  q, k, v = _inputs(np.random.default_rng(4), 1, 512, 512, 4, 2, 16)
+  key_mask = jnp.ones((1, 512), bool)
+
+  def block(q, k, v):
+    return jnp.sum(jnp.sin(attn.blocked_attention(2 * q, 2 * k, 2 * v, key_mask, 0, None, 128)))
+
+  def exps(fn):
+    return sum(e.primitive.name == "exp" for top in jax.make_jaxpr(fn)(q, k, v).eqns for e in _all_eqns(top))
+
+  grad = lambda policy: jax.grad(jax.checkpoint(block, policy=policy), (0, 1, 2))  # noqa: E731
+  saved = exps(grad(jax.checkpoint_policies.save_only_these_names(*attn.REMAT_SAVED)))
+  assert exps(block) > 0 and exps(grad(None)) - saved == exps(block)
+
+
+def _all_eqns(eqn):
+  """eqn and the equations of the jaxprs nested in it (checkpoint, custom_vjp, pjit bodies)."""
+  yield eqn
+  for param in eqn.params.values():
+    for sub in (param if isinstance(param, (list, tuple)) else [param]):
+      inner = getattr(sub, "jaxpr", sub)
+      for e in getattr(inner, "eqns", []):
+        yield from _all_eqns(e)

@@ -29,8 +29,12 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 BLOCK = 256
+# What a rematerialised block keeps of its attention: the output and the softmax statistics (t x heads x (d + 1)
+# floats a layer), all its backward pass needs beside q, k, v, which cost one matmul each to make again.
+REMAT_SAVED = ("attention_out", "attention_lse")
 NEG = float(jnp.finfo(jnp.float32).min)
 
 
@@ -148,7 +152,9 @@ def _blocked_fwd(q, k, v, key_mask, index, window, block):
     lses.append(m + jnp.log(l))
   # [b, K, t G, d] -> [b, t, h, d]
   out = jnp.concatenate(outs, axis=2).reshape(b, k.shape[2], t, group, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h, d)
-  lse = jnp.concatenate(lses, axis=2)
+  # Named, so that a rematerialised block keeps them (REMAT_SAVED) and does not run the attention again.
+  out = checkpoint_name(out, "attention_out")
+  lse = checkpoint_name(jnp.concatenate(lses, axis=2), "attention_lse")
   return out, (q, k, v, key_mask, out, lse)
 
 

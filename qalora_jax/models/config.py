@@ -47,7 +47,8 @@ class Config:
       AMX or AVX512-BF16 and on accelerators those matmuls run several times faster. "int8" (for decoding):
       INT4 group-wise weights meet activations quantized to int8 per group in a CPU kernel that reads the
       packed codes (qalora_jax.kernels.cpu_int4); everything else keeps the compute dtype.
-    remat: recompute each block's activations in the backward pass (jax.checkpoint).
+    remat: recompute each block's activations in the backward pass (jax.checkpoint), keeping only the blocked
+      attention's output and softmax statistics (models.attention.REMAT_SAVED).
     scan_layers: run the blocks with jax.lax.scan (one compiled block) or as an unrolled Python loop.
     bos_id, eos_ids, pad_id: special token ids (generation stops at any of eos_ids).
   """

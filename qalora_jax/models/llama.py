@@ -52,7 +52,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qalora_jax.models import layers
-from qalora_jax.models.attention import Mask, attention
+from qalora_jax.models.attention import REMAT_SAVED, Mask, attention
 from qalora_jax.models.config import Config, rope_frequencies
 from qalora_jax.nn.modules import Frozen, Linear, LowRankAdapter
 from qalora_jax.quant import QTensor
@@ -314,7 +314,8 @@ class Decoder(nnx.Module):
       return nnx.merge(graphdef, state)(x, cos, sin, mask, kv, index, rng)
 
     if config.remat:
-      step = jax.checkpoint(step, prevent_cse=not scanned)
+      step = jax.checkpoint(step, prevent_cse=not scanned,
+                            policy=jax.checkpoint_policies.save_only_these_names(*REMAT_SAVED))
     kvs = None if cache is None else (cache["k"], cache["v"])
     if scanned:
       def body(x, layer):
