@@ -278,3 +278,21 @@ def test_command_line_refusals(tmp_path, capsys, tiny_source):
   assert "lora adapters on a nf4 base do not merge exactly into INT-k weights; allowed: --merged float (float32 " \
          "weights) or --requantize NAME:k=v" in err
   assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*"))  # nothing written
+
+
+@pytest.mark.real_model
+def test_smollm2_is_written_back_byte_for_byte(smollm2_gguf, tmp_path):
+  """SmolLM2's Q4_1 block linears read as QTensors and exported again: every tensor equals llama.cpp's own
+  file byte for byte (q/k permutation and the Q8_0 embedding included), every metadata key carries over."""
+  lm = models.load(smollm2_gguf, keep_quantized=True)
+  out = tmp_path / "smollm2.gguf"
+  report = gguf_export.export_gguf(out, lm.config, lm.params, lm.tokenizer, source=smollm2_gguf)
+  assert report["types"] == {"Q8_0": 1, "Q4_1": 210, "F32": 61} and report["max_abs_dw"] == 0
+  old, new = gguf.GGUFReader(str(smollm2_gguf)), gguf.GGUFReader(str(out))
+  theirs, ours = {t.name: t for t in old.tensors}, {t.name: t for t in new.tensors}
+  assert sorted(theirs) == sorted(ours)
+  for name, t in theirs.items():
+    assert ours[name].tensor_type == t.tensor_type, name
+    np.testing.assert_array_equal(np.asarray(ours[name].data), np.asarray(t.data), err_msg=name)
+  old_meta, new_meta = gguf_io.read_metadata(old), gguf_io.read_metadata(new)
+  assert {k: new_meta[k] for k in old_meta} == old_meta

@@ -249,7 +249,7 @@ def _named_leaves(config: Config, params: dict):
   by_path = {p: n for p, n in gguf_io.NAMES.items()}
   params = unstack_blocks(params)
   for path, leaf in flatten(params):
-    if "/adapter" in path or path.endswith("/a") or path.endswith("/b"):
+    if path.endswith("/adapter"):
       raise ValueError(f"params hold an adapter ({path}); allowed: a merged model (merge the adapters first)")
     if path.startswith("blocks/"):
       _, i, rest = path.split("/", 2)
