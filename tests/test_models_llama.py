@@ -168,7 +168,7 @@ def test_config_errors():
 
 def test_unknown_model_name():
   with pytest.raises(ValueError, match=r"model='smollm3' is not supported; allowed: smollm2-135m, a \.gguf file, "
-                                       r"or a Hugging Face model directory"):
+                                       r"a Hugging Face model directory, or a saved model directory"):
     models.load("smollm3")
 
 
