@@ -61,3 +61,14 @@ def test_decode_bench_with_an_int8_table_reads_fewer_bytes():
   assert float_run["bytes_per_token"] - int8_run["bytes_per_token"] == table * 4 - (table + 2 * 2 * table // 32)
   with pytest.raises(ValueError, match="embedding 'int4' is not supported; allowed: float, int8"):
     bench.bench_decode(model="tiny", embedding="int4")
+
+
+@pytest.mark.real_model
+def test_smollm2s_q8_0_table_is_kept_exactly(smollm2_gguf):
+  """keep_quantized reads the released Q8_0 token table as an 8-bit [D, V] QTensor (a quarter of float32's
+  bytes) whose values are the float loader's, bit for bit: training and decoding see the same numbers."""
+  kept = models.load(smollm2_gguf, keep_quantized=True).params["embed"]["embedding"]
+  table = models.load(smollm2_gguf).params["embed"]["embedding"]
+  assert (kept.shape, kept.bits, kept.group_size) == (table.shape[::-1], 8, 32)
+  assert kept.nbytes < 0.3 * table.nbytes
+  np.testing.assert_array_equal(np.asarray(kept.dequantize()).T, np.asarray(table))

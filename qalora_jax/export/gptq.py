@@ -187,8 +187,8 @@ def export_gptq(frozen: dict, out_dir: str | Path, *, config: models.Config | No
     elif path in NORMS:
       for i in range(leaf.shape[0]):
         tensors[f"model.layers.{i}.{NORMS[path]}"] = np.asarray(leaf[i])
-    elif path in TOP:
-      tensors[TOP[path]] = np.asarray(leaf)
+    elif path in TOP:  # a quantized token table (stored [D, V]) is written as the float table it holds
+      tensors[TOP[path]] = np.asarray(leaf.dequantize().T if isinstance(leaf, QTensor) else leaf)
     elif path == "lm_head/kernel":
       tensors["lm_head.weight"] = np.ascontiguousarray(np.asarray(leaf).T)
     else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -64,9 +65,9 @@ def assemble(config: Config, names: Mapping[str, str], available: Iterable[str],
     where: the checkpoint, for error messages.
     ignore: names that may be present without being used (e.g. rotary tables, a tied head's copy).
     transform: (path, name, array) -> array, applied before the [out, in] -> [in, out] transpose.
-    finish: (path, float32 array in the final layout) -> the leaf (default: the array in `dtype`); called as
-      each leaf is complete, so a quantizing `finish` never holds more than one float leaf (all layers of one
-      block parameter) at a time.
+    finish: (path, float32 array in the final layout) -> the leaf (default: the array in `dtype`); called on
+      each matrix as it is read (one layer of a block parameter at a time; the stacked layout stacks the
+      results), so a quantizing `finish` never holds more than one float matrix.
   """
   expected = expected_tensors(config, names)
   available = list(available)
@@ -101,13 +102,13 @@ def assemble(config: Config, names: Mapping[str, str], available: Iterable[str],
     if entries[0][1] is None:
       leaves[path] = finish(path, tensor(entries[0][0], path))
       continue
-    ws = [None] * config.num_layers
-    for name, layer in entries:
-      ws[layer] = tensor(name, path)
-    if config.scan_layers:  # stacked layout
-      leaves[path] = finish(path, np.stack(ws))
+    done = [None] * config.num_layers
+    for name, layer in sorted(entries, key=lambda e: e[1]):
+      done[layer] = finish(path, tensor(name, path))
+    if config.scan_layers:  # stacked layout: one leaf (arrays or QTensors) with a leading layer axis
+      leaves[path] = jax.tree.map(lambda *xs: jnp.stack(xs), *done)
     else:  # per-layer layout: blocks/<i>/...
-      for i, w in enumerate(ws):
-        leaves[path.replace("blocks/", f"blocks/{i}/", 1)] = finish(path, w)
-    del ws
+      for i, leaf in enumerate(done):
+        leaves[path.replace("blocks/", f"blocks/{i}/", 1)] = leaf
+    del done
   return unflatten(leaves)

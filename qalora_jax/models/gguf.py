@@ -1,7 +1,7 @@
 """Loading GGUF files (llama.cpp's format): configuration, float parameters and tokenizer.
 
     config, params, tokenizer = gguf.load(path)
-    config, params, tokenizer = gguf.load(path, keep_quantized=True)   # block linears as `int` QTensors
+    config, params, tokenizer = gguf.load(path, keep_quantized=True)   # block linears, table as `int` QTensors
 
 Tensors are dequantized to float32 with `gguf.quants.dequantize` (types in SUPPORTED_TYPES). A GGUF weight
 has numpy shape [out, in]; it becomes an [in, out] kernel. llama.cpp's converter permutes the rows of the
@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Iterator
 
 import gguf
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -197,15 +196,22 @@ def qtensor_from_blocks(qtype, data: np.ndarray, bits: int | None = None, group_
   return QTensor(arrays, QMeta("int", (n_in, n_out), bits, group_size, (("symmetric", bool(symmetric)),)))
 
 
-def _quantized_linears(config: Config, tensors: dict, meta: dict) -> dict[str, list[QTensor]]:
+def _quantized_leaves(config: Config, tensors: dict, meta: dict, keep: str = ".*") -> dict[str, list[QTensor]]:
   """{parameter path: per-layer QTensors} for every block linear whose layers are all stored in one exact block
-  type with the same settings (q and k rows back in Hugging Face's order)."""
+  type with the same settings (q and k rows back in Hugging Face's order), and for the token table when it is
+  stored in one: its rows [V, D] in blocks along D are the [D, V] QTensor of models.quantize's layout. Only
+the paths `keep` matches (re.fullmatch) are considered."""
   settings = json.loads(meta.get(QTENSORS_KEY, "{}"))
   out = {}
   for path, name in NAMES.items():
-    if not (path.startswith("blocks/") and path.endswith("/kernel")):
+    if not re.fullmatch(keep, path):
       continue
-    layers = [tensors.get(name.format(i=i)) for i in range(config.num_layers)]
+    if path == "embed/embedding":
+      layers = [tensors.get(name)]
+    elif path.startswith("blocks/") and path.endswith("/kernel"):
+      layers = [tensors.get(name.format(i=i)) for i in range(config.num_layers)]
+    else:
+      continue
     if any(t is None or t.tensor_type not in EXACT_TYPES for t in layers):
       continue
     qts = []
@@ -274,12 +280,14 @@ def config_from_metadata(meta: dict, tensor_shapes: dict[str, tuple[int, ...]], 
   )
 
 
-def load(path: str | Path, dtype="float32", param_dtype=np.float32, finish=None, keep_quantized: bool = False,
+def load(path: str | Path, dtype="float32", param_dtype=np.float32, finish=None, keep_quantized: bool | str = False,
          **config_overrides) -> tuple[Config, dict, Tokenizer]:
   """(config, params, tokenizer) from a GGUF file; `config_overrides` replace Config fields; `finish` as in
   `checkpoint.assemble`. Parameters are float, except with `keep_quantized`: then every block linear whose
-  layers are all stored in Q4_0, Q4_1 or Q8_0 (with one setting) is the `int` QTensor those blocks hold
-  exactly (see the module doc), and `finish` applies to the other leaves only."""
+  layers are all stored in Q4_0, Q4_1 or Q8_0 (with one setting), and the token table if it is (SmolLM2's is
+  Q8_0), is the `int` QTensor those blocks hold exactly (see the module doc; the table as its [D, V]
+  transpose), and `finish` applies to the other leaves only. A string keeps only the parameter paths it
+  matches (a regex, e.g. "embed/embedding")."""
   path = Path(path)
   reader = gguf.GGUFReader(str(path))
   tensors = {t.name: t for t in reader.tensors}
@@ -296,10 +304,10 @@ def load(path: str | Path, dtype="float32", param_dtype=np.float32, finish=None,
       return unpermute_rows(w, config.num_kv_heads)
     return w
 
-  quantized = _quantized_linears(config, tensors, meta) if keep_quantized else {}
+  keep = ".*" if keep_quantized is True else keep_quantized
+  quantized = _quantized_leaves(config, tensors, meta, keep) if keep else {}
   skipped = {NAMES[p].format(i=i) for p in quantized for i in range(config.num_layers)}
-  pending = {p: (iter([jax.tree.map(lambda *xs: jnp.stack(xs), *qts)]) if config.scan_layers else iter(qts))
-             for p, qts in quantized.items()}
+  pending = {p: iter(qts) for p, qts in quantized.items()}  # one QTensor a layer, in order
   float_finish = finish or (lambda p, w: jnp.asarray(w, param_dtype))
 
   def read(name):  # a kept QTensor's tensor is not read as floats: `finish_leaf` supplies the leaf

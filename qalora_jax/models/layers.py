@@ -63,9 +63,9 @@ def swiglu(x: jax.Array, p: dict, dropout_rng: jax.Array | None = None, matmul_d
 
 
 def head_logits(x: jax.Array, weight, vocab_first: bool, matmul_dtype: str | None = None) -> jax.Array:
-  """Logits in float32: x E^T for a vocab-first table E [V, D] (tied embeddings), else x W for W [D, V] (a
-  quantized W through `base_matmul`, so matmul_dtype "int8" reaches the CPU kernel)."""
-  if isinstance(weight, QTensor) and not vocab_first:
+  """Logits in float32: x E^T for a vocab-first table E [V, D] (tied embeddings), else x W for W [D, V] (with
+  matmul_dtype "int8", a quantized W goes through `base_matmul` to the CPU kernel)."""
+  if isinstance(weight, QTensor) and matmul_dtype == "int8" and not vocab_first:
     return base_matmul(x.astype(jnp.float32), weight, matmul_dtype)
   w = materialize(weight, operand_dtype(matmul_dtype, x.dtype))
   spec = "...d,vd->...v" if vocab_first else "...d,dv->...v"
@@ -99,8 +99,9 @@ def _head_nll(x, weight, targets, vocab_first, matmul_dtype, chunk):
 
 def _head_nll_fwd(x, weight, targets, vocab_first, matmul_dtype, chunk):
   nll, lse = [], []
+  w = weight if matmul_dtype == "int8" else materialize(weight, operand_dtype(matmul_dtype, x.dtype))  # once
   for c in _chunks(x.shape[0], chunk):
-    z = head_logits(x[c], weight, vocab_first, matmul_dtype)
+    z = head_logits(x[c], w, vocab_first, matmul_dtype)
     logz = jax.nn.logsumexp(z, axis=-1)
     picked = jnp.take_along_axis(z, targets[c, None], axis=-1)[:, 0]
     nll.append(logz - picked)

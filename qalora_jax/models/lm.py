@@ -149,13 +149,13 @@ def _load_saved(path: Path, dtype, param_dtype, quantizing, config_overrides) ->
 
 
 def load(model: str | Path, dtype: str = "float32", param_dtype=np.float32, quantize=None,
-         keep_quantized: bool = False, **config_overrides) -> LanguageModel:
+         keep_quantized: bool | str = False, **config_overrides) -> LanguageModel:
   """Loads a model by asset name ("smollm2-135m"), GGUF file, Hugging Face directory (config.json and
   safetensors) or a directory written by `save` (QTensors as saved). `dtype` is the compute dtype,
   `param_dtype` the storage dtype of the float parameters; `quantize` (rules as for `quantize_params`)
   quantizes each float weight as it is read, so the float model is never whole in memory; `keep_quantized`
-  keeps a GGUF file's Q4_0 / Q4_1 / Q8_0 block linears as the `int` QTensors they hold exactly
-  (`gguf.load`); further keywords replace Config fields (e.g. scan_layers=False, remat=True)."""
+  keeps a GGUF file's Q4_0 / Q4_1 / Q8_0 block linears and token table as the `int` QTensors they hold exactly
+  (`gguf.load`; a regex keeps the parameter paths it matches only); further keywords replace Config fields (e.g. scan_layers=False, remat=True)."""
   path = resolve(model)
   quantizing = None if quantize is None else Quantizing(quantize)
   finish = None if quantizing is None else (lambda p, w: quantizing(p, jnp.asarray(w, param_dtype)))

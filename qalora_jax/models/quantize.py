@@ -95,11 +95,12 @@ class Quantizing:
     self.compiled = [re.compile(pattern) for pattern, _ in self.rules]
     self.stats = [dict(tensors=0, matrices=0, weights=0, bytes_before=0, bytes_after=0) for _ in self.rules]
     self.bytes_before = self.bytes_after = 0
-    self.paths: list[str] = []
+    self.paths: dict[str, None] = {}  # in the order seen
 
   def __call__(self, path: str, leaf):
     """The leaf at `path` after the first matching rule (already-quantized leaves are kept as they are)."""
-    self.paths.append(path)
+    first = path not in self.paths  # a loader passes a stacked leaf's layers one at a time
+    self.paths[path] = None
     k = None if isinstance(leaf, QTensor) else next((i for i, rx in enumerate(self.compiled) if rx.fullmatch(path)),
                                                     None)
     out = leaf
@@ -113,7 +114,7 @@ class Quantizing:
         # set of scales per token row (llama.cpp's Q8_0 rows), and the tied head is then a plain x W.
         out = quantize_stacked(quantizer, jnp.asarray(leaf).T if path == EMBEDDING else jnp.asarray(leaf))
       s = self.stats[k]
-      s["tensors"] += 1
+      s["tensors"] += first
       s["matrices"] += leaf.shape[0] if leaf.ndim == 3 else 1
       s["weights"] += int(np.prod(leaf.shape))
       s["bytes_before"] += nbytes(leaf)
@@ -127,7 +128,7 @@ class Quantizing:
     for (pattern, _), s in zip(self.rules, self.stats):
       if s["tensors"] == 0:
         raise ValueError(f"rule {pattern!r} matches no parameter; paths look like: "
-                         f"{', '.join(self.paths[:4])}, ...")
+                         f"{', '.join(list(self.paths)[:4])}, ...")
     return QuantizeSummary(
         bytes_before=self.bytes_before, bytes_after=self.bytes_after,
         rules=tuple(RuleStats(pattern, "float" if q is None else repr(q), **s)

@@ -63,6 +63,15 @@ def tiny_model(seed: int = 0, max_seq_len: int = 256) -> models.LanguageModel:
   return models.LanguageModel(config, params, models.Tokenizer(backend, bos_id=256, eos_ids=(257,)))
 
 
+def kept_table(cfg: ml_collections.ConfigDict) -> str | bool:
+  """What `models.load` keeps as stored: the token table, when the file holds it in exact 8-bit blocks (SmolLM2's
+  Q8_0: a quarter of float32's memory, the same values), unless it trains or a base rule quantizes it."""
+  table = models.quantize.EMBEDDING
+  trains = bool(cfg.adapter.extra_trainable) and re.fullmatch(cfg.adapter.extra_trainable, table)
+  requantized = cfg.base.quantizer != "none" and re.fullmatch(cfg.base.targets, table)
+  return False if trains or requantized else table
+
+
 def build_model(cfg: ml_collections.ConfigDict, quantize=None) -> models.LanguageModel:
   """The config's model; `quantize` (rules) quantizes its weights as they are read (see `models.load`)."""
   m = cfg.model
@@ -72,7 +81,7 @@ def build_model(cfg: ml_collections.ConfigDict, quantize=None) -> models.Languag
                                              scan_layers=m.scan_layers))
     return lm if quantize is None else lm.replace(params=models.quantize_params(lm.params, quantize)[0])
   return models.load(m.name, dtype=m.dtype, matmul_dtype=m.matmul_dtype, remat=m.remat, scan_layers=m.scan_layers,
-                     quantize=quantize)
+                     quantize=quantize, keep_quantized=kept_table(cfg))
 
 
 def load_base(cfg: ml_collections.ConfigDict) -> tuple[models.LanguageModel, dict, str]:
