@@ -145,18 +145,44 @@ def _heldout_ids(lm, info: dict):
   return calibration.heldout_tokens(lm, 8192)
 
 
+def _with_matmuls(lm, params, args):
+  """(lm, params) as --matmul-dtype and --embedding ask: "int8" multiplies INT4/INT8 QTensors with int8
+  activations in the CPU kernel; --embedding int8 stores a float token table (and tied head) in 8-bit rows."""
+  from qalora_jax import models, quant
+
+  allowed = ("float32", "bfloat16", "int8")
+  if args.matmul_dtype not in (None, *allowed):
+    raise ValueError(f"--matmul-dtype {args.matmul_dtype!r} is not supported; allowed: {', '.join(allowed)}")
+  if args.embedding not in ("float", "int8"):
+    raise ValueError(f"--embedding {args.embedding!r} is not supported; allowed: float, int8")
+  params = lm.params if params is None else params
+  if args.embedding == "int8" and not isinstance(params["embed"]["embedding"], quant.QTensor):
+    params, _ = models.quantize_params(params, [(models.quantize.EMBEDDING, quant.get("int", bits=8, group_size=32))])
+  if args.matmul_dtype is not None:
+    lm = lm.replace(config=lm.config.replace(matmul_dtype=args.matmul_dtype))
+  return lm, params
+
+
+def _load_model(args):
+  """--model, its GGUF blocks kept as QTensors when the int8 path is asked for (the weights llama.cpp reads)."""
+  from qalora_jax import models
+
+  return models.load(args.model, keep_quantized=args.matmul_dtype == "int8")
+
+
 def _eval(args) -> int:
   from qalora_jax.train import loop
 
   if args.model:  # any model; a merged directory counts as merged
     from qalora_jax import models
 
-    lm = models.load(args.model)
+    lm = _load_model(args)
     params, info = lm.params, models.saved_info(args.model) or {}
     step, merged = info.get("step"), "step" in info
   else:
     r, params, step = _eval_params(args)
     lm, merged = r.lm, args.merged
+  lm, params = _with_matmuls(lm, params, args)
   if args.mc:
     from qalora_jax.eval import multiple_choice
 
@@ -173,10 +199,13 @@ def _eval(args) -> int:
     ids = _heldout_ids(lm, info)
   else:
     _, _, ids = loop.training_data(r.cfg, r.lm)
+  if args.tokens:
+    ids = ids[:args.tokens]
   window = min(args.window, lm.config.max_seq_len, len(ids))
-  ppl = loop.evaluate_ppl(lm, params, ids, window)
+  ppl = loop.evaluate_ppl(lm, params, ids, window, matmul_dtype=args.matmul_dtype)
   n = (len(ids) // window) * (window - 1)
-  print(json.dumps({"ppl": ppl, "tokens": n, "step": step, "merged": merged}))
+  print(json.dumps({"ppl": ppl, "tokens": n, "step": step, "merged": merged, "matmul_dtype": args.matmul_dtype,
+                    "embedding": args.embedding}))
   return 0
 
 
@@ -206,13 +235,21 @@ def _generate(args) -> int:
     r, params, _ = _eval_params(args)
     lm = r.lm
   else:
-    lm = models.load(args.model)
+    lm = _load_model(args)
     params = None
+  lm, params = _with_matmuls(lm, params, args)
   for prompt in args.prompt:
     text = models.generate(lm, [prompt], args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                            seed=args.seed, params=params)[0]
     print(text)
   return 0
+
+
+def _matmul_options(p, default) -> None:
+  p.add_argument("--matmul-dtype", default=default,
+                 help="weight matmuls: float32 | bfloat16 | int8 (int8 activations against INT4/INT8 QTensors in "
+                      "the CPU kernel, as llama.cpp; a GGUF --model then keeps its Q4/Q8 blocks as QTensors)")
+  p.add_argument("--embedding", default="float", help="float | int8: the token table (and tied head) in 8-bit rows")
 
 
 def _source_gguf(name):
@@ -372,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--window", type=int, default=512, help="tokens per perplexity window")
   p.add_argument("--mc", metavar="DIR", help="few-shot multiple choice on an MMLU-format directory instead")
   p.add_argument("--shots", type=int, default=5, help="few-shot examples per question (with --mc)")
+  p.add_argument("--tokens", type=int, help="evaluate the first this many tokens only")
+  _matmul_options(p, "float32")
   p.set_defaults(run=_eval)
 
   p = sub.add_parser("merge", help="fold a run's adapters into its base and save the merged model",
@@ -395,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
   p.add_argument("--top-p", type=float, default=1.0)
   p.add_argument("--seed", type=int, default=0)
+  _matmul_options(p, None)
   p.set_defaults(run=_generate)
 
   p = sub.add_parser("export", help="write a run's adapters (peft) or a merged model (gguf) for other tools",

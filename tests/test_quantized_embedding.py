@@ -72,3 +72,28 @@ def test_smollm2s_q8_0_table_is_kept_exactly(smollm2_gguf):
   assert (kept.shape, kept.bits, kept.group_size) == (table.shape[::-1], 8, 32)
   assert kept.nbytes < 0.3 * table.nbytes
   np.testing.assert_array_equal(np.asarray(kept.dequantize()).T, np.asarray(table))
+
+
+def test_projections_sharing_an_input_run_as_one_kernel_call_with_equal_results(tiny, monkeypatch):
+  """With int8 matmuls, q/k/v (and gate/up) of an INT4 model go through one CPU kernel call on their codes
+  concatenated along the outputs; each output column is computed as in its own call, so nothing changes."""
+  if not cpu_int4.available():
+    pytest.skip("the CPU kernel does not build here")
+  frozen, _ = models.quantize_params(tiny.params, quant.get("int", bits=4, group_size=32))
+  config = tiny.config.replace(matmul_dtype="int8")
+  tokens = jnp.asarray(np.random.default_rng(5).integers(0, 258, (2, 12)), jnp.int32)
+  calls = []
+  real = cpu_int4.matmul
+  monkeypatch.setattr(cpu_int4, "matmul", lambda x, qt: calls.append(qt.shape) or real(x, qt))
+  fused = models.apply(config, frozen, tokens)
+  d, f, q, kv = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size
+  assert calls == [(d, q + 2 * kv), (q, d), (d, 2 * f), (f, d)]  # one scanned block traced once
+  from qalora_jax.nn import modules
+  monkeypatch.setattr(modules, "shared_input",
+                      lambda x, layers, rngs: [layer(x, dropout_rng=r) for layer, r in zip(layers, rngs)])
+  from qalora_jax.models import llama
+  monkeypatch.setattr(llama, "shared_input", modules.shared_input)
+  calls.clear()
+  separate = models.apply(config, frozen, tokens)
+  assert len(calls) == 7
+  np.testing.assert_array_equal(fused, separate)

@@ -54,7 +54,7 @@ from flax import nnx
 from qalora_jax.models import layers
 from qalora_jax.models.attention import REMAT_SAVED, Mask, attention
 from qalora_jax.models.config import Config, rope_frequencies
-from qalora_jax.nn.modules import Frozen, Linear, LowRankAdapter
+from qalora_jax.nn.modules import Frozen, Linear, LowRankAdapter, shared_input
 from qalora_jax.quant import QTensor
 
 ATTN_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -226,9 +226,9 @@ class Attention(nnx.Module):
     attention runs over all S slots; returns (output, updated kv or None)."""
     c = self.config
     b, t, _ = h.shape
-    q = self.q_proj(h, dropout_rng=layers.fold(rng, 0)).reshape(b, t, c.num_heads, c.head_dim)
-    k = self.k_proj(h, dropout_rng=layers.fold(rng, 1)).reshape(b, t, c.num_kv_heads, c.head_dim)
-    v = self.v_proj(h, dropout_rng=layers.fold(rng, 2)).reshape(b, t, c.num_kv_heads, c.head_dim)
+    q, k, v = shared_input(h, [self.q_proj, self.k_proj, self.v_proj], [layers.fold(rng, i) for i in range(3)])
+    q = q.reshape(b, t, c.num_heads, c.head_dim)
+    k, v = k.reshape(b, t, c.num_kv_heads, c.head_dim), v.reshape(b, t, c.num_kv_heads, c.head_dim)
     q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
     if kv is not None:
       k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
@@ -245,8 +245,7 @@ class MLP(nnx.Module):
     self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
 
   def __call__(self, x, rng=None):
-    gate = self.gate_proj(x, dropout_rng=layers.fold(rng, 0))
-    up = self.up_proj(x, dropout_rng=layers.fold(rng, 1))
+    gate, up = shared_input(x, [self.gate_proj, self.up_proj], [layers.fold(rng, 0), layers.fold(rng, 1)])
     return self.down_proj(jax.nn.silu(gate) * up, dropout_rng=layers.fold(rng, 2))
 
 

@@ -23,6 +23,7 @@ the dequantization; one forward for every method.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Callable
 
@@ -229,3 +230,26 @@ class Linear(nnx.Module):
       return y
     y = self.layout.unflatten_output(y)  # an einsum's bias has the output's shape
     return y if bias is None else y + bias.astype(y.dtype)
+
+
+def shared_input(x: jax.Array, layers: list[Linear], rngs: list) -> list[jax.Array]:
+  """[layer(x) for layer in layers]: Linears that read the same x (q/k/v, gate/up). With matmul_dtype "int8" and
+  INT4/INT8 bases of one format and no adapters, their codes are concatenated along the outputs and multiplied
+  in one CPU kernel call (the concatenation depends on the weights only, so XLA hoists it out of a decoding
+  loop): one pass over x's quantization and one call instead of several."""
+  from qalora_jax.kernels import cpu_int4
+
+  kernels = [layer.kernel.get_value() for layer in layers]
+  fusable = all(layer.matmul_dtype == "int8" and layer.adapter is None and layer.layout is None
+                and layer.capture is None and cpu_int4.supports(k) for layer, k in zip(layers, kernels))
+  signature = lambda k: (dataclasses.replace(k.meta, shape=(k.shape[0], 0)),  # noqa: E731  (all but the width)
+                         tuple(sorted((n, str(a.dtype)) for n, a in k.arrays.items())))
+  if not fusable or len({signature(k) for k in kernels}) != 1:
+    return [layer(x, dropout_rng=rng) for layer, rng in zip(layers, rngs)]
+  widths = [k.shape[1] for k in kernels]
+  fused = QTensor({name: jnp.concatenate([k[name] for k in kernels], axis=-1) for name in kernels[0].arrays},
+                  dataclasses.replace(kernels[0].meta, shape=(kernels[0].shape[0], sum(widths))))
+  y = cpu_int4.matmul(x, fused)
+  outs = jnp.split(y, list(itertools.accumulate(widths))[:-1], axis=-1)
+  return [out if layer.bias is None else out + layer.bias.get_value().astype(out.dtype)
+          for layer, out in zip(layers, outs)]

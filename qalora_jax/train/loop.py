@@ -220,9 +220,10 @@ def _check_workdir(workdir: Path, cfg, overwrite: bool) -> None:
       (workdir / name).unlink(missing_ok=True)
 
 
-def evaluate_ppl(lm, params, ids, window: int) -> float:
-  """Perplexity with float matmuls whatever the training's model.matmul_dtype, so that runs compare."""
-  lm = lm.replace(config=lm.config.replace(matmul_dtype=None))
+def evaluate_ppl(lm, params, ids, window: int, matmul_dtype: str | None = None) -> float:
+  """Perplexity with float matmuls whatever the training's model.matmul_dtype, so that runs compare (or with
+  `matmul_dtype`, e.g. "int8" to measure the decoding path's quality)."""
+  lm = lm.replace(config=lm.config.replace(matmul_dtype=matmul_dtype))
   return models.perplexity(lm, ids, window=min(window, len(ids)), params=params)
 
 
