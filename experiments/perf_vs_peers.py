@@ -186,17 +186,24 @@ def main() -> None:
   groups = runs(gguf_dir, Path(args.bench_dir), args.qwix_python, args.llamacpp_python)
   cmds = {name: cmd for g in args.groups for name, cmd in groups[g].items()
           if not args.only or name in args.only}
-  lines = []
+  lines, failed = [], []
   for r in range(args.rounds):
     for name, cmd in cmds.items():
-      lines.append({"run": name, "round": r, **measure(cmd)})
+      try:
+        lines.append({"run": name, "round": r, **measure(cmd)})
+      except RuntimeError as e:  # one run failing does not lose the others; it is reported below the tables
+        failed.append({"run": name, "round": r, "error": str(e)[-500:]})
+        print(f"round {r + 1}/{args.rounds} {name}: failed: {str(e)[-300:]}", file=sys.stderr, flush=True)
+        continue
       print(f"round {r + 1}/{args.rounds} {name}: {lines[-1]['tokens_per_s']:.1f} tokens/s, "
             f"{lines[-1]['maxrss_mb']:.0f} MB", file=sys.stderr, flush=True)
   text = tables(lines)
+  if failed:
+    text += "\nFailed runs: " + "; ".join(f"{f['run']} (round {f['round'] + 1})" for f in failed) + ".\n"
   print(text)
   out = Path(args.out)
   write_bytes(out / "perf_vs_peers.md", text.encode())
-  write_bytes(out / "perf_vs_peers.jsonl", "".join(json.dumps(x) + "\n" for x in lines).encode())
+  write_bytes(out / "perf_vs_peers.jsonl", "".join(json.dumps(x) + "\n" for x in lines + failed).encode())
   if args.readme:
     put_in_readme(text)
 
