@@ -19,7 +19,9 @@
   per head.
 
 The mask is described, not materialised: query i (slot `index + i`) sees key slot j iff j <= index + i, the
-key slot holds a real token (`key_mask`), and with a window, index + i - j < window.
+key slot holds a real token (`key_mask`), and with a window, index + i - j < window. A query that sees no key
+at all (a left-padding slot) gets the mean of the values it was offered, which differs between the two forms;
+such rows are padding, and nothing reads them.
 """
 
 from __future__ import annotations
