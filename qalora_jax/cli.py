@@ -145,16 +145,20 @@ def _heldout_ids(lm, info: dict):
   return calibration.heldout_tokens(lm, 8192)
 
 
-def _with_matmuls(lm, params, args):
-  """(lm, params) as --matmul-dtype and --embedding ask: "int8" multiplies INT4/INT8 QTensors with int8
-  activations in the CPU kernel; --embedding int8 stores a float token table (and tied head) in 8-bit rows."""
-  from qalora_jax import models, quant
-
+def _check_matmuls(args) -> None:
+  """--matmul-dtype and --embedding, checked before anything is loaded."""
   allowed = ("float32", "bfloat16", "int8")
   if args.matmul_dtype not in (None, *allowed):
     raise ValueError(f"--matmul-dtype {args.matmul_dtype!r} is not supported; allowed: {', '.join(allowed)}")
   if args.embedding not in ("float", "int8"):
     raise ValueError(f"--embedding {args.embedding!r} is not supported; allowed: float, int8")
+
+
+def _with_matmuls(lm, params, args):
+  """(lm, params) as --matmul-dtype and --embedding ask: "int8" multiplies INT4/INT8 QTensors with int8
+  activations in the CPU kernel; --embedding int8 stores a float token table (and tied head) in 8-bit rows."""
+  from qalora_jax import models, quant
+
   params = lm.params if params is None else params
   if args.embedding == "int8" and not isinstance(params["embed"]["embedding"], quant.QTensor):
     params, _ = models.quantize_params(params, [(models.quantize.EMBEDDING, quant.get("int", bits=8, group_size=32))])
@@ -173,6 +177,7 @@ def _load_model(args):
 def _eval(args) -> int:
   from qalora_jax.train import loop
 
+  _check_matmuls(args)
   if args.model:  # any model; a merged directory counts as merged
     from qalora_jax import models
 
@@ -231,6 +236,7 @@ def _merge(args) -> int:
 def _generate(args) -> int:
   from qalora_jax import models
 
+  _check_matmuls(args)
   if args.workdir:
     r, params, _ = _eval_params(args)
     lm = r.lm

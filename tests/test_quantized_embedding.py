@@ -97,3 +97,14 @@ def test_projections_sharing_an_input_run_as_one_kernel_call_with_equal_results(
   separate = models.apply(config, frozen, tokens)
   assert len(calls) == 7
   np.testing.assert_array_equal(fused, separate)
+
+
+@pytest.mark.parametrize("command", ["eval", "generate"])
+def test_matmul_options_are_checked_before_loading(command, capsys):
+  from qalora_jax import cli
+
+  extra = ["--prompt", "x"] if command == "generate" else []
+  assert cli.main([command, "--model", "no-such-model", "--matmul-dtype", "int4", *extra]) == 2
+  assert "--matmul-dtype 'int4' is not supported; allowed: float32, bfloat16, int8" in capsys.readouterr().err
+  assert cli.main([command, "--model", "no-such-model", "--embedding", "q8", *extra]) == 2
+  assert "--embedding 'q8' is not supported; allowed: float, int8" in capsys.readouterr().err
