@@ -32,6 +32,15 @@ def test_the_table_is_quantized_transposed_and_looked_up_by_column(tiny):
   assert weight.shape == (d, v) and not vocab_first
 
 
+def test_a_table_in_any_format_is_looked_up_as_its_dequantized_columns(tiny):
+  """NF4 with double quantization holds arrays without a vocab axis (the absmax codebook's scale and offset)."""
+  frozen, _ = models.quantize_params(tiny.params, [("embed/embedding", quant.get("nf4", double_quant=True))])
+  qt = frozen["embed"]["embedding"]
+  tokens = jnp.asarray([[5, 257, 0]])
+  np.testing.assert_array_equal(tiny.decoder(frozen).embed(tokens, jnp.float32),
+                                np.asarray(qt.dequantize()).T[np.asarray(tokens)])
+
+
 def test_logits_with_a_quantized_table_equal_the_dequantized_float_model(tiny):
   frozen, _ = models.quantize_params(tiny.params, [("embed/embedding", INT8)])
   dequantized = {**tiny.params, "embed": {"embedding": frozen["embed"]["embedding"].dequantize().T}}
