@@ -1,5 +1,6 @@
 """Sweeps and tables on the tiny config: cells, resume after SIGKILL, failures, shards, tables and plots."""
 
+import dataclasses
 import json
 import os
 import random
@@ -12,11 +13,13 @@ import jax
 import numpy as np
 import pytest
 
-from qalora_jax import cli
+from qalora_jax import cli, data
 from qalora_jax.eval import tables
+from qalora_jax.train import config as config_lib
 from qalora_jax.train import loop, sweep
 
 SWEEP = "configs/sweeps/tiny.py"
+quiet = lambda message: None  # noqa: E731
 
 
 def write_sweep(tmp_path, body):
@@ -33,6 +36,39 @@ def test_cells_expand_the_product_of_each_explicit_cell(tmp_path):
                                        "b bits=4,seed=0", "b bits=4,seed=1", "b bits=2,seed=0", "b bits=2,seed=1"]
   cfg = sweep.cell_config(s, s.cells[6])
   assert (cfg.steps, cfg.adapter.rank, cfg.base.options.bits, cfg.seed) == (3, 2, 2, 0)
+
+
+def test_seeds_cross_every_cell_and_keep_its_name(tmp_path):
+  s = sweep.load(write_sweep(tmp_path, '{"config": "configs/tiny.py", "seeds": [0, 1, 2], "cells": ['
+                                       '{"name": "base", "steps": 0, "seeds": [0]}, {"name": "a"}, '
+                                       '{"name": "b", "adapter.rank": 2}], "product": {"base.options.bits": [4]}}'))
+  assert [(c.name, c.dirname, c.seed) for c in s.cells] == [
+      ("base bits=4", "base_bits=4_seed=0", 0),
+      ("a bits=4", "a_bits=4_seed=0", 0), ("a bits=4", "a_bits=4_seed=1", 1), ("a bits=4", "a_bits=4_seed=2", 2),
+      ("b bits=4", "b_bits=4_seed=0", 0), ("b bits=4", "b_bits=4_seed=1", 1), ("b bits=4", "b_bits=4_seed=2", 2)]
+  assert [sweep.cell_config(s, c).seed for c in s.cells] == [0, 0, 1, 2, 0, 1, 2]
+  assert sweep.cell_config(s, s.cells[5]).adapter.rank == 2
+
+
+def test_a_seed_decides_data_order_adapter_init_and_dropout(monkeypatch):
+  """One seed reproduces a run bit for bit; another changes each of the three (checked one at a time)."""
+  cfg = lambda seed: config_lib.load("configs/tiny.py", [f"--config.seed={seed}", "--config.adapter.dropout=0.1"])  # noqa: E731
+  run0, again, run1 = (loop.build(cfg(s), log=quiet) for s in (0, 0, 1))
+  leaves = lambda tree: [np.asarray(x) for x in jax.tree.leaves(tree)]  # noqa: E731
+  differ = lambda x, y: any(not np.array_equal(a, b) for a, b in zip(leaves(x), leaves(y)))  # noqa: E731
+
+  assert not differ(run0.trainable, again.trainable) and differ(run0.trainable, run1.trainable)  # adapter init
+  blocks = np.arange(64 * 33).reshape(64, 33)
+  rows = lambda seed: data.batch_at(blocks, 4, seed, 3)["inputs"]  # noqa: E731
+  assert np.array_equal(rows(0), rows(0)) and not np.array_equal(rows(0), rows(1))  # data order
+
+  state0, _ = loop.train_steps(run0, 2)
+  assert not differ(state0.trainable, loop.train_steps(again, 2)[0].trainable)  # bit for bit
+  # seed 1's dropout alone: seed 0's model, adapters and batches
+  batch_at = data.batch_at
+  monkeypatch.setattr(data, "batch_at", lambda b, n, seed, step, mask=None: batch_at(b, n, 0, step, mask))
+  dropout_only = dataclasses.replace(run1, frozen=run0.frozen, trainable=run0.trainable, graphdef=run0.graphdef)
+  assert differ(state0.trainable, loop.train_steps(dropout_only, 2)[0].trainable)
 
 
 RESUMABLE = ('{"config": "configs/tiny.py", "overrides": {"steps": 12, "checkpoint_every": 2, "log_every": 1}, '
@@ -112,6 +148,11 @@ def test_shards_split_the_cells(tmp_path, capsys):
      r"sweep cell 'base': config.mesh.data x config.mesh.fsdp = 2 x 1 = 2 does not match the 1 available device"),
     ('{"config": "configs/tiny.py", "cells": [{"name": "x"}, {"name": "x"}]}', "share the directory 'x'"),
     ('{"config": "configs/tiny.py", "axes": {}}', r"keys \['axes'\] are not supported"),
+    ('{"config": "configs/tiny.py", "seeds": [0, 1, 0]}',
+     r"seeds=\[0, 1, 0\] is not supported; allowed: a non-empty list of distinct non-negative integers"),
+    ('{"config": "configs/tiny.py", "cells": [{"name": "x", "seeds": []}]}', r"cell 'x' seeds=\[\] is not supported"),
+    ('{"config": "configs/tiny.py", "seeds": [0, 1], "product": {"seed": [2]}}',
+     "'seed' is both an axis or override and given by 'seeds'"),
 ])
 def test_bad_sweeps_fail_before_anything_runs(tmp_path, body, message):
   with pytest.raises(ValueError, match=message):

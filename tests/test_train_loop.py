@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from qalora_jax import cli
+from qalora_jax import cli, hardware, provenance
 from qalora_jax.train import checkpoints, loop
 from qalora_jax.train import config as config_lib
 
@@ -28,6 +28,16 @@ def test_each_method_trains_and_merges(method, tmp_path):
           "wall_s", "steps", "config"} <= set(result)
   assert result["ppl"] < result["base_ppl"]
   assert result["merged_ppl"] == pytest.approx(result["ppl"], rel=1e-4)
+  assert result["code_version"] == provenance.code_version() and result["machine"] == hardware.cpu()
+  # r = 4 on every linear of the tiny model (hidden 64, 4 heads + 2 kv heads of 16, mlp 128): QA-LoRA's
+  # A has in / 16 rows (4, or 8 for down_proj), so no layer caps the rank; e (L + out - e) per layer, 2 blocks
+  assert result["effective_rank"] == {k: 4 for k in ("attn/k_proj", "attn/o_proj", "attn/q_proj", "attn/v_proj",
+                                                     "mlp/down_proj", "mlp/gate_proj", "mlp/up_proj")}
+  rows = {"q": 64, "k": 64, "v": 64, "o": 64, "gate": 64, "up": 64, "down": 128}
+  if method == "qalora":
+    rows = {k: v // 16 for k, v in rows.items()}
+  outs = {"q": 64, "k": 32, "v": 32, "o": 64, "gate": 128, "up": 128, "down": 64}
+  assert result["free_params"] == sum(2 * 4 * (rows[k] + outs[k] - 4) for k in rows)
   if method == "qalora":
     assert result["merged_bytes"] == result["frozen_bytes"]  # still the INT4 model
   if requantize:  # the merged float model re-quantized: 8 bits stays close to it, 2 bits moves away

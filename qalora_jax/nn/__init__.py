@@ -8,7 +8,7 @@ linear layers; `merge(model)` folds the adapters in. The functional core underne
 
 from qalora_jax.nn.adapt_model import Rule, adapt, adapted_layers, linear_layers as module_layers, merge, stats
 from qalora_jax.nn.modules import AdapterParam, AxesLayout, EinsumLayout, Frozen, Linear, LowRankAdapter
-from qalora_jax.nn.trees import (ALL_LINEARS, add_adapters, combine, count_params, linear_layers, merge_params,
+from qalora_jax.nn.trees import (ALL_LINEARS, adapter_ranks, add_adapters, combine, count_params, linear_layers, merge_params,
                                  tree_nbytes)
 from qalora_jax.nn.adapters import Adapter, AdapterMeta, adapter_delta, delta_weight, init_adapter, pool_groups
 from qalora_jax.nn.linear import linear, materialize
@@ -16,6 +16,6 @@ from qalora_jax.nn.merge import merge_adapter, merge_into_kernel, merge_into_off
 
 __all__ = ["AdapterParam", "AxesLayout", "EinsumLayout", "Frozen", "Linear", "LowRankAdapter", "Rule", "adapt",
            "adapted_layers", "merge", "module_layers", "stats",
-           "ALL_LINEARS", "add_adapters", "combine", "count_params", "linear_layers", "merge_params", "tree_nbytes",
+           "ALL_LINEARS", "adapter_ranks", "add_adapters", "combine", "count_params", "linear_layers", "merge_params", "tree_nbytes",
            "Adapter", "AdapterMeta", "adapter_delta", "delta_weight", "init_adapter", "linear", "materialize",
            "merge_adapter", "merge_into_kernel", "merge_into_offsets", "pool_groups"]

@@ -71,6 +71,19 @@ class Adapter:
   def nbytes(self) -> int:
     return self.a.nbytes + self.b.nbytes
 
+  @property
+  def effective_rank(self) -> int:
+    """The rank the update can reach: dW = P a b, with P [in, L] pooling the input into its L groups for
+    QA-LoRA (the identity for LoRA, L = in), so rank(dW) <= e = min(r, L, out)."""
+    return min(self.rank, self.a.shape[-2], self.b.shape[-1])
+
+  @property
+  def free_params(self) -> int:
+    """The trainable parameters that can move the update: the products a b are the [L, out] matrices of rank
+    <= e, a set of dimension e (L + out - e) (<= r (L + out), the parameter count); per stacked layer."""
+    e, lead = self.effective_rank, math.prod(self.b.shape[:-2])
+    return lead * e * (self.a.shape[-2] + self.b.shape[-1] - e)
+
 
 def pool_groups(x: jax.Array, group_size: int) -> jax.Array:
   """Sum pooling over groups of `group_size` consecutive inputs: [..., in] -> [..., ceil(in / g)].

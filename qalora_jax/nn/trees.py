@@ -120,6 +120,18 @@ def merge_params(frozen: dict, adapters: dict, requantize: Quantizer | None = No
   return merged
 
 
+def adapter_ranks(adapters: dict) -> dict:
+  """{"effective_rank": {layer kind: rank}, "free_params": n} of an adapter tree: the rank each kind of adapted
+  layer can reach (`Adapter.effective_rank`; the smallest over layers of a kind, e.g. "attn/q_proj" over the
+  blocks) and the trainable parameters that can move the updates (`Adapter.free_params`, summed)."""
+  ranks, free = {}, 0
+  for path, adapter in adapter_layers(adapters):
+    kind = "/".join(part for part in path.split("/") if not part.isdigit() and part != "blocks")
+    ranks[kind] = min(ranks.get(kind, adapter.effective_rank), adapter.effective_rank)
+    free += adapter.free_params
+  return {"effective_rank": dict(sorted(ranks.items())), "free_params": free}
+
+
 def count_params(tree) -> int:
   """Number of scalars in the array leaves of a tree (Adapter leaves included)."""
   return sum(int(x.size) for x in jax.tree.leaves(tree))

@@ -27,7 +27,7 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from qalora_jax import assets, data, models, nn, quant
+from qalora_jax import assets, data, hardware, models, nn, provenance, quant
 from qalora_jax.files import write_json
 from qalora_jax.models import llama
 from qalora_jax.train import checkpoints
@@ -84,7 +84,7 @@ def build_model(cfg: ml_collections.ConfigDict, quantize=None) -> models.Languag
                      quantize=quantize, keep_quantized=kept_table(cfg))
 
 
-def load_base(cfg: ml_collections.ConfigDict) -> tuple[models.LanguageModel, dict, str]:
+def load_base(cfg: ml_collections.ConfigDict, log=print) -> tuple[models.LanguageModel, dict, str]:
   """(model, frozen base, summary): the model's params with the weights matching cfg.base.targets quantized
   (or all float). A plain quantizer quantizes each weight as it is read, so the float model is never whole
   in memory; a calibrated one (GPTQ) needs the float model first (`calibrated_base`)."""
@@ -94,7 +94,7 @@ def load_base(cfg: ml_collections.ConfigDict) -> tuple[models.LanguageModel, dic
   quantizer = quant.get(cfg.base.quantizer, **cfg.base.options.to_dict())
   if quantizer.needs_calibration:
     lm = build_model(cfg)
-    return lm, *calibrated_base(cfg, lm, quantizer)
+    return lm, *calibrated_base(cfg, lm, quantizer, log)
   lm = build_model(cfg, quantize=[(cfg.base.targets, quantizer)])
   return lm, lm.params, f"{quantizer} on {cfg.base.targets}: {nn.tree_nbytes(lm.params):,} bytes"
 
@@ -104,21 +104,51 @@ def bases_dir() -> Path:
   return assets.cache_dir() / "bases"
 
 
-def calibrated_base(cfg, lm: models.LanguageModel, quantizer: quant.Quantizer) -> tuple[dict, str]:
+def model_sha256(cfg) -> str:
+  """What the config's model is, by content: an asset's pinned sha256s, a file's or a directory's content
+  hash, or the tiny model's seed (its weights are a function of it)."""
+  name = cfg.model.name
+  if name == "tiny":
+    return f"tiny:{cfg.seed}"
+  if name in assets.ASSETS:
+    return hashlib.sha256(json.dumps(assets.ASSETS[name].files_sha256, sort_keys=True).encode()).hexdigest()
+  path = models.resolve(name)
+  return provenance.files_sha256(path.rglob("*"), path) if path.is_dir() else provenance.file_sha256(path)
+
+
+def corpus_files(cfg) -> tuple[Path, list[Path]]:
+  """(root, its text files) of the config's corpus."""
+  root = assets.fetch(cfg.data.corpus) if cfg.data.corpus in assets.ASSETS else Path(cfg.data.corpus)
+  if not root.is_dir():
+    raise ValueError(f"config.data.corpus={cfg.data.corpus!r}: not an asset name or a directory")
+  return root, sorted(root.rglob("*.md"))
+
+
+# what a cached calibrated base depends on: the quantizers, the calibration driver and the model's forward pass
+BASE_CODE = ("quant", "calibration.py", "models", "nn", "data")
+
+
+def calibrated_base(cfg, lm: models.LanguageModel, quantizer: quant.Quantizer, log=print) -> tuple[dict, str]:
   """(frozen tree, summary) of a quantizer that takes calibration data (GPTQ: `quantize_with_hessian`): it
-  sees cfg.base.calibration segments of cfg.base.calibration_len tokens of the training plays. The result is
-  cached under the asset cache, keyed by model, quantizer, options, calibration and seed, so runs sharing a
-  base calibrate once."""
+  sees cfg.base.calibration segments of cfg.base.calibration_len tokens of the training plays, drawn with
+  cfg.base.calibration_seed (not the run's seed: the runs of a seed sweep share one base). The result is
+  cached under the asset cache, keyed by the model's and the corpus's content, the quantizer and its
+  options and the calibration; an entry made by other code (`BASE_CODE`) is rebuilt."""
   if cfg.base.targets != models.BLOCK_LINEARS:
     raise ValueError(f"config.base.targets={cfg.base.targets!r}: a calibrated quantizer "
                      f"({cfg.base.quantizer}) quantizes all block linears; allowed: {models.BLOCK_LINEARS!r}")
-  key = json.dumps([cfg.model.name, cfg.base.quantizer, cfg.base.options.to_dict(), cfg.base.calibration,
-                    cfg.base.calibration_len, cfg.seed, cfg.data.corpus], sort_keys=True)
-  cached = bases_dir() / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.safetensors"
-  if cached.exists():
+  root, files = corpus_files(cfg)
+  inputs = {"model": model_sha256(cfg), "quantizer": cfg.base.quantizer, "options": cfg.base.options.to_dict(),
+            "calibration": [cfg.base.calibration, cfg.base.calibration_len, cfg.base.calibration_seed],
+            "corpus": provenance.files_sha256(files, root)}
+  key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
+  cached = bases_dir() / f"{key}.safetensors"
+  version = provenance.code_version(*BASE_CODE)
+  if provenance.is_current(cached, version, log):
     return models.load_quantized(cached, lm.params), f"{quantizer} base from the cache ({cached})"
   frozen, stats = calibrate(cfg, lm, lm.params, quantizer)
   models.save_quantized(cached, frozen)
+  provenance.write_stamp(cached, version, **inputs)
   return frozen, (f"{quantizer} on {stats.tokens} calibration tokens in {stats.seconds:.0f} s: mean output error "
                   f"{stats.output_rel_error:.3e} (cached in {cached})")
 
@@ -127,8 +157,8 @@ def calibrate(cfg, lm: models.LanguageModel, params: dict, quantizer: quant.Quan
   """(frozen tree, stats): the block linears of `params` quantized on the config's calibration tokens."""
   from qalora_jax import calibration
 
-  tokens = calibration.calibration_tokens(lm, cfg.base.calibration, cfg.base.calibration_len, cfg.seed,
-                                          corpus=cfg.data.corpus)
+  tokens = calibration.calibration_tokens(lm, cfg.base.calibration, cfg.base.calibration_len,
+                                          cfg.base.calibration_seed, corpus=cfg.data.corpus)
   return calibration.quantize_model(lm.config, params, tokens, quantizer)
 
 
@@ -145,23 +175,19 @@ def requantized_ppl(r: Run, trainable: dict, spec: str, held_ids, window: int) -
 # ----------------------------------------------------------------------------------------------- data
 
 
-def _token_cache_key(cfg, tokenizer, files: list[Path]) -> str:
-  h = hashlib.sha256()
-  h.update(tokenizer.backend.to_str().encode())
-  for f in files:
-    h.update(f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
-  return h.hexdigest()[:20]
+# what the token cache depends on: the corpus reader and the tokenizer
+TOKENS_CODE = ("data", "models/tokenizer.py")
 
 
-def corpus_tokens(cfg, tokenizer) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-  """(train documents, held-out documents) as token arrays; tokenized once, cached under the asset cache."""
-  root = assets.fetch(cfg.data.corpus) if cfg.data.corpus in assets.ASSETS else Path(cfg.data.corpus)
-  if not root.is_dir():
-    raise ValueError(f"config.data.corpus={cfg.data.corpus!r}: not an asset name or a directory")
+def corpus_tokens(cfg, tokenizer, log=print) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """(train documents, held-out documents) as token arrays; tokenized once, cached under the asset cache keyed
+  by the corpus's content and the tokenizer (an entry made by other code, `TOKENS_CODE`, is rebuilt)."""
+  root, files = corpus_files(cfg)
   plays = data.load_plays(root)
-  files = sorted(root.rglob("*.md"))
-  cache = assets.cache_dir() / "tokens" / f"{_token_cache_key(cfg, tokenizer, files)}.npz"
-  if cache.exists():
+  key = hashlib.sha256(f"{tokenizer.backend.to_str()}\0{provenance.files_sha256(files, root)}".encode())
+  cache = assets.cache_dir() / "tokens" / f"{key.hexdigest()[:20]}.npz"
+  version = provenance.code_version(*TOKENS_CODE)
+  if provenance.is_current(cache, version, log):
     with np.load(cache, allow_pickle=False) as z:
       tokens = {k: z[k] for k in z.files}
   else:
@@ -170,6 +196,7 @@ def corpus_tokens(cfg, tokenizer) -> tuple[dict[str, np.ndarray], dict[str, np.n
     tmp = cache.with_name(f".{cache.name}.tmp.npz")
     np.savez(tmp, **tokens)
     tmp.replace(cache)
+    provenance.write_stamp(cache, version, corpus=str(root))
   docs = {k.replace("__", "/"): v for k, v in tokens.items()}
   train, held = data.split_plays(docs, tuple(cfg.data.heldout))
   return train, held
@@ -300,7 +327,7 @@ def make_trainable(model: nnx.Module, pattern: str) -> None:
 def build(cfg: ml_collections.ConfigDict, log=print) -> Run:
   """Model, quantized base, adapters and optimizer of `cfg`."""
   validate(cfg)
-  lm, frozen, summary = load_base(cfg)
+  lm, frozen, summary = load_base(cfg, log)
   log(summary)
   key = jax.random.PRNGKey(cfg.seed)
   adapters = nn.add_adapters(frozen, cfg.adapter.method, rank=cfg.adapter.rank, alpha=cfg.adapter.alpha,
@@ -448,7 +475,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path, *, overwrite: bool 
       "merged_bytes": nn.tree_nbytes(merged),
       "tokens_per_s": steps_timed * tokens_per_step / train_s if steps_timed and train_s else 0.0,
       "compile_s": compile_s or 0.0, "wall_s": time.time() - t_start, "steps": cfg.steps,
-      "config": _config_json(cfg),
+      **nn.adapter_ranks(r.adapters(state.trainable)),
+      "code_version": provenance.code_version(), "machine": hardware.cpu(), "config": _config_json(cfg),
   }
   if requantized:
     result["requantized_ppl"] = requantized

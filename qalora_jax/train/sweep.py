@@ -9,11 +9,15 @@ A sweep file (configs/sweeps/*.py) defines `get_sweep(arg)` returning a dict:
           {"name": "QLoRA", "adapter.method": "lora", "base.quantizer": "nf4", "base.options": {...}},
           ...],
       "product": {"base.options.bits": [4, 3, 2]}, # ... each crossed with the product of these axes
+      "seeds": [0, 1, 2],                          # ... and run once per seed (default: the config's seed)
       "tables": [...], "plots": [...],             # what `qalora table` draws (see qalora_jax.eval.tables)
     }
 
 Cell keys are dotted config fields (checked against the schema before anything runs) plus an optional
-"name", the cell's label in tables. Cell i runs in DIR/cells/<name and product values>/ through
+"name", the cell's label in tables, and an optional "seeds" replacing the sweep's for that cell (e.g. [0] for
+a row without training, which no seed changes). The runs of one cell with different seeds share its name,
+and `qalora table` reports their mean ± standard deviation. Cell i runs in DIR/cells/<name, product values
+and seed>/ through
 `loop.run`: a cell with a result.json is skipped, one with checkpoints resumes from them, and one that
 fails gets an error.json while the sweep goes on. `shard=(i, n)` runs every n-th cell, starting at i, so
 that machines or a scheduler's array jobs share a sweep.
@@ -36,14 +40,15 @@ from qalora_jax.train import config as config_lib
 from qalora_jax.train import loop
 from qalora_jax.train import mesh as mesh_lib
 
-SWEEP_KEYS = ("config", "overrides", "cells", "product", "tables", "plots")
+SWEEP_KEYS = ("config", "overrides", "cells", "product", "seeds", "tables", "plots")
 
 
 @dataclasses.dataclass(frozen=True)
 class Cell:
-  name: str  # label in tables
+  name: str  # label in tables (shared by the seeds of one cell)
   dirname: str  # sub-directory under DIR/cells
   overrides: dict[str, Any]
+  seed: int | None = None  # the cell's seed when the sweep has a seeds axis
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,26 +84,45 @@ def load(spec: str) -> Sweep:
   for key, values in axes.items():
     if not isinstance(values, (list, tuple)) or not values:
       raise ValueError(f"sweep {path}: product[{key!r}]={values!r} must be a non-empty list")
+  sweep_seeds = _seeds(d.get("seeds"), f"sweep {path}: seeds")
+  if "seed" in axes or "seed" in d.get("overrides", {}):
+    if sweep_seeds != (None,):
+      raise ValueError(f"sweep {path}: 'seed' is both an axis or override and given by 'seeds'; allowed: one of them")
   cells, seen = [], {}
   for base in d.get("cells") or [{}]:
     base = dict(base)
     label = base.pop("name", None)
+    seeds = _seeds(base.pop("seeds"), f"sweep {path}: cell {label!r} seeds") if "seeds" in base else sweep_seeds
     for combo in itertools.product(*axes.values()):
       point = dict(zip(axes, combo))
       overrides = {**base, **point}
       name = label or _describe(overrides) or "base"
       if label and point:
         name = f"{label} {_describe(point)}"
-      dirname = _slug(name)
-      if dirname in seen:
-        raise ValueError(f"sweep {path}: cells {seen[dirname]!r} and {name!r} share the directory {dirname!r}; "
-                         f"give them distinct names")
-      seen[dirname] = name
-      cells.append(Cell(name, dirname, {**dict(d.get("overrides", {})), **overrides}))
+      for seed in seeds:
+        dirname = _slug(name if seed is None else f"{name} seed={seed}")
+        if dirname in seen:
+          raise ValueError(f"sweep {path}: cells {seen[dirname]!r} and {name!r} share the directory {dirname!r}; "
+                           f"give them distinct names")
+        seen[dirname] = name
+        seeded = {} if seed is None else {"seed": seed}
+        cells.append(Cell(name, dirname, {**dict(d.get("overrides", {})), **overrides, **seeded}, seed))
   sweep = Sweep(spec, d["config"], tuple(cells), tuple(d.get("tables", ())), tuple(d.get("plots", ())))
   for cell in sweep.cells:
     cell_config(sweep, cell)  # every cell must build before anything runs
   return sweep
+
+
+def _seeds(values, what: str) -> tuple:
+  """A seeds list checked: distinct non-negative integers; (None,) when not given (the config's seed)."""
+  if values is None:
+    return (None,)
+  ok = isinstance(values, (list, tuple)) and values and all(
+      isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
+  if not ok or len(set(values)) != len(values):
+    raise ValueError(f"{what}={values!r} is not supported; allowed: a non-empty list of distinct non-negative "
+                     f"integers, e.g. [0, 1, 2]")
+  return tuple(values)
 
 
 def cell_config(sweep: Sweep, cell: Cell) -> ml_collections.ConfigDict:
