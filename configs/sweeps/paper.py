@@ -6,17 +6,26 @@
 Table 1 analogue: the float model; RTN and GPTQ bases at 4/3/2 bits (no fine-tuning); LoRA on the float
 base; QLoRA (NF4 + double quantization); QLoRA merged into float weights and re-quantized with GPTQ at
 4/3/2 bits; QA-LoRA on GPTQ g32 bases, merged into INT-k. Table 5 analogue: QA-LoRA at group size 32/64/128,
-4 and 2 bits. Table 2 analogue: trainable parameters and time per step, QLoRA vs QA-LoRA.
+4 and 2 bits, at a rank every group size can use (see below). Table 2 analogue: trainable parameters and
+time per step, QLoRA vs QA-LoRA.
 
-Every training cell has the same budget and seed: `steps` steps of 4 x 128 tokens (arg: steps=N), AdamW at
-5e-4 with 5 warm-up steps, r = 16 on all seven linears, alpha 32. GPTQ calibrates on 32 x 512 tokens of the
-training plays (never The Tempest); GPTQ bases are cached, so the base rows reuse the QA-LoRA cells' bases.
+Every training cell runs once per seed (arg: seeds=N, default 3: seeds 0..N-1), with the same budget:
+`steps` steps of 4 x 128 tokens (arg: steps=N), AdamW at 5e-4 with 5 warm-up steps, alpha 32, adapters on
+all seven linears. The seed draws the data order and the adapters' initialisation; the quantized bases do not
+depend on it (GPTQ calibrates on 32 x 512 tokens of the training plays drawn with base.calibration_seed), so
+the seeds of a cell share one base and its evaluation-only rows run once.
+
+Rank. QA-LoRA's A is [ceil(in / g), r]: SmolLM2's 576-wide inputs give 18, 9 and 5 rows at g = 32, 64, 128,
+so r = 16 is usable in full at g32 only. Table 1 trains r = 16 (every layer can use it at g32); Table 5
+trains r = 4 (arg: group_rank=N), which every group size can use, so that the group size is not confounded
+with a rank cut. (The paper's Table 5, LLaMA-13B at r = 64, has the same cut at g128: 5120 / 128 = 40 rows.)
 """
 
 from qalora_jax.train.config import parse_arg
 
 BITS = (4, 3, 2)
 GROUPS = (32, 64, 128)
+GROUP_BITS = (4, 2)
 
 
 def gptq(bits, group_size=32):
@@ -24,17 +33,20 @@ def gptq(bits, group_size=32):
 
 
 def get_sweep(arg=None):
-  args = {"steps": 50} | parse_arg(arg)
+  args = {"steps": 50, "seeds": 3, "group_rank": 4} | parse_arg(arg)
+  rank = args["group_rank"]
   lora = {"adapter.method": "lora", "base.quantizer": "none", "base.options": {}}
-  cells = [{"name": "float base", "steps": 0, **lora}]
-  cells += [{"name": f"RTN {b}-bit", "steps": 0, "base.quantizer": "int",
-             "base.options": {"bits": b, "group_size": 32}} for b in BITS]
+  once = {"steps": 0, "seeds": [0]}  # evaluation only: no seed changes them
+  cells = [{"name": "float base", **once, **lora}]
+  cells += [{"name": f"RTN {b}-bit", **once, "base.quantizer": "int", "base.options": {"bits": b, "group_size": 32}}
+            for b in BITS]
   cells += [{"name": "LoRA", **lora}]
   cells += [{"name": "QLoRA", "adapter.method": "lora", "base.quantizer": "nf4",
              "base.options": {"block_size": 64, "double_quant": True},
              "requantize": tuple(f"gptq:bits={b},group_size=32" for b in BITS)}]
-  cells += [{"name": f"QA-LoRA {b}-bit g{g}", **gptq(b, g)} for g in GROUPS for b in BITS
-            if g == 32 or b in (4, 2)]
+  cells += [{"name": f"QA-LoRA {b}-bit g32", **gptq(b)} for b in BITS]
+  cells += [{"name": f"QA-LoRA {b}-bit g{g} r={rank}", **gptq(b, g), "adapter.rank": rank}
+            for g in GROUPS for b in GROUP_BITS]
 
   cols = [f"{b}-bit" for b in BITS]
   table1 = {
@@ -57,11 +69,16 @@ def get_sweep(arg=None):
       ],
   }
   table5 = {
-      "title": "Table 5 analogue: QA-LoRA group size, merged held-out perplexity (GPTQ base before tuning)",
-      "file": "table5", "corner": "group size", "columns": ["4-bit", "2-bit", "4-bit base", "2-bit base"],
+      "title": f"Table 5 analogue: QA-LoRA group size at r = {rank} (usable at every group size), merged held-out "
+               "perplexity, and the GPTQ base before tuning",
+      "file": "table5", "corner": "group size",
+      "columns": ["4-bit", "2-bit", "4-bit base", "2-bit base", "effective rank"],
       "layout": [{"row": str(g), "cells": {
-          "4-bit": [f"QA-LoRA 4-bit g{g}", "merged_ppl"], "2-bit": [f"QA-LoRA 2-bit g{g}", "merged_ppl"],
-          "4-bit base": [f"QA-LoRA 4-bit g{g}", "base_ppl"], "2-bit base": [f"QA-LoRA 2-bit g{g}", "base_ppl"]}}
+          "4-bit": [f"QA-LoRA 4-bit g{g} r={rank}", "merged_ppl"],
+          "2-bit": [f"QA-LoRA 2-bit g{g} r={rank}", "merged_ppl"],
+          "4-bit base": [f"QA-LoRA 4-bit g{g} r={rank}", "base_ppl"],
+          "2-bit base": [f"QA-LoRA 2-bit g{g} r={rank}", "base_ppl"],
+          "effective rank": [f"QA-LoRA 4-bit g{g} r={rank}", "effective_rank"]}}
           for g in GROUPS],
   }
   columns2 = {"trainable params": "trainable_params", "time per step (s)": "step_s", "tokens/s": "tokens_per_s",
@@ -81,10 +98,10 @@ def get_sweep(arg=None):
                  {"label": "QLoRA w/ GPTQ",
                   "points": [[b, "QLoRA", f"requantized_ppl.gptq:bits={b},group_size=32"] for b in BITS]},
                  {"label": "QA-LoRA merged", "points": [[b, f"QA-LoRA {b}-bit g32", "merged_ppl"] for b in BITS]}]},
-      {"file": "ppl_vs_group_size.png", "title": "QA-LoRA merged perplexity vs group size",
+      {"file": "ppl_vs_group_size.png", "title": f"QA-LoRA merged perplexity vs group size (r = {rank})",
        "xlabel": "group size", "ylabel": "perplexity (log scale)", "yscale": "log",
-       "lines": [{"label": f"{b}-bit", "points": [[g, f"QA-LoRA {b}-bit g{g}", "merged_ppl"] for g in GROUPS]}
-                 for b in (4, 2)]},
+       "lines": [{"label": f"{b}-bit", "points": [[g, f"QA-LoRA {b}-bit g{g} r={rank}", "merged_ppl"]
+                                                  for g in GROUPS]} for b in GROUP_BITS]},
       {"file": "trainable_params.png", "kind": "bar", "x": "name", "y": "trainable_params",
        "where": {"name": ["LoRA", "QLoRA", "QA-LoRA 4-bit g32"]}, "title": "trainable parameters"},
       {"file": "step_time.png", "kind": "bar", "x": "name", "y": "step_s",
@@ -94,5 +111,5 @@ def get_sweep(arg=None):
       "config": "configs/quickstart.py",
       "overrides": {"steps": args["steps"], "optim.warmup_steps": 5, "checkpoint_every": 25, "sample_prompt": "",
                     "base.calibration": 32, "base.calibration_len": 512},
-      "cells": cells, "tables": [table1, table5, table2], "plots": plots,
+      "seeds": list(range(args["seeds"])), "cells": cells, "tables": [table1, table5, table2], "plots": plots,
   }
