@@ -268,32 +268,47 @@ def _source_gguf(name):
   return path if path.suffix == ".gguf" else None
 
 
-def _export_gguf(args) -> int:
+def _run_config(workdir) -> dict | None:
+  """A training workdir's config.json (None when absent: restoring the run then names what is missing)."""
+  from pathlib import Path
+
+  path = Path(workdir) / "config.json"
+  return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _merged_model(args, requantize):
+  """(lm, source, info): the merged model an export writes. --workdir: the run's adapters folded into its base
+  (QA-LoRA into the offsets, exact; LoRA into float weights, re-quantized with `requantize` when given), info
+  {"step", "run_config"} as `qalora merge` records it. --model: the model with its quantized weights kept (its
+  block linears quantized with `requantize` when given), info from models.saved_info."""
   from qalora_jax import models
+
+  if args.workdir:
+    from qalora_jax.train import loop
+
+    r, trainable, step = loop.restore(args.workdir, log=lambda m: print(m, file=sys.stderr))
+    lm = r.lm.replace(params=r.merged(trainable, requantize))
+    return lm, r.cfg.model.name, {"step": step, "run_config": _run_config(args.workdir)}
+  rules = None if requantize is None else [(models.BLOCK_LINEARS, requantize)]
+  lm = models.load(args.model, keep_quantized=rules is None, quantize=rules)
+  info = models.saved_info(args.model) or {}
+  return lm, info.get("source", args.model), info
+
+
+def _export_gguf(args) -> int:
   from qalora_jax.export import gguf as gguf_export
   from qalora_jax.train.config import quantizer_from_spec
 
   gguf_export.check_out(args.out, args.overwrite)  # before the slow part
   requantize = quantizer_from_spec(args.requantize) if args.requantize else None
   if args.workdir:
-    from pathlib import Path
-
-    from qalora_jax.train import loop
-
-    config = Path(args.workdir) / "config.json"
-    cfg = json.loads(config.read_text()) if config.is_file() else None
+    cfg = _run_config(args.workdir)
     if (cfg and cfg["adapter"]["method"] == "lora" and cfg["base"]["quantizer"] != "none" and requantize is None
         and args.merged != "float"):
       raise ValueError(f"--workdir {args.workdir}: lora adapters on a {cfg['base']['quantizer']} base do not merge "
                        f"exactly into INT-k weights; allowed: --merged float (float32 weights) or --requantize "
                        f"NAME:k=v (lossy, e.g. int:bits=4,group_size=32)")
-    r, trainable, _ = loop.restore(args.workdir, log=lambda m: print(m, file=sys.stderr))
-    lm = r.lm.replace(params=r.merged(trainable, requantize))
-    source = r.cfg.model.name
-  else:
-    rules = None if requantize is None else [(models.BLOCK_LINEARS, requantize)]
-    lm = models.load(args.model, keep_quantized=rules is None, quantize=rules)
-    source = (models.saved_info(args.model) or {}).get("source", args.model)
+  lm, source, _ = _merged_model(args, requantize)
   report = gguf_export.export_gguf(args.out, lm.config, lm.params, lm.tokenizer, source=_source_gguf(source),
                                    float_type=args.float_type, allow_rounding=args.allow_rounding,
                                    overwrite=args.overwrite)
@@ -301,9 +316,69 @@ def _export_gguf(args) -> int:
   return 0
 
 
+def _check_gptq_source(args, requantize) -> None:
+  """Refuses, before anything is loaded or restored, a source whose merged model the GPTQ layout cannot hold:
+  a LoRA run (its merged weights are float) unless re-quantized, a base or --requantize quantizer whose tensors
+  are not asymmetric INT-k with float16 scales (export.gptq.check_quantizer)."""
+  from qalora_jax import quant
+  from qalora_jax.export import gptq as gptq_export
+
+  cfg = _run_config(args.workdir) if args.workdir else None
+  if cfg and cfg["adapter"]["method"] == "qalora":
+    if requantize is not None:
+      raise ValueError(f"--requantize {args.requantize}: a QA-LoRA run merges exactly into its INT-k base, there is "
+                       f"nothing to re-quantize; allowed: no --requantize")
+    quant.import_modules(cfg.get("imports", []), where="config.imports")
+    base = quant.get(cfg["base"]["quantizer"], **cfg["base"]["options"])
+    gptq_export.check_quantizer(base, f"--workdir {args.workdir}: config.base.quantizer={base.name!r}")
+  elif cfg and requantize is None:
+    raise ValueError(f"--workdir {args.workdir}: config.adapter.method={cfg['adapter']['method']!r} with "
+                     f"config.base.quantizer={cfg['base']['quantizer']!r} merges into float weights, which the GPTQ "
+                     f"layout cannot hold; allowed: a QA-LoRA run on an INT-k base (int, int-mse, gptq) or "
+                     f"--requantize NAME:k=v (lossy, e.g. gptq:bits=4,group_size=32)")
+  if requantize is not None:
+    gptq_export.check_quantizer(requantize, f"--requantize {args.requantize}")
+
+
+def _export_gptq(args) -> int:
+  """The merged model as a GPTQ-layout directory (export.gptq). --zeros round moves each merged float zero to the
+  nearest integer: the JSON line reports what that costs, max |dw| = max |scale * (q - z) - (scale * q + offset)|
+  over the block linears and the held-out perplexity before and after."""
+  from pathlib import Path
+
+  from qalora_jax.export import gguf as gguf_export
+  from qalora_jax.export import gptq as gptq_export
+  from qalora_jax.train.config import quantizer_from_spec
+
+  if args.zeros not in gptq_export.ZERO_MODES:
+    raise ValueError(f"--zeros {args.zeros!r} is not supported; allowed: {', '.join(gptq_export.ZERO_MODES)}")
+  if args.merged != "exact":
+    raise ValueError(f"--merged {args.merged} gives float weights, which the GPTQ layout cannot hold; allowed: "
+                     f"--merged exact (or --requantize NAME:k=v)")
+  gguf_export.check_out(args.out, args.overwrite)  # before the slow part
+  requantize = quantizer_from_spec(args.requantize) if args.requantize else None
+  _check_gptq_source(args, requantize)
+  lm, _, info = _merged_model(args, requantize)
+  ids = _heldout_ids(lm, info) if args.zeros == "round" else None
+  out = gptq_export.export_gptq(lm.params, args.out, config=lm.config, zeros=args.zeros, overwrite=args.overwrite)
+  quantize_config = json.loads((Path(out) / "quantize_config.json").read_text())
+  cost = None
+  if args.zeros == "round":
+    window = min(512, lm.config.max_seq_len, len(ids))
+    cost = {"max_abs_dw": gptq_export.rounding_change(lm.params),
+            **gptq_export.rounding_cost(lm, lm.params, ids, window=window)}
+  print(json.dumps({"out": str(out), "format": args.format, "zeros": args.zeros, "bits": quantize_config["bits"],
+                    "group_size": quantize_config["group_size"],
+                    "checkpoint_format": quantize_config["checkpoint_format"], "step": info.get("step"),
+                    "rounding_cost": cost}))
+  return 0
+
+
 def _export(args) -> int:
   if args.format == "gguf":
     return _export_gguf(args)
+  if args.format == "gptq":
+    return _export_gptq(args)
   from qalora_jax.export import peft
   from qalora_jax.train import loop
 
@@ -443,24 +518,31 @@ def build_parser() -> argparse.ArgumentParser:
   _matmul_options(p, None)
   p.set_defaults(run=_generate)
 
-  p = sub.add_parser("export", help="write a run's adapters (peft) or a merged model (gguf) for other tools",
+  p = sub.add_parser("export", help="write a run's adapters (peft) or a merged model (gguf, gptq) for other tools",
                      description="peft: the run's adapters as a PEFT directory. gguf: the merged model as one "
                                  "GGUF file for llama.cpp, INT-k weights exactly (Q4_1 / Q4_0 / Q8_0); a "
-                                 "setting with no exact GGUF type is refused, naming the nearest one.")
+                                 "setting with no exact GGUF type is refused, naming the nearest one. gptq: the "
+                                 "merged INT-k model as an AutoGPTQ-layout directory (qweight / qzeros / scales "
+                                 "/ g_idx); a model that is not asymmetric INT-k is refused.")
   source = p.add_mutually_exclusive_group(required=True)
-  source.add_argument("--workdir", help="a training run (gguf: its adapters merged first)")
-  source.add_argument("--model", help="gguf: asset name, GGUF path, HF or merged directory")
-  p.add_argument("--format", required=True, choices=["peft", "gguf"])
+  source.add_argument("--workdir", help="a training run (gguf, gptq: its adapters merged first)")
+  source.add_argument("--model", help="gguf, gptq: asset name, GGUF path, HF or merged directory")
+  p.add_argument("--format", required=True, choices=["peft", "gguf", "gptq"])
   p.add_argument("--out", required=True)
   p.add_argument("--merged", choices=["exact", "float"], default="exact",
                  help="gguf --workdir: exact (default; QA-LoRA into the offsets) | float (LoRA on a quantized base "
                       "merged into float32 weights)")
   p.add_argument("--requantize", metavar="NAME[:k=v,...]",
-                 help="gguf: quantize the (merged) float block linears first, e.g. int:bits=4,group_size=64")
+                 help="gguf, gptq: quantize the (merged) float block linears first, e.g. int:bits=4,group_size=64")
   p.add_argument("--float-type", choices=["source", "f32", "f16"], default="source",
                  help="gguf: embedding and other float tensors as in the source GGUF when exact (default), f32 or f16")
   p.add_argument("--allow-rounding", action="store_true",
                  help="gguf: write values float16 cannot hold exactly (reports max |dw|); refused otherwise")
+  p.add_argument("--zeros", default="int",
+                 help="gptq: int (default; zeros that are exact integers, as GPTQ makes them) | float (a merged "
+                      "model's fractional zeros exactly, as float32 qzeros_float; stock loaders refuse it) | round "
+                      "(nearest integer zeros, for stock loaders; reports max |dw| and the held-out perplexity "
+                      "before and after)")
   p.add_argument("--overwrite", action="store_true")
   p.set_defaults(run=_export)
   return parser

@@ -1,7 +1,10 @@
 """GPTQ-layout checkpoints: AutoGPTQ v1 packing on hand-made examples, export -> import round trips (integer
-and float zeros), rounding of merged offsets, and bad input."""
+and float zeros), rounding of merged offsets, and bad input; `qalora export --format gptq` on a trained QA-LoRA
+run, its files dequantized by hand against the merged model, and its refusals."""
 
 import json
+import os
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -9,9 +12,16 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from qalora_jax import models, quant
+from qalora_jax import cli, models, quant
 from qalora_jax.export import gptq as gptq_export
+from qalora_jax.train import config as config_lib
+from qalora_jax.train import loop
 from qalora_jax.train.loop import tiny_model
+
+TINY = "configs/tiny.py"
+LINEAR_NAMES = {"attn/q_proj": "self_attn.q_proj", "attn/k_proj": "self_attn.k_proj",
+                "attn/v_proj": "self_attn.v_proj", "attn/o_proj": "self_attn.o_proj", "mlp/gate_proj": "mlp.gate_proj",
+                "mlp/up_proj": "mlp.up_proj", "mlp/down_proj": "mlp.down_proj"}
 
 
 def autogptq_pack(values, bits):
@@ -182,3 +192,182 @@ def test_bad_input(tiny, tmp_path):
   save_file(t, str(out / "model.safetensors"))
   with pytest.raises(ValueError, match="g_idx: groups are not contiguous.*allowed: g_idx\\[r\\] = r // group_size"):
     gptq_export.import_gptq(out)
+
+
+def test_a_failed_write_leaves_nothing(tiny, tmp_path, monkeypatch):
+  frozen = integer_zero_model(tiny.params, 4, 32)
+
+  def failing_save(tensors, path, metadata=None):
+    Path(path).write_bytes(b"half a file")
+    raise OSError("disk full")
+
+  monkeypatch.setattr(gptq_export, "save_file", failing_save)
+  with pytest.raises(OSError, match="disk full"):
+    gptq_export.export_gptq(frozen, tmp_path / "out")
+  assert os.listdir(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+
+def unpack_by_hand(words, bits, axis):
+  """The k-bit values of int32 words along `axis` (bits dividing 32): value j of a word sits at bits
+  [bits * j, bits * (j + 1)), as AutoGPTQ v1 packs qweight (along `in`) and qzeros (along `out`)."""
+  w = np.moveaxis(np.asarray(words), axis, 0).view(np.uint32).astype(np.int64)
+  per = 32 // bits
+  values = np.stack([(w >> (bits * j)) & (2**bits - 1) for j in range(per)], axis=1)
+  return np.moveaxis(values.reshape((w.shape[0] * per,) + w.shape[1:]), 0, axis)
+
+
+def gptq_dequantize(t, prefix, bits):
+  """w [in, out] as a GPTQ reader computes it: w = scales[g] * (q - zero[g]) with g = g_idx[r], zero the float32
+  qzeros_float or the packed qzeros + 1 (v1 stores zero - 1, modulo 2^k), in float64."""
+  q = unpack_by_hand(t[f"{prefix}.qweight"], bits, axis=0)
+  if f"{prefix}.qzeros_float" in t:
+    zero = t[f"{prefix}.qzeros_float"].astype(np.float64)
+  else:
+    zero = (unpack_by_hand(t[f"{prefix}.qzeros"], bits, axis=1) + 1) % 2**bits
+  g = t[f"{prefix}.g_idx"]
+  return t[f"{prefix}.scales"].astype(np.float64)[g] * (q - zero[g])
+
+
+def block_linears(params):
+  """{(layer, HF module name): dequantized float32 [in, out]} of a parameter tree's block linears."""
+  stacked = dict(models.llama.flatten(models.llama.stack_blocks(params)))
+  out = {}
+  for module, name in LINEAR_NAMES.items():
+    w = np.asarray(stacked[f"blocks/{module}/kernel"].dequantize())
+    out.update({(i, name): w[i] for i in range(w.shape[0])})
+  return out
+
+
+def _run(argv, capsys):
+  code = cli.main(argv)
+  captured = capsys.readouterr()
+  return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def qalora_run(tmp_path_factory):
+  """A tiny QA-LoRA run (INT4 g16 base, 2 steps) and its merged model's block linears, dequantized."""
+  run = tmp_path_factory.mktemp("gptq_cli") / "run"
+  assert cli.main(["train", "--config", TINY, "--workdir", str(run), "--config.steps=2"]) == 0
+  r, trainable, _ = loop.restore(run, log=lambda m: None)
+  return run, block_linears(r.merged(trainable))
+
+
+def test_cli_float_zeros_are_the_merged_model(qalora_run, tmp_path, capsys):
+  run, merged = qalora_run
+  code, out, err = _run(["export", "--workdir", str(run), "--format", "gptq", "--zeros", "float", "--out",
+                         str(tmp_path / "a")], capsys)
+  assert code == 0, err
+  report = json.loads(out)
+  assert report == {"out": str(tmp_path / "a"), "format": "gptq", "zeros": "float", "bits": 4, "group_size": 16,
+                    "checkpoint_format": "gptq_float_zeros", "step": 2, "rounding_cost": None}
+  t = load_file(str(tmp_path / "a" / "model.safetensors"))
+  for (i, name), w in merged.items():
+    np.testing.assert_allclose(gptq_dequantize(t, f"model.layers.{i}.{name}", 4), w, rtol=0,
+                               atol=1e-6 * np.abs(w).max())
+  # The same model saved by `qalora merge` and exported with --model: the same file.
+  assert _run(["merge", "--workdir", str(run), "--out", str(tmp_path / "merged")], capsys)[0] == 0
+  code, out, err = _run(["export", "--model", str(tmp_path / "merged"), "--format", "gptq", "--zeros", "float",
+                         "--out", str(tmp_path / "b")], capsys)
+  assert code == 0, err
+  assert json.loads(out) == {**report, "out": str(tmp_path / "b")}
+  assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_cli_rounded_zeros_move_weights_by_the_reported_cost(qalora_run, tmp_path, capsys):
+  run, merged = qalora_run
+  code, out, err = _run(["export", "--workdir", str(run), "--format", "gptq", "--zeros", "round", "--out",
+                         str(tmp_path / "r")], capsys)
+  assert code == 0, err
+  report = json.loads(out)
+  assert report["checkpoint_format"] == "gptq" and report["zeros"] == "round"
+  cost = report["rounding_cost"]
+  result = json.loads((run / "result.json").read_text())
+  assert cost["ppl"] == pytest.approx(result["merged_ppl"], rel=1e-5)  # the run's held-out tokens
+  assert cost["delta"] == pytest.approx(cost["rounded_ppl"] - cost["ppl"])
+  t = load_file(str(tmp_path / "r" / "model.safetensors"))
+  assert not any(k.endswith("qzeros_float") for k in t)
+  worst = max(np.abs(gptq_dequantize(t, f"model.layers.{i}.{name}", 4) - w).max() for (i, name), w in merged.items())
+  assert 0 < worst <= cost["max_abs_dw"] * (1 + 1e-5)
+  assert worst >= cost["max_abs_dw"] * (1 - 1e-5)  # the reported change is the largest one, not a loose bound
+
+
+def test_cli_integer_zeros_and_an_existing_output_are_refused(qalora_run, tmp_path, capsys):
+  run, _ = qalora_run
+  code, _, err = _run(["export", "--workdir", str(run), "--format", "gptq", "--out", str(tmp_path / "x")], capsys)
+  assert code == 2 and err.count("\n") == 1
+  assert "zeros='int': " in err and "allowed: zeros='float' (float32 qzeros_float) or zeros='round'" in err
+  assert os.listdir(tmp_path) == []  # refused before anything was written
+  (tmp_path / "x").mkdir()
+  (tmp_path / "x" / "keep").write_text("keep me")
+  code, _, err = _run(["export", "--workdir", str(run), "--format", "gptq", "--zeros", "float", "--out",
+                       str(tmp_path / "x")], capsys)
+  assert code == 2 and err.count("\n") == 1 and "x exists; choose another output path or allow overwriting" in err
+  assert os.listdir(tmp_path / "x") == ["keep"]
+  code, _, err = _run(["export", "--workdir", str(run), "--format", "gptq", "--zeros", "float", "--out",
+                       str(tmp_path / "x"), "--overwrite"], capsys)
+  assert code == 0, err
+  assert sorted(os.listdir(tmp_path / "x")) == ["config.json", "model.safetensors", "quantize_config.json"]
+  assert os.listdir(tmp_path) == ["x"]
+
+
+def test_cli_model_requantized_with_gptq_has_exact_integer_zeros(tmp_path, capsys):
+  lm = tiny_model()
+  models.save(lm, tmp_path / "float")
+  code, _, err = _run(["export", "--model", str(tmp_path / "float"), "--format", "gptq", "--out",
+                       str(tmp_path / "x")], capsys)
+  assert code == 2 and err.count("\n") == 1 and "is a float kernel; GPTQ export needs every block linear" in err
+  code, out, err = _run(["export", "--model", str(tmp_path / "float"), "--format", "gptq", "--requantize",
+                         "gptq:bits=4,group_size=32", "--out", str(tmp_path / "q")], capsys)
+  assert code == 0, err
+  assert json.loads(out)["rounding_cost"] is None and json.loads(out)["group_size"] == 32
+  quantized, _ = models.quantize_params(lm.params, [(models.BLOCK_LINEARS, quant.get("gptq", bits=4, group_size=32))])
+  t = load_file(str(tmp_path / "q" / "model.safetensors"))
+  offsets = dict(models.llama.flatten(models.llama.stack_blocks(quantized)))
+  for (i, name), w in block_linears(quantized).items():
+    # Our tree holds offset = -scale * zero rounded to float16, a GPTQ reader scale * zero itself: they differ by
+    # at most half a float16 step of the offset.
+    module = next(m for m, n in LINEAR_NAMES.items() if n == name)
+    offset = np.abs(np.asarray(offsets[f"blocks/{module}/kernel"]["offset"][i], np.float32)).max()
+    np.testing.assert_allclose(gptq_dequantize(t, f"model.layers.{i}.{name}", 4), w, rtol=0,
+                               atol=offset * 2**-11 + 1e-6 * np.abs(w).max())
+
+
+def _workdir(tmp_path, spec, overrides=()):
+  """A run directory holding only config.json: the refusals read it before anything is restored."""
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "config.json").write_text(config_lib.load(spec, list(overrides)).to_json_best_effort())
+  return run
+
+
+@pytest.mark.parametrize("spec, overrides, argv, message", [
+    (f"{TINY}:method=lora", [], [],
+     ("config.adapter.method='lora' with config.base.quantizer='none' merges into float weights, which the GPTQ "
+      "layout cannot hold; allowed: a QA-LoRA run on an INT-k base (int, int-mse, gptq) or --requantize NAME:k=v")),
+    (f"{TINY}:method=qlora", [], [],
+     "config.adapter.method='lora' with config.base.quantizer='nf4' merges into float weights"),
+    (f"{TINY}:method=qlora", [], ["--requantize", "nf4:block_size=32"],
+     ("--requantize nf4:block_size=32: nf4 with options {'block_size': 32, 'double_quant': False} makes nf4 "
+      "tensors, which the GPTQ layout cannot hold; allowed: an asymmetric INT-k quantizer")),
+    (f"{TINY}:method=lora", [], ["--requantize", "int:bits=5,group_size=32"],
+     "--requantize int:bits=5,group_size=32: bits=5 is not supported by the GPTQ layout; allowed: 2, 3, 4, 8"),
+    (TINY, [], ["--requantize", "int:bits=4"],
+     ("a QA-LoRA run merges exactly into its INT-k base, there is nothing to re-quantize; allowed: no "
+      "--requantize")),
+    (TINY, ["--config.base.options.scale_dtype=float32"], [],
+     "config.base.quantizer='int': scale dtype float32 is not supported by the GPTQ layout; allowed: float16"),
+    (TINY, [], ["--merged", "float"],
+     "--merged float gives float weights, which the GPTQ layout cannot hold; allowed: --merged exact"),
+    (TINY, [], ["--zeros", "half"], "--zeros 'half' is not supported; allowed: int, float, round"),
+])
+def test_cli_refusals_come_before_anything_is_loaded(tmp_path, capsys, spec, overrides, argv, message):
+  run = _workdir(tmp_path, spec, overrides)
+  code, _, err = _run(["export", "--workdir", str(run), "--format", "gptq", "--out", str(tmp_path / "out"), *argv],
+                      capsys)
+  assert code == 2 and err.count("\n") == 1
+  assert message in err
+  assert os.listdir(tmp_path) == ["run"] and os.listdir(run) == ["config.json"]  # nothing written

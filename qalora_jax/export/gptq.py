@@ -28,7 +28,8 @@ offset = -scale * zero (qalora_jax.quant.gptq.zero_to_offset, the rule import us
                 misread it. (The QA-LoRA fork of AutoGPTQ keeps fp16 zeros; float32 makes this round trip
                 exact: fp16(-scale * float32(-offset / scale)) == offset.)
   zeros="round" rounds each float zero to the nearest integer in 0..2^k-1 and writes `qzeros`; this changes
-                the model: `rounding_cost` measures by how much (perplexity before and after).
+                the model: `rounding_change` gives the largest weight change max |dw|, `rounding_cost` the
+                perplexity before and after.
 
 Import (`import_gptq`) rebuilds the parameter tree with `int` QTensors; export then import gives bit-identical
 codes, scales, offsets and so dequantized weights. Scales must be float16 (scale_dtype="float16").
@@ -37,6 +38,7 @@ codes, scales, offsets and so dequantized weights. Scales must be float16 (scale
 from __future__ import annotations
 
 import json
+import math
 import re
 import warnings
 from pathlib import Path
@@ -106,6 +108,20 @@ def round_zeros(frozen: dict) -> dict:
   return jax.tree.map(snap, frozen, is_leaf=lambda x: isinstance(x, QTensor))
 
 
+def rounding_change(frozen: dict) -> float:
+  """max |w_round - w| over the block linears: how far zeros="round" moves a weight, as a GPTQ reader dequantizes
+  the export (w_round = scale * (q - z), z = clip(round(-offset / scale), 0, 2^k - 1)) against the tree's
+  w = scale * q + offset. The codes cancel: w_round - w = -(scale * z + offset), one value per group."""
+  worst = 0.0
+  for path, leaf in llama.flatten(llama.stack_blocks(frozen)):
+    if (path.rsplit("/", 1)[0] in LINEARS and isinstance(leaf, QTensor) and leaf.format == "int"
+        and "offset" in leaf.arrays):
+      zero = np.clip(np.round(np.asarray(offset_to_zero(leaf["scale"], leaf["offset"]))), 0, 2**leaf.bits - 1)
+      change = np.asarray(leaf["scale"], np.float32) * zero + np.asarray(leaf["offset"], np.float32)
+      worst = max(worst, float(np.abs(change).max()))
+  return worst
+
+
 def rounding_cost(lm, frozen: dict, ids, window: int = 512) -> dict:
   """What zeros="round" costs: {"ppl": with float zeros, "rounded_ppl": with rounded zeros, "delta"}."""
   ppl = models.perplexity(lm, ids, window=window, params=frozen)
@@ -146,6 +162,29 @@ def layer_tensors(qt: QTensor, zeros: str = "int") -> dict[str, np.ndarray]:
                      f"allowed: zeros='float' (float32 qzeros_float) or zeros='round' (see rounding_cost)")
   out["qzeros"] = pack_words((zero.astype(np.int64) - 1) % 2**qt.bits, qt.bits, axis=1)
   return out
+
+
+def check_quantizer(quantizer, where: str) -> None:
+  """Raises ValueError unless `quantizer` makes tensors the GPTQ layout holds (asymmetric `int`, bits 2/3/4/8,
+  float16 scales): it quantizes a small random weight and lays it out as the export does. A quantizer that
+  refuses the probe's shape is left to the export's own checks."""
+  g = getattr(quantizer, "group_size", None)
+  n_in = 2 * math.lcm(g, 32) if isinstance(g, int) and g > 0 else 64
+  w = np.random.default_rng(0).standard_normal((n_in, 32)).astype(np.float32)
+  try:
+    quantizer.check_shape(w.shape)
+  except ValueError:
+    return
+  qt = quantizer.quantize(w)
+  if qt.format != "int" or "offset" not in qt.arrays:
+    kind = f"{qt.format} tensors" if qt.format != "int" else "symmetric int tensors (no offset)"
+    raise ValueError(f"{where}: {quantizer.name} with options {quantizer.options()} makes {kind}, which the GPTQ "
+                     f"layout cannot hold; allowed: an asymmetric INT-k quantizer (int, int-mse or gptq with "
+                     f"symmetric=False)")
+  try:
+    layer_tensors(qt, "float")
+  except ValueError as e:
+    raise ValueError(f"{where}: {e}") from None
 
 
 def _hf_config(config: models.Config, quantize_config: dict) -> dict:
