@@ -89,7 +89,7 @@ def test_group_offset_is_additive(case):
   _, w, qt = case
   if not quant.has_group_offset(qt):
     pytest.skip(f"{qt.format} {dict(qt.meta.options)} carries no per-group offset")
-  groups = quant.registry.num_groups(w.shape[0], qt.group_size)
+  groups = quant.groups.num_groups(w.shape[0], qt.group_size)
   offset = qt["offset"]
   assert offset.shape == (groups, w.shape[1])
   delta = jnp.asarray(np.random.default_rng(1).uniform(-0.5, 0.5, offset.shape).astype(offset.dtype))

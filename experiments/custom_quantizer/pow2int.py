@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qalora_jax import quant
+from qalora_jax import checks, quant
 
 BITS = (2, 3, 4, 8)
 OFFSET_DTYPES = ("float16", "float32")
@@ -75,16 +75,16 @@ class Pow2IntQuantizer(quant.Quantizer):
   contract_settings = (dict(bits=4, group_size=32), dict(bits=3, group_size=48, offset_dtype="float32"))
 
   def __post_init__(self):
-    quant.registry.check_choice("bits", self.bits, BITS)
-    quant.registry.check_choice("offset_dtype", self.offset_dtype, OFFSET_DTYPES)
+    checks.check_choice("bits", self.bits, BITS)
+    checks.check_choice("offset_dtype", self.offset_dtype, OFFSET_DTYPES)
     if not (self.group_size == -1 or (isinstance(self.group_size, int) and self.group_size > 0)):
       raise ValueError(f"group_size={self.group_size!r} is not supported; allowed: a positive integer or -1")
 
   def check_shape(self, shape):
-    quant.registry.check_group_size(self.group_size, shape[0])
+    quant.groups.check_group_size(self.group_size, shape[0])
 
   def _quantize(self, w):
-    g = quant.registry.check_group_size(self.group_size, w.shape[0])
+    g = quant.groups.check_group_size(self.group_size, w.shape[0])
     codes, exponent, offset = _quantize(w, bits=self.bits, group_size=g, offset_dtype=jnp.dtype(self.offset_dtype))
     arrays = {"codes": quant.pack(codes, self.bits, np.uint32), "exponent": exponent, "offset": offset}
     return quant.QTensor(arrays, quant.QMeta("pow2-int", tuple(w.shape), self.bits, g))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from qalora_jax.checks import check_choice
+
 ARCHITECTURES = ("llama", "mistral", "qwen2")
 DTYPES = ("float32", "bfloat16")
 ROPE_SCALINGS = ("llama3",)
@@ -115,12 +117,6 @@ class Config:
     block = attn + 3 * d * f + 2 * d
     head = 0 if self.tie_embeddings else d * self.vocab_size
     return self.vocab_size * d + L * block + d + head
-
-
-def check_choice(name: str, value, allowed) -> None:
-  """Raises ValueError naming the parameter and its allowed values when `value` is not among them."""
-  if value not in allowed:
-    raise ValueError(f"{name}={value!r} is not supported; allowed: {', '.join(map(str, allowed))}")
 
 
 def rope_frequencies(config: Config):

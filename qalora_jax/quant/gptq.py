@@ -46,10 +46,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qalora_jax.checks import check_choice
 from qalora_jax.quant import packing
 from qalora_jax.quant.qtensor import QMeta, QTensor
 from qalora_jax.quant.intk import dequantize_affine
-from qalora_jax.quant.registry import Quantizer, check_choice, check_group_size, check_weight, num_groups, register
+from qalora_jax.quant.groups import check_group_size, num_groups
+from qalora_jax.quant.registry import Quantizer, check_weight, register
 
 GPTQ_BITS = (2, 3, 4, 8)
 SCALE_DTYPES = ("float16", "float32")  # float16: GPTQ checkpoints' scales; bfloat16 cannot hold offset = -scale * zero

@@ -30,32 +30,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qalora_jax.checks import check_choice
 from qalora_jax.quant import packing
 from qalora_jax.quant.qtensor import QMeta, QTensor
-from qalora_jax.quant.registry import Quantizer, check_choice, check_group_size, register
+from qalora_jax.quant.groups import check_group_size, group_rows, ungroup_rows
+from qalora_jax.quant.registry import Quantizer, register
 
 INT_BITS = (2, 3, 4, 5, 6, 7, 8)
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
 
 
-def _grouped(x: jax.Array, group_size: int, mode: str = "edge") -> jax.Array:
-  """[in, out] -> [ceil(in / g), g, out]; a short last group is padded (repeating its last row by default,
-  which leaves its min and max unchanged)."""
-  pad = (-x.shape[0]) % group_size
-  if pad:
-    x = jnp.pad(x, [(0, pad), (0, 0)], mode=mode)
-  return x.reshape(-1, group_size, x.shape[1])
-
-
-def _ungrouped(x: jax.Array, n_in: int) -> jax.Array:
-  """[ceil(in / g), g, out] -> [in, out]."""
-  return x.reshape(-1, x.shape[-1])[:n_in]
-
-
 @functools.partial(jax.jit, static_argnames=("bits", "group_size", "symmetric", "scale_dtype"))
 def quantize_affine(w, *, bits, group_size, symmetric, scale_dtype):
   """Returns (codes [in, out] uint8, scale [in/g, out], offset [in/g, out] or None)."""
-  wg = _grouped(w, group_size)
+  wg = group_rows(w, group_size)
   if symmetric:
     half = 2 ** (bits - 1)
     scale = (jnp.abs(wg).max(axis=1) / (half - 1)).astype(scale_dtype)
@@ -69,20 +57,20 @@ def quantize_affine(w, *, bits, group_size, symmetric, scale_dtype):
     offset = lo.astype(scale_dtype)
     s, b = scale.astype(jnp.float32)[:, None], offset.astype(jnp.float32)[:, None]
     q = jnp.clip(jnp.round((wg - b) / jnp.where(s == 0, 1.0, s)), 0, maxq)
-  return _ungrouped(q.astype(jnp.uint8), w.shape[0]), scale, offset
+  return ungroup_rows(q.astype(jnp.uint8), w.shape[0]), scale, offset
 
 
 def dequantize_affine(qt: QTensor, dtype=jnp.float32) -> jax.Array:
   """w~ = scale * q + offset per group (symmetric: scale * (q - 2^(k-1)))."""
   n_in, n_out = qt.shape
   q = packing.unpack(qt["codes"], qt.bits, n_in).astype(jnp.float32)
-  qg = _grouped(q, qt.group_size, mode="constant")
+  qg = group_rows(q, qt.group_size, mode="constant")
   scale = qt["scale"].astype(jnp.float32)[:, None]
   if "offset" in qt.arrays:
     w = qg * scale + qt["offset"].astype(jnp.float32)[:, None]
   else:
     w = (qg - 2 ** (qt.bits - 1)) * scale
-  return _ungrouped(w, n_in).astype(dtype)
+  return ungroup_rows(w, n_in).astype(dtype)
 
 
 @register("int")
@@ -133,7 +121,7 @@ class IntQuantizer(Quantizer):
 
   def error_bound(self, w, qt):
     sdt = jnp.dtype(self.scale_dtype)
-    wg = _grouped(jnp.asarray(w, jnp.float32), qt.group_size)
+    wg = group_rows(jnp.asarray(w, jnp.float32), qt.group_size)
     m = jnp.abs(wg).max(axis=1, keepdims=True)
     step = qt["scale"].astype(jnp.float32)[:, None]
     # XLA on CPU flushes float32 subnormals to zero, so a scale below float32's smallest normal number may
@@ -142,4 +130,4 @@ class IntQuantizer(Quantizer):
     tiny_s = max(float(jnp.finfo(sdt).smallest_subnormal), float(jnp.finfo(jnp.float32).smallest_normal))
     eps32 = float(jnp.finfo(jnp.float32).eps)
     bound = step / 2 + (2 * eps_s + 8 * eps32) * m + (2**self.bits - 1) * tiny_s
-    return _ungrouped(jnp.broadcast_to(bound, wg.shape), w.shape[0])
+    return ungroup_rows(jnp.broadcast_to(bound, wg.shape), w.shape[0])

@@ -39,18 +39,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qalora_jax.checks import check_choice
 from qalora_jax.quant import packing
 from qalora_jax.quant.intk import INT_BITS, SCALE_DTYPES, dequantize_affine
 from qalora_jax.quant.qtensor import QMeta, QTensor
-from qalora_jax.quant.registry import Quantizer, check_choice, check_group_size, register
-
-
-def _grouped(x: jax.Array, group_size: int) -> jax.Array:
-  """[in, out] -> [ceil(in / g), g, out]; a short last group repeats its last row (same min and max)."""
-  pad = (-x.shape[0]) % group_size
-  if pad:
-    x = jnp.pad(x, [(0, pad), (0, 0)], mode="edge")
-  return x.reshape(-1, group_size, x.shape[1])
+from qalora_jax.quant.groups import check_group_size, group_rows
+from qalora_jax.quant.registry import Quantizer, register
 
 
 def _stored_grid(lo, hi, maxq: int, scale_dtype):
@@ -73,7 +67,7 @@ def _group_error(wg, valid, scale, offset, maxq: int):
 def quantize_mse(w, *, bits, group_size, grid, min_shrink, scale_dtype):
   """Returns (codes [in, out] uint8, scale [groups, out], offset [groups, out]) of the searched ranges."""
   maxq = 2**bits - 1
-  wg = _grouped(w, group_size)
+  wg = group_rows(w, group_size)
   valid = (jnp.arange(wg.shape[0] * group_size) < w.shape[0]).reshape(-1, group_size, 1)
   lo, hi = wg.min(axis=1), wg.max(axis=1)
   half = (hi - lo) / 2
@@ -151,7 +145,7 @@ class IntMSEQuantizer(Quantizer):
   def error_bound(self, w, qt):
     maxq = 2**qt.bits - 1
     w = jnp.asarray(w, jnp.float32)
-    wg = _grouped(w, qt.group_size)
+    wg = group_rows(w, qt.group_size)
     s = qt["scale"].astype(jnp.float32)[:, None]
     b = qt["offset"].astype(jnp.float32)[:, None]
     top = b + maxq * s

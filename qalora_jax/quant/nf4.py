@@ -34,9 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qalora_jax.checks import check_choice
 from qalora_jax.quant import packing
 from qalora_jax.quant.qtensor import QMeta, QTensor
-from qalora_jax.quant.registry import Quantizer, check_choice, register
+from qalora_jax.quant.registry import Quantizer, register
 
 # QLoRA's NF4 code (bitsandbytes' float32 values), index 0..15.
 NF4_CODE = np.array([

@@ -44,10 +44,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qalora_jax.checks import check_choice
 from qalora_jax.quant import packing
 from qalora_jax.quant.nf4 import _linspace_fma as linspace_float32
 from qalora_jax.quant.qtensor import QMeta, QTensor
-from qalora_jax.quant.registry import Quantizer, check_choice, check_group_size, register
+from qalora_jax.quant.groups import check_group_size, group_rows
+from qalora_jax.quant.registry import Quantizer, register
 
 NF_BITS = (2, 3, 4)
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
@@ -66,20 +68,11 @@ def nf_codebook(bits: int) -> np.ndarray:
   return values / values.max()
 
 
-def _grouped(x: jax.Array, group_size: int, mode: str = "edge") -> jax.Array:
-  """[in, out] -> [ceil(in / g), g, out]; a short last group is padded (by default repeating its last row,
-  which keeps its min and max)."""
-  pad = (-x.shape[0]) % group_size
-  if pad:
-    x = jnp.pad(x, [(0, pad), (0, 0)], mode=mode)
-  return x.reshape(-1, group_size, x.shape[1])
-
-
 @functools.partial(jax.jit, static_argnames=("bits", "group_size", "scale_dtype"))
 def quantize_nf_offset(w, *, bits, group_size, scale_dtype):
   """Returns (codes [in, out] uint8, scale [groups, out], offset [groups, out])."""
   code = jnp.asarray(nf_codebook(bits))
-  wg = _grouped(w, group_size)
+  wg = group_rows(w, group_size)
   lo, hi = wg.min(axis=1), wg.max(axis=1)
   scale = ((hi - lo) / 2).astype(scale_dtype)
   offset = ((hi + lo) / 2).astype(scale_dtype)
@@ -95,7 +88,7 @@ def dequantize_nf_offset(qt: QTensor, dtype=jnp.float32) -> jax.Array:
   """w~ = scale * c[q] + offset per group."""
   n_in = qt.shape[0]
   q = packing.unpack(qt["codes"], qt.bits, n_in)
-  values = _grouped(jnp.asarray(nf_codebook(qt.bits))[q], qt.group_size, mode="constant")
+  values = group_rows(jnp.asarray(nf_codebook(qt.bits))[q], qt.group_size, mode="constant")
   w = values * qt["scale"].astype(jnp.float32)[:, None] + qt["offset"].astype(jnp.float32)[:, None]
   return w.reshape(-1, w.shape[-1])[:n_in].astype(dtype)
 
@@ -137,7 +130,7 @@ class NFOffsetQuantizer(Quantizer):
   def error_bound(self, w, qt):
     half_gap = float(np.diff(nf_codebook(qt.bits)).max()) / 2
     w = jnp.asarray(w, jnp.float32)
-    wg = _grouped(w, qt.group_size)
+    wg = group_rows(w, qt.group_size)
     s = qt["scale"].astype(jnp.float32)[:, None]
     b = qt["offset"].astype(jnp.float32)[:, None]
     m = jnp.maximum(jnp.abs(wg).max(axis=1, keepdims=True), jnp.abs(b) + s)

@@ -213,27 +213,3 @@ def check_weight(w) -> np.ndarray | jax.Array:
   if not isinstance(w, jax.core.Tracer) and not bool(jnp.isfinite(w).all()):
     raise ValueError("weight contains NaN or Inf; quantizers accept finite weights only")
   return w
-
-
-def check_choice(name: str, value: Any, allowed) -> None:
-  """Raises ValueError naming the option and its allowed values when `value` is not among them."""
-  if value not in allowed:
-    raise ValueError(f"{name}={value!r} is not supported; allowed: {', '.join(map(str, allowed))}")
-
-
-def check_group_size(group_size: int, fan_in: int, name: str = "group_size") -> int:
-  """Validates a group size along the input dimension; returns the effective size (-1 -> fan_in).
-
-  A group size that does not divide `fan_in` leaves a shorter last group (ceil(fan_in / g) groups), as GPTQ
-  does: SmolLM2's 576-wide projections at g128 have four groups of 128 and one of 64.
-  """
-  if group_size == -1:
-    return fan_in
-  if not isinstance(group_size, (int, np.integer)) or isinstance(group_size, bool) or not 0 < group_size <= fan_in:
-    raise ValueError(f"{name}={group_size!r} is not supported for input dimension {fan_in}; "
-                     f"allowed: an integer in 1..{fan_in}, or -1 (per channel)")
-  return int(group_size)
-
-
-def num_groups(fan_in: int, group_size: int) -> int:
-  return -(-fan_in // group_size)

@@ -328,7 +328,7 @@ def check_qalora_quantizer(quantizer, where: str = "config.base") -> None:
     return
   qt = quantizer.quantize(w)
   offset = qt.arrays.get("offset")
-  groups = quant.registry.num_groups(w.shape[0], qt.group_size)
+  groups = quant.groups.num_groups(w.shape[0], qt.group_size)
   if not quant.has_group_offset(qt) or tuple(offset.shape) != (groups, w.shape[1]):
     fit = [name for name in quant.available() if quant.registry.quantizer_class(name).group_offset]
     raise ValueError(f"config.adapter.method='qalora' needs a base whose groups carry an additive offset "
