@@ -48,7 +48,7 @@ def main():
   print(json.dumps({
       "quantizer": "nf-offset", "bits": args.bits, "group_size": args.group_size, "scale_dtype": args.scale_dtype,
       "rank": cfg.adapter.rank, "steps": args.steps, "learning_rate": args.lr,
-      "max_abs_B": max(float(jnp.abs(a.b).max()) for _, a in nn.trees.adapter_layers(state.trainable)),
+      "max_abs_B": max(float(jnp.abs(a.b).max()) for _, a in nn.trees.adapter_layers(r.adapters(state.trainable))),
       "max_abs_logit_diff": diff, "max_abs_logit": top, "ratio": diff / top,
       "ppl_base": ppl["base"], "ppl_unmerged": ppl["unmerged"], "ppl_merged": ppl["merged"],
       "merged_bytes_equal": nn.tree_nbytes(merged) == nn.tree_nbytes(r.frozen),
