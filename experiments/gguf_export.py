@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import transformers
 
-from qalora_jax import assets, models, quant
+from qalora_jax import assets, models, quant, tree_paths
 from qalora_jax.export.gguf import export_gguf
 from qalora_jax.train import config as config_lib
 from qalora_jax.train import loop
@@ -47,7 +47,7 @@ HERE = Path(__file__).parent
 
 def compare_params(a: dict, b: dict) -> dict:
   """Counts of QTensors and float leaves, and of those not equal bit for bit."""
-  a, b = dict(models.llama.flatten(a)), dict(models.llama.flatten(b))
+  a, b = dict(tree_paths.flatten(a)), dict(tree_paths.flatten(b))
   assert sorted(a) == sorted(b), (sorted(set(a) ^ set(b)))
   counts = {"qtensors": 0, "qtensors_differing": 0, "float_leaves": 0, "float_leaves_differing": 0}
   for path, x in a.items():
@@ -174,8 +174,8 @@ def main():
       r = loop.build(cfg, log=lambda m: None)
       state, held = loop.train_steps(r, args.steps)
       merged = r.merged(state.trainable)
-      base = dict(models.llama.flatten(r.base_params()))
-      merged_offsets = [(p, qt) for p, qt in models.llama.flatten(merged)  # the symmetric 8-bit table has none
+      base = dict(tree_paths.flatten(r.base_params()))
+      merged_offsets = [(p, qt) for p, qt in tree_paths.flatten(merged)  # the symmetric 8-bit table has none
                         if isinstance(qt, quant.QTensor) and "offset" in qt.arrays]
       moved = sum(int(np.sum(np.asarray(qt["offset"]) != np.asarray(base[p]["offset"]))) for p, qt in merged_offsets)
       groups = sum(int(np.asarray(qt["offset"]).size) for _, qt in merged_offsets)

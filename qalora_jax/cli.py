@@ -20,7 +20,7 @@ def _quantize_report(args) -> int:
 
   # Before numpy / jax load OpenBLAS: its threads (LAPACK behind GPTQ's Cholesky) spin-wait on a shared CPU.
   os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-  from qalora_jax import assets, quant
+  from qalora_jax import assets, quant, tree_paths
   from qalora_jax.eval import quant_report
   from qalora_jax.models import gguf
 
@@ -42,7 +42,7 @@ def _quantize_report(args) -> int:
     calibration.check_tokens(lm.config, tokens)
     held = calibration.heldout_tokens(lm, args.eval_tokens)
     rows = quant_report.calibrated_report(lm, setting_list, tokens, held, progress=not args.json)
-    n = sum(int(v.size) for p, v in models.llama.flatten(lm.params) if p.endswith("_proj/kernel"))
+    n = sum(int(v.size) for p, v in tree_paths.flatten(lm.params) if p.endswith("_proj/kernel"))
     header = (f"{7 * lm.config.num_layers} linear layers, {n:,} weights; calibration {args.calibration} x "
               f"{args.calibration_len} tokens of the training plays; ppl on the first {len(held)} tokens of "
               f"The Tempest (512-token windows)")

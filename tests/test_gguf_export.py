@@ -15,7 +15,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from models_testing import CORPUS, hf_model, llama_cpp_permute, tiny_bpe, torch_logits, write_gguf  # noqa: E402
-from qalora_jax import cli, models, nn, quant  # noqa: E402
+from qalora_jax import cli, models, nn, quant, tree_paths  # noqa: E402
 from qalora_jax.export import gguf as gguf_export  # noqa: E402
 from qalora_jax.models import gguf as gguf_io  # noqa: E402
 
@@ -25,7 +25,7 @@ TINY = "configs/tiny.py"
 
 def _assert_same_params(a: dict, b: dict) -> int:
   """Every leaf equal bit for bit (QTensors: meta and arrays); returns the number of QTensors."""
-  a, b = dict(models.llama.flatten(a)), dict(models.llama.flatten(b))
+  a, b = dict(tree_paths.flatten(a)), dict(tree_paths.flatten(b))
   assert sorted(a) == sorted(b)
   for path, x in a.items():
     if isinstance(x, quant.QTensor):

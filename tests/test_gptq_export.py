@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from qalora_jax import cli, models, quant
+from qalora_jax import cli, models, quant, tree_paths
 from qalora_jax.export import gptq as gptq_export
 from qalora_jax.train import config as config_lib
 from qalora_jax.train import loop
@@ -129,8 +129,8 @@ def test_integer_zero_round_trip_is_bit_identical(tiny, tmp_path, bits, group_si
   params, config = gptq_export.import_gptq(out)
   assert config["bits"] == bits and config["group_size"] == group_size
   assert_same_tree(params, frozen)
-  expected = dict(models.llama.flatten(frozen))
-  for path, leaf in models.llama.flatten(params):
+  expected = dict(tree_paths.flatten(frozen))
+  for path, leaf in tree_paths.flatten(params):
     if isinstance(leaf, quant.QTensor):
       np.testing.assert_array_equal(np.asarray(leaf.dequantize()), np.asarray(expected[path].dequantize()))
 
@@ -233,7 +233,7 @@ def gptq_dequantize(t, prefix, bits):
 
 def block_linears(params):
   """{(layer, HF module name): dequantized float32 [in, out]} of a parameter tree's block linears."""
-  stacked = dict(models.llama.flatten(models.llama.stack_blocks(params)))
+  stacked = dict(tree_paths.flatten(models.llama.stack_blocks(params)))
   out = {}
   for module, name in LINEAR_NAMES.items():
     w = np.asarray(stacked[f"blocks/{module}/kernel"].dequantize())
@@ -326,7 +326,7 @@ def test_cli_model_requantized_with_gptq_has_exact_integer_zeros(tmp_path, capsy
   assert json.loads(out)["rounding_cost"] is None and json.loads(out)["group_size"] == 32
   quantized, _ = models.quantize_params(lm.params, [(models.BLOCK_LINEARS, quant.get("gptq", bits=4, group_size=32))])
   t = load_file(str(tmp_path / "q" / "model.safetensors"))
-  offsets = dict(models.llama.flatten(models.llama.stack_blocks(quantized)))
+  offsets = dict(tree_paths.flatten(models.llama.stack_blocks(quantized)))
   for (i, name), w in block_linears(quantized).items():
     # Our tree holds offset = -scale * zero rounded to float16, a GPTQ reader scale * zero itself: they differ by
     # at most half a float16 step of the offset.

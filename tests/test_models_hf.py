@@ -13,8 +13,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from models_testing import hf_model, tiny_bpe, torch_logits  # noqa: E402
-from qalora_jax import models  # noqa: E402
-from qalora_jax.models import llama  # noqa: E402
+from qalora_jax import models, tree_paths  # noqa: E402
 
 KINDS = ["llama", "llama3", "qwen2", "mistral"]
 
@@ -161,4 +160,4 @@ def test_param_layout(saved):
   qwen = models.load(saved["qwen2"][0])
   assert sum(int(np.prod(a.shape)) for a in jax.tree.leaves(qwen.params)) == qwen.config.num_params()
   assert set(models.param_paths(lm.params)) == {
-      p for p, _ in llama.flatten(models.param_shapes(lm.config), is_leaf=lambda s: isinstance(s, tuple))}
+      p for p, _ in tree_paths.flatten(models.param_shapes(lm.config), is_leaf=lambda s: isinstance(s, tuple))}

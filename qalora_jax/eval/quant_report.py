@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from qalora_jax import calibration, models, quant
+from qalora_jax import calibration, models, quant, tree_paths
 from qalora_jax.models import llama
 
 
@@ -96,13 +96,13 @@ def calibrated_report(lm, setting_list, tokens, heldout_ids, window: int = 512, 
   """Quantizes the model block by block on calibration `tokens` [segments, seq_len] under every setting
   (GPTQ with its Hessians, other quantizers on the weights alone); one row per setting, with the mean output
   error over the linear layers and the perplexity on `heldout_ids` (`window`-token windows)."""
-  floats = dict(llama.flatten(llama.stack_blocks(lm.params)))
+  floats = dict(tree_paths.flatten(llama.stack_blocks(lm.params)))
   rows = []
   for name, options in setting_list:
     quantizer = quant.get(name, **options)
     frozen, stats = calibration.quantize_model(lm.config, lm.params, tokens, quantizer, progress=progress)
     total_bytes, n_weights, errors = 0, 0, []
-    for path, qt in llama.flatten(llama.stack_blocks(frozen)):
+    for path, qt in tree_paths.flatten(llama.stack_blocks(frozen)):
       if not re.fullmatch(models.BLOCK_LINEARS, path):
         continue
       w = floats[path]

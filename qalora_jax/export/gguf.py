@@ -49,7 +49,8 @@ import numpy as np
 
 from qalora_jax.models import gguf as gguf_io
 from qalora_jax.models.config import Config
-from qalora_jax.models.llama import flatten, unstack_blocks
+from qalora_jax.models.llama import unstack_blocks
+from qalora_jax.tree_paths import flatten
 from qalora_jax.models.tokenizer import GGUF_PRE_SPLITS, Tokenizer
 from qalora_jax.quant import QTensor, unpack
 

@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from qalora_jax import models
+from qalora_jax import models, tree_paths
 from qalora_jax.files import atomic_dir, write_json
 from qalora_jax.models import llama
 from qalora_jax.quant import QMeta, QTensor, pack, unpack
@@ -113,7 +113,7 @@ def rounding_change(frozen: dict) -> float:
   the export (w_round = scale * (q - z), z = clip(round(-offset / scale), 0, 2^k - 1)) against the tree's
   w = scale * q + offset. The codes cancel: w_round - w = -(scale * z + offset), one value per group."""
   worst = 0.0
-  for path, leaf in llama.flatten(llama.stack_blocks(frozen)):
+  for path, leaf in tree_paths.flatten(llama.stack_blocks(frozen)):
     if (path.rsplit("/", 1)[0] in LINEARS and isinstance(leaf, QTensor) and leaf.format == "int"
         and "offset" in leaf.arrays):
       zero = np.clip(np.round(np.asarray(offset_to_zero(leaf["scale"], leaf["offset"]))), 0, 2**leaf.bits - 1)
@@ -208,7 +208,7 @@ def export_gptq(frozen: dict, out_dir: str | Path, *, config: models.Config | No
     raise ValueError(f"zeros={zeros!r} is not supported; allowed: {', '.join(ZERO_MODES)}")
   params = llama.stack_blocks(frozen)
   tensors, kinds, zero_zeros = {}, set(), 0
-  for path, leaf in llama.flatten(params):
+  for path, leaf in tree_paths.flatten(params):
     module = path.rsplit("/", 1)[0]
     if module in LINEARS and path.endswith("/kernel"):
       if not isinstance(leaf, QTensor):
@@ -321,4 +321,4 @@ def import_gptq(path: str | Path) -> tuple[dict, dict]:
     blocks.append(layer)
   for name in blocks[0]:
     leaves[name] = jax.tree.map(lambda *xs: jnp.stack(xs), *[b[name] for b in blocks])
-  return llama.unflatten(leaves), quantize_config
+  return tree_paths.unflatten(leaves), quantize_config

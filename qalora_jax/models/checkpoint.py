@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from qalora_jax.models.config import Config
-from qalora_jax.models.llama import flatten, param_shapes, unflatten
+from qalora_jax.models.llama import param_shapes
+from qalora_jax.tree_paths import flatten, unflatten
 
 _SHOW = 5  # names listed in an error message
 

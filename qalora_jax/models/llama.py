@@ -56,6 +56,7 @@ from qalora_jax.models.attention import REMAT_SAVED, Mask, attention
 from qalora_jax.models.config import Config, rope_frequencies
 from qalora_jax.nn.modules import Frozen, Linear, LowRankAdapter, shared_input
 from qalora_jax.quant import QTensor
+from qalora_jax.tree_paths import flatten, unflatten
 
 ATTN_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
@@ -101,28 +102,6 @@ def init_params(config: Config, key: jax.Array, dtype=jnp.float32, std: float = 
       leaves[path] = (std * jax.random.normal(keys[path], shape, jnp.float32)).astype(dtype)
   params = unflatten(leaves)
   return params if config.scan_layers else unstack_blocks(params)
-
-
-def flatten(tree: dict, prefix: str = "", is_leaf=None):
-  """Yields ("a/b/c", leaf) over a nested dict; QTensors (and whatever `is_leaf` accepts) are leaves."""
-  for name, value in tree.items():
-    path = f"{prefix}/{name}" if prefix else name
-    if isinstance(value, dict) and not (is_leaf and is_leaf(value)):
-      yield from flatten(value, path, is_leaf)
-    else:
-      yield path, value
-
-
-def unflatten(leaves: dict) -> dict:
-  """The inverse of `flatten`: {"a/b/c": leaf} -> nested dict."""
-  tree: dict = {}
-  for path, value in leaves.items():
-    node = tree
-    *parents, last = path.split("/")
-    for name in parents:
-      node = node.setdefault(name, {})
-    node[last] = value
-  return tree
 
 
 def param_paths(params: dict) -> list[str]:

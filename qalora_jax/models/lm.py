@@ -23,7 +23,7 @@ import safetensors
 import safetensors.flax
 import tokenizers
 
-from qalora_jax import assets
+from qalora_jax import assets, tree_paths
 from qalora_jax.files import atomic_dir, write_json
 from qalora_jax.models import gguf, hf, llama
 from qalora_jax.models.config import Config, RopeScaling
@@ -91,7 +91,7 @@ def save(lm: LanguageModel, out: str | Path, info: dict | None = None, overwrite
   if lm.tokenizer is None:
     raise ValueError("lm.tokenizer=None: a saved model directory holds its tokenizer; allowed: a model with one")
   tensors, metas = {}, {}
-  for path, leaf in llama.flatten(lm.params):
+  for path, leaf in tree_paths.flatten(lm.params):
     if isinstance(leaf, QTensor):
       metas[path] = dataclasses.asdict(leaf.meta)
       tensors.update({f"{path}/{name}": jnp.asarray(a) for name, a in leaf.arrays.items()})
@@ -137,9 +137,9 @@ def _load_saved(path: Path, dtype, param_dtype, quantizing, config_overrides) ->
   for name, a in arrays.items():
     if name not in owned:
       leaves[name] = a.astype(param_dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
-  params = llama.stack_blocks(llama.unflatten(leaves))
+  params = llama.stack_blocks(tree_paths.unflatten(leaves))
   if quantizing is not None:  # on the stacked layout, whose paths the rules name
-    params = llama.unflatten({p: quantizing(p, leaf) for p, leaf in llama.flatten(params)})
+    params = tree_paths.unflatten({p: quantizing(p, leaf) for p, leaf in tree_paths.flatten(params)})
   if not config.scan_layers:
     params = llama.unstack_blocks(params)
   t = spec["tokenizer"]

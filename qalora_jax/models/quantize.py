@@ -30,7 +30,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from qalora_jax.models.llama import flatten, unflatten
+from qalora_jax.tree_paths import flatten, unflatten
 from qalora_jax.quant import QMeta, QTensor, Quantizer, quantize_stacked
 
 # Every linear layer of the blocks; embeddings, the output head and the norms stay float.

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import Any, Iterator
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -25,37 +25,25 @@ from qalora_jax.nn.adapters import METHODS, Adapter, init_adapter
 from qalora_jax.nn.merge import check_qalora_base, merge_adapter
 from qalora_jax.nn.modules import kernel_dims
 from qalora_jax.quant import QTensor, Quantizer
+from qalora_jax.tree_paths import flatten, set_path
 
 # The seven linear layers of every block (QLoRA's and QA-LoRA's default); matched against layer paths.
 ALL_LINEARS = r".*/(q|k|v|o|gate|up|down)_proj"
 
 
-def linear_layers(tree: dict, prefix: str = "") -> Iterator[tuple[str, dict]]:
+def linear_layers(tree: dict) -> Iterator[tuple[str, dict]]:
   """Yields ("/"-joined path, layer dict) for every dict in `tree` that holds a "kernel"."""
-  for key, value in tree.items():
-    path = f"{prefix}/{key}" if prefix else str(key)
-    if isinstance(value, dict):
-      if "kernel" in value:
-        yield path, value
-      else:
-        yield from linear_layers(value, path)
+  for path, node in flatten(tree, is_leaf=lambda d: "kernel" in d):
+    if isinstance(node, dict):
+      yield path, node
 
 
-def adapter_layers(adapters: dict, prefix: str = "") -> Iterator[tuple[str, Adapter]]:
+def adapter_layers(adapters: dict) -> Iterator[tuple[str, Adapter]]:
   """Yields ("/"-joined layer path, Adapter) for every adapter in an adapter tree."""
-  for key, value in adapters.items():
-    path = f"{prefix}/{key}" if prefix else str(key)
-    if isinstance(value, Adapter) and key == "adapter":
-      yield prefix, value
-    elif isinstance(value, dict):
-      yield from adapter_layers(value, path)
-
-
-def _set(tree: dict, path: str, value: Any) -> None:
-  keys = path.split("/")
-  for key in keys[:-1]:
-    tree = tree.setdefault(key, {})
-  tree[keys[-1]] = value
+  for path, leaf in flatten(adapters):
+    layer, _, key = path.rpartition("/")
+    if isinstance(leaf, Adapter) and key == "adapter":
+      yield layer, leaf
 
 
 def add_adapters(frozen: dict, method: str, *, rank: int, alpha: float, key: jax.Array,
@@ -86,7 +74,7 @@ def add_adapters(frozen: dict, method: str, *, rank: int, alpha: float, key: jax
       capped.append(f"{path} (effective rank {usable})")
     adapter = init_adapter(jax.random.fold_in(key, i), method, n_in, n_out, rank, alpha=alpha, rslora=rslora,
                            group_size=group, dropout=dropout, lead=lead, dtype=dtype)
-    _set(adapters, path, {"adapter": adapter})
+    set_path(adapters, path, {"adapter": adapter})
   if capped:
     warnings.warn(f"rank={rank} exceeds what these layers can use: {', '.join(capped)}", stacklevel=2)
   return adapters
@@ -116,7 +104,7 @@ def merge_params(frozen: dict, adapters: dict, requantize: Quantizer | None = No
   for path, adapter in adapter_layers(adapters):
     if path not in layers:
       raise ValueError(f"{path}: an adapter for a layer the frozen tree does not have")
-    _set(merged, f"{path}/kernel", merge_adapter(layers[path]["kernel"], adapter, requantize))
+    set_path(merged, f"{path}/kernel", merge_adapter(layers[path]["kernel"], adapter, requantize))
   return merged
 
 
