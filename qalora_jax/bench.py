@@ -189,10 +189,10 @@ def bench_decode(method: str = "qalora-merged", new_tokens: int = 64, prompt: in
   seconds = _median_s(decode, repeats)
   bytes_per_token = nn.tree_nbytes(params)
   tokens_per_s = new_tokens / seconds
-  from qalora_jax.kernels import cpu_int4
+  from qalora_jax.kernels import cpu_matmul
 
   return {"bench": "decode", "method": method, "matmul_dtype": matmul_dtype, "embedding": embedding,
-          "int8_kernel": matmul_dtype == "int8" and cpu_int4.available(), "new_tokens": new_tokens,
+          "int8_kernel": matmul_dtype == "int8" and cpu_matmul.available(), "new_tokens": new_tokens,
           "prompt": prompt,
           "tokens_per_s": tokens_per_s, "compile_s": compile_s, "peak_rss_mb": peak_rss_mb(),
           "bytes_per_token": bytes_per_token, "read_gb_s": bytes_per_token * tokens_per_s / 1e9,

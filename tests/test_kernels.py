@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from qalora_jax import quant
-from qalora_jax.kernels import cpu_int4
+from qalora_jax.kernels import cpu_matmul
 from qalora_jax.kernels.int4_matmul import int4_matmul, supported
 
 
@@ -38,7 +38,7 @@ def test_leading_axes_and_fallback():
     int4_matmul(jnp.zeros((1, 100)), tiled, interpret=True)
 
 
-# The CPU decoding kernel (kernels/cpu_int4.py): int8 activations against packed INT4 (or INT8) codes.
+# The CPU decoding kernel (kernels/cpu_matmul.py): int8 activations against packed INT4 (or INT8) codes.
 
 def _int4(n_in, n_out, group_size, seed=0, **options):
   w = np.random.default_rng(seed).normal(size=(n_in, n_out)).astype(np.float32) * 0.05
@@ -52,7 +52,7 @@ def test_cpu_reference_is_exact_when_the_activations_are_int8_already():
   xq = rng.integers(-127, 128, size=(3, 4, 32)).astype(np.float32)
   xq[..., 0] = 127
   x = jnp.asarray((xq * rng.uniform(0.01, 0.1, size=(3, 4, 1))).reshape(3, 128), jnp.float32)
-  np.testing.assert_allclose(np.asarray(cpu_int4.reference(x, qt)), np.asarray(x @ qt.dequantize()), rtol=1e-5,
+  np.testing.assert_allclose(np.asarray(cpu_matmul.reference(x, qt)), np.asarray(x @ qt.dequantize()), rtol=1e-5,
                              atol=1e-5)
 
 
@@ -61,17 +61,17 @@ def test_cpu_reference_is_exact_when_the_activations_are_int8_already():
                                      {"bits": 8}, {"bits": 8, "symmetric": True, "group_size": 64},
                                      {"n_in": 512, "n_out": 1040}])  # wide: two halves, one on another thread
 def test_cpu_kernel_matches_its_reference(options):
-  if not cpu_int4.available():
+  if not cpu_matmul.available():
     pytest.skip("the CPU kernel does not build here (needs a C++ compiler and AVX512-VNNI)")
   options = {"n_in": 256, "n_out": 96, "group_size": 32, **options}
   n_in, n_out = options.pop("n_in"), options.pop("n_out")
   qt = _int4(n_in, n_out, **options)
-  assert cpu_int4.supports(qt)
+  assert cpu_matmul.supports(qt)
   # 6 rows: one tile of four through a shared pass over the codes, then two single rows
   x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 3, n_in)), jnp.float32)
-  got = jax.jit(cpu_int4.matmul)(x, qt)
+  got = jax.jit(cpu_matmul.matmul)(x, qt)
   assert got.shape == (2, 3, n_out)
-  np.testing.assert_allclose(np.asarray(got), np.asarray(cpu_int4.reference(x, qt)), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(cpu_matmul.reference(x, qt)), rtol=1e-5, atol=1e-5)
   # and the int8 activations cost little against the float product
   want = x @ qt.dequantize()
   assert float(jnp.abs(got - want).max()) < 0.02 * float(jnp.abs(want).max())
@@ -90,8 +90,8 @@ def test_cpu_kernel_in_the_model_and_its_fallbacks():
   exact = llama.apply(config, frozen, tokens)
   int8 = llama.apply(config.replace(matmul_dtype="int8"), frozen, tokens)
   assert float(jnp.abs(int8 - exact).max()) < 0.05 * float(jnp.abs(exact).max())
-  assert not cpu_int4.shape_ok(_int4(256, 40, 32))  # out not a multiple of 16: float path
-  assert not cpu_int4.shape_ok(quant.get("int", bits=3, group_size=32).quantize(np.ones((64, 16), np.float32)))
+  assert not cpu_matmul.shape_ok(_int4(256, 40, 32))  # out not a multiple of 16: float path
+  assert not cpu_matmul.shape_ok(quant.get("int", bits=3, group_size=32).quantize(np.ones((64, 16), np.float32)))
   float_params = llama.apply(config.replace(matmul_dtype="int8"), params, tokens)  # float weights: float path
   np.testing.assert_allclose(np.asarray(float_params), np.asarray(llama.apply(config, params, tokens)), rtol=1e-6,
                              atol=1e-6)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from qalora_jax import bench, models, quant
-from qalora_jax.kernels import cpu_int4
+from qalora_jax.kernels import cpu_matmul
 from qalora_jax.train import loop
 
 INT8 = quant.get("int", bits=8, group_size=32)
@@ -56,11 +56,11 @@ def test_logits_with_a_quantized_table_equal_the_dequantized_float_model(tiny):
 def test_the_cpu_kernel_runs_the_quantized_head_like_its_reference():
   qt = INT8.quantize(np.random.default_rng(1).normal(size=(64, 272)).astype(np.float32))
   x = jnp.asarray(np.random.default_rng(2).normal(size=(5, 64)), jnp.float32)
-  if not cpu_int4.available():
+  if not cpu_matmul.available():
     pytest.skip("the CPU kernel does not build here")
-  assert cpu_int4.supports(qt)
+  assert cpu_matmul.supports(qt)
   got = models.layers.head_logits(x, qt, vocab_first=False, matmul_dtype="int8")
-  np.testing.assert_allclose(got, cpu_int4.reference(x, qt), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got, cpu_matmul.reference(x, qt), rtol=1e-5, atol=1e-5)
 
 
 def test_decode_bench_with_an_int8_table_reads_fewer_bytes():
@@ -86,14 +86,14 @@ def test_smollm2s_q8_0_table_is_kept_exactly(smollm2_gguf):
 def test_projections_sharing_an_input_run_as_one_kernel_call_with_equal_results(tiny, monkeypatch):
   """With int8 matmuls, q/k/v (and gate/up) of an INT4 model go through one CPU kernel call on their codes
   concatenated along the outputs; each output column is computed as in its own call, so nothing changes."""
-  if not cpu_int4.available():
+  if not cpu_matmul.available():
     pytest.skip("the CPU kernel does not build here")
   frozen, _ = models.quantize_params(tiny.params, quant.get("int", bits=4, group_size=32))
   config = tiny.config.replace(matmul_dtype="int8")
   tokens = jnp.asarray(np.random.default_rng(5).integers(0, 258, (2, 12)), jnp.int32)
   calls = []
-  real = cpu_int4.matmul
-  monkeypatch.setattr(cpu_int4, "matmul", lambda x, qt: calls.append(qt.shape) or real(x, qt))
+  real = cpu_matmul.matmul
+  monkeypatch.setattr(cpu_matmul, "matmul", lambda x, qt: calls.append(qt.shape) or real(x, qt))
   fused = models.apply(config, frozen, tokens)
   d, f, q, kv = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size
   assert calls == [(d, q + 2 * kv), (q, d), (d, 2 * f), (f, d)]  # one scanned block traced once

@@ -1,1 +1,3 @@
-"""Hand-written kernels (Pallas) for the hot paths; each has a reference in plain JAX it is tested against."""
+"""Hand-written kernels for the hot paths, each tested against a reference in plain JAX: `cpu_matmul` (C++
+through XLA's FFI: int8 activations against packed INT4 / INT8 codes, for decoding on CPUs) and `int4_matmul`
+(Pallas: an INT4 dequantize-matmul for GPUs)."""

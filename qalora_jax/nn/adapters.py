@@ -90,8 +90,8 @@ def pool_groups(x: jax.Array, group_size: int) -> jax.Array:
 
   pool(x)_l = sum_{i = l g}^{min((l + 1) g, in) - 1} x_i,   i.e.   pool(x) = x P,  P_il = [i // g == l].
 
-  Written as the product with the 0/1 matrix P: a matmul (and its transpose in the backward pass) is several
-  times faster on CPU than the equivalent reshape-and-sum and its broadcast.
+  Written as the product with the 0/1 matrix P, so that the forward and backward passes are matmuls (which XLA's
+  CPU backend runs well) rather than a reshape-and-sum and its broadcast.
   """
   n_in = x.shape[-1]
   p = jnp.arange(n_in)[:, None] // group_size == jnp.arange(-(-n_in // group_size))[None, :]

@@ -11,7 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from qalora_jax.kernels import cpu_int4
+from qalora_jax.kernels import cpu_matmul
 from qalora_jax.kernels import int4_matmul as pallas_int4
 from qalora_jax.nn.adapters import Adapter, adapter_delta
 from qalora_jax.quant import QTensor
@@ -34,15 +34,15 @@ def base_matmul(x: jax.Array, kernel, matmul_dtype=None) -> jax.Array:
   """y = x W in x.dtype, the operands cast to `matmul_dtype` (None: x.dtype) and accumulated in x.dtype.
 
   matmul_dtype "int8" multiplies an INT4 QTensor with int8-quantized activations in the CPU decoding kernel
-  (qalora_jax.kernels.cpu_int4) where it runs; other weights, and every weight where it does not, use x.dtype.
+  (qalora_jax.kernels.cpu_matmul) where it runs; other weights, and every weight where it does not, use x.dtype.
   On CUDA GPUs an INT4 QTensor and few rows run x W and dy W^T in the Pallas kernel (kernels/int4_matmul.py).
 
   Its gradients are written out so that nothing float is kept for a quantized W:
     dx = dy W^T   (W dequantized again in the backward pass, straight into the matmul)
     dW = x^T dy   (float kernels only; a QTensor is frozen and gets none)
   """
-  if matmul_dtype == "int8" and cpu_int4.supports(kernel):
-    return cpu_int4.matmul(x, kernel)
+  if matmul_dtype == "int8" and cpu_matmul.supports(kernel):
+    return cpu_matmul.matmul(x, kernel)
   dtype = operand_dtype(matmul_dtype, x.dtype)
 
   def xla(x, kernel):

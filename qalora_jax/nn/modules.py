@@ -237,11 +237,11 @@ def shared_input(x: jax.Array, layers: list[Linear], rngs: list) -> list[jax.Arr
   INT4/INT8 bases of one format and no adapters, their codes are concatenated along the outputs and multiplied
   in one CPU kernel call (the concatenation depends on the weights only, so XLA hoists it out of a decoding
   loop): one pass over x's quantization and one call instead of several."""
-  from qalora_jax.kernels import cpu_int4
+  from qalora_jax.kernels import cpu_matmul
 
   kernels = [layer.kernel.get_value() for layer in layers]
   fusable = all(layer.matmul_dtype == "int8" and layer.adapter is None and layer.layout is None
-                and layer.capture is None and cpu_int4.supports(k) for layer, k in zip(layers, kernels))
+                and layer.capture is None and cpu_matmul.supports(k) for layer, k in zip(layers, kernels))
   signature = lambda k: (dataclasses.replace(k.meta, shape=(k.shape[0], 0)),  # noqa: E731  (all but the width)
                          tuple(sorted((n, str(a.dtype)) for n, a in k.arrays.items())))
   if not fusable or len({signature(k) for k in kernels}) != 1:
@@ -249,7 +249,7 @@ def shared_input(x: jax.Array, layers: list[Linear], rngs: list) -> list[jax.Arr
   widths = [k.shape[1] for k in kernels]
   fused = QTensor({name: jnp.concatenate([k[name] for k in kernels], axis=-1) for name in kernels[0].arrays},
                   dataclasses.replace(kernels[0].meta, shape=(kernels[0].shape[0], sum(widths))))
-  y = cpu_int4.matmul(x, fused)
+  y = cpu_matmul.matmul(x, fused)
   outs = jnp.split(y, list(itertools.accumulate(widths))[:-1], axis=-1)
   return [out if layer.bias is None else out + layer.bias.get_value().astype(out.dtype)
           for layer, out in zip(layers, outs)]

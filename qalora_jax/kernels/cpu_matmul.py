@@ -8,7 +8,7 @@ max |x_i| / 127 over the group, the llama.cpp Q8 scheme), and
 
     y_o = sum_g ( a_g scale[g, o] sum_{i in g} xq_i q[i, o] + offset[g, o] sum_{i in g} x_i )
 
-the inner sums being AVX512-VNNI byte dot products (cpu_int4_q8.cc); rows go four at a time through one pass
+the inner sums being AVX512-VNNI byte dot products (cpu_matmul.cc); rows go four at a time through one pass
 over the codes (a prompt reads the weights once per four tokens), and a wide layer's columns are computed in two
 halves, the second on XLA's own intra-op thread pool. It is what `matmul_dtype="int8"` selects
 (models.Config); `reference` is the same arithmetic in plain JAX, which the tests hold the kernel to.
@@ -40,8 +40,8 @@ import numpy as np
 from qalora_jax import hardware
 from qalora_jax.quant import QTensor, packing
 
-SOURCE = Path(__file__).with_name("cpu_int4_q8.cc")
-TARGETS = {np.dtype(np.float32): "qalora_int4_q8_f32", np.dtype(np.float16): "qalora_int4_q8_f16"}
+SOURCE = Path(__file__).with_name("cpu_matmul.cc")
+TARGETS = {np.dtype(np.float32): "qalora_cpu_matmul_f32", np.dtype(np.float16): "qalora_cpu_matmul_f16"}
 
 
 def _build() -> tuple[list[str], Path]:
@@ -56,7 +56,7 @@ def _build() -> tuple[list[str], Path]:
   machine = hardware.cpu()
   key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cxx, *flags, jax.__version__, jaxlib.__version__,
                                                       machine["model"], *machine["flags"]]).encode()).hexdigest()[:16]
-  return [cxx, *flags, str(SOURCE)], assets.cache_dir() / "kernels" / f"cpu_int4_q8-{key}.so"
+  return [cxx, *flags, str(SOURCE)], assets.cache_dir() / "kernels" / f"cpu_matmul_q8-{key}.so"
 
 
 def _compile() -> Path:

@@ -1,4 +1,4 @@
-// y = x W on the CPU for a group-wise INT4 or INT8 W, reading the packed codes (see qalora_jax/kernels/cpu_int4.py).
+// y = x W on the CPU for a group-wise INT4 or INT8 W, reading the packed codes (see qalora_jax/kernels/cpu_matmul.py).
 //
 // W[i, o] = scale[g, o] * q[i, o] + offset[g, o] for input i in group g; q is packed along the input axis, 8 four-bit
 // codes a uint32 word (code k of word j, input 8j + k, in bits [4k, 4k + 4)) or 4 eight-bit codes (input 4j + k in
@@ -191,5 +191,5 @@ ffi::Error IntMatmulQ8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::U32>>().Arg<       \
       ffi::Buffer<T>>().Arg<ffi::Buffer<T>>().Ret<ffi::Buffer<ffi::F32>>().Attr<int64_t>("group").Attr<int64_t>("bits")
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(qalora_int4_q8_f32, (IntMatmulQ8<ffi::F32, float>), QALORA_BIND(ffi::F32));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(qalora_int4_q8_f16, (IntMatmulQ8<ffi::F16, uint16_t>), QALORA_BIND(ffi::F16));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(qalora_cpu_matmul_f32, (IntMatmulQ8<ffi::F32, float>), QALORA_BIND(ffi::F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(qalora_cpu_matmul_f16, (IntMatmulQ8<ffi::F16, uint16_t>), QALORA_BIND(ffi::F16));
