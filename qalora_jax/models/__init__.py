@@ -9,7 +9,7 @@
     ppl = models.perplexity(lm.replace(params=frozen), ids)
 """
 
-from qalora_jax.models.checkpoint import CheckpointError
+from qalora_jax.models.assemble import CheckpointError
 from qalora_jax.models.config import Config, RopeScaling
 from qalora_jax.models.generation import generate, generate_tokens
 from qalora_jax.models.llama import apply, forward, init_params, nll, param_paths, param_shapes

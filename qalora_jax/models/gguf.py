@@ -36,7 +36,7 @@ import gguf
 import jax.numpy as jnp
 import numpy as np
 
-from qalora_jax.models import checkpoint
+from qalora_jax.models import assemble
 from qalora_jax.models.config import Config
 from qalora_jax.models.tokenizer import Tokenizer, from_gguf_metadata
 from qalora_jax.quant import QMeta, QTensor, pack
@@ -280,13 +280,13 @@ def config_from_metadata(meta: dict, tensor_shapes: dict[str, tuple[int, ...]], 
   )
 
 
-def load(path: str | Path, dtype="float32", param_dtype=np.float32, finish=None, keep_quantized: bool | str = False,
+def load(path: str | Path, dtype="float32", param_dtype=np.float32, per_tensor=None, keep_quantized: bool | str = False,
          **config_overrides) -> tuple[Config, dict, Tokenizer]:
-  """(config, params, tokenizer) from a GGUF file; `config_overrides` replace Config fields; `finish` as in
+  """(config, params, tokenizer) from a GGUF file; `config_overrides` replace Config fields; `per_tensor` as in
   `checkpoint.assemble`. Parameters are float, except with `keep_quantized`: then every block linear whose
   layers are all stored in Q4_0, Q4_1 or Q8_0 (with one setting), and the token table if it is (SmolLM2's is
   Q8_0), is the `int` QTensor those blocks hold exactly (see the module doc; the table as its [D, V]
-  transpose), and `finish` applies to the other leaves only. A string keeps only the parameter paths it
+  transpose), and `per_tensor` applies to the other leaves only. A string keeps only the parameter paths it
   matches (a regex, e.g. "embed/embedding")."""
   path = Path(path)
   reader = gguf.GGUFReader(str(path))
@@ -308,16 +308,16 @@ def load(path: str | Path, dtype="float32", param_dtype=np.float32, finish=None,
   quantized = _quantized_leaves(config, tensors, meta, keep) if keep else {}
   skipped = {NAMES[p].format(i=i) for p in quantized for i in range(config.num_layers)}
   pending = {p: iter(qts) for p, qts in quantized.items()}  # one QTensor a layer, in order
-  float_finish = finish or (lambda p, w: jnp.asarray(w, param_dtype))
+  float_per_tensor = per_tensor or (lambda p, w: jnp.asarray(w, param_dtype))
 
-  def read(name):  # a kept QTensor's tensor is not read as floats: `finish_leaf` supplies the leaf
+  def read(name):  # a kept QTensor's tensor is not read as floats: `per_tensor_leaf` supplies the leaf
     return np.empty(0, np.float32) if name in skipped else tensor_to_numpy(tensors[name])
 
-  def finish_leaf(param_path, w):
-    return next(pending[param_path]) if param_path in pending else float_finish(param_path, w)
+  def per_tensor_leaf(param_path, w):
+    return next(pending[param_path]) if param_path in pending else float_per_tensor(param_path, w)
 
-  params = checkpoint.assemble(
+  params = assemble.assemble(
       config, NAMES, tensors, shape_of=lambda n: shapes[n], read=read, where=str(path),
       transform=lambda p, n, w: w if n in skipped else transform(p, n, w), dtype=param_dtype,
-      ignore=lambda n: n == "rope_freqs.weight", finish=finish_leaf)
+      ignore=lambda n: n == "rope_freqs.weight", per_tensor=per_tensor_leaf)
   return config, params, from_gguf_metadata(meta)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from safetensors import safe_open
 
-from qalora_jax.models import checkpoint
+from qalora_jax.models import assemble
 from qalora_jax.models.config import Config, RopeScaling
 from qalora_jax.models.tokenizer import Tokenizer, from_hf_dir
 
@@ -113,9 +113,9 @@ def shard_files(directory: Path) -> dict[str, Path]:
     return {name: single for name in f.keys()}
 
 
-def load(directory: str | Path, dtype="float32", param_dtype=np.float32, finish=None, **config_overrides
+def load(directory: str | Path, dtype="float32", param_dtype=np.float32, per_tensor=None, **config_overrides
          ) -> tuple[Config, dict, Tokenizer | None]:
-  """(config, float params, tokenizer or None) from a Hugging Face model directory; `finish` as in
+  """(config, float params, tokenizer or None) from a Hugging Face model directory; `per_tensor` as in
   `checkpoint.assemble`."""
   directory = Path(directory)
   config_file = directory / "config.json"
@@ -137,9 +137,9 @@ def load(directory: str | Path, dtype="float32", param_dtype=np.float32, finish=
   def ignore(name):
     return name.endswith("rotary_emb.inv_freq") or (config.tie_embeddings and name == "lm_head.weight")
 
-  params = checkpoint.assemble(
+  params = assemble.assemble(
       config, NAMES, files, shape_of=lambda n: tuple(handle(n).get_slice(n).get_shape()),
       read=lambda n: np.asarray(handle(n).get_tensor(n), np.float32), where=str(directory), ignore=ignore,
-      dtype=param_dtype, finish=finish)
+      dtype=param_dtype, per_tensor=per_tensor)
   tokenizer = from_hf_dir(directory, bos_id=config.bos_id, eos_ids=config.eos_ids, pad_id=config.pad_id)
   return config, params, tokenizer

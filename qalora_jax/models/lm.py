@@ -27,7 +27,7 @@ from qalora_jax import assets, tree_paths
 from qalora_jax.files import atomic_dir, write_json
 from qalora_jax.models import gguf, hf, llama
 from qalora_jax.models.config import Config, RopeScaling
-from qalora_jax.models.quantize import Quantizing
+from qalora_jax.models.quantize import QuantizationRules
 from qalora_jax.models.tokenizer import Tokenizer
 from qalora_jax.quant import QMeta, QTensor
 
@@ -116,7 +116,7 @@ def saved_info(model: str | Path) -> dict | None:
   return json.loads((path / SAVED_JSON).read_text())["info"]
 
 
-def _load_saved(path: Path, dtype, param_dtype, quantizing, config_overrides) -> LanguageModel:
+def _load_saved(path: Path, dtype, param_dtype, rules, config_overrides) -> LanguageModel:
   spec = json.loads((path / SAVED_JSON).read_text())
   fields = dict(spec["config"])
   if fields.get("rope_scaling") is not None:
@@ -138,8 +138,8 @@ def _load_saved(path: Path, dtype, param_dtype, quantizing, config_overrides) ->
     if name not in owned:
       leaves[name] = a.astype(param_dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
   params = llama.stack_blocks(tree_paths.unflatten(leaves))
-  if quantizing is not None:  # on the stacked layout, whose paths the rules name
-    params = tree_paths.unflatten({p: quantizing(p, leaf) for p, leaf in tree_paths.flatten(params)})
+  if rules is not None:  # on the stacked layout, whose paths the rules name
+    params = tree_paths.unflatten({p: rules(p, leaf) for p, leaf in tree_paths.flatten(params)})
   if not config.scan_layers:
     params = llama.unstack_blocks(params)
   t = spec["tokenizer"]
@@ -157,22 +157,22 @@ def load(model: str | Path, dtype: str = "float32", param_dtype=np.float32, quan
   keeps a GGUF file's Q4_0 / Q4_1 / Q8_0 block linears and token table as the `int` QTensors they hold exactly
   (`gguf.load`; a regex keeps the parameter paths it matches only); further keywords replace Config fields (e.g. scan_layers=False, remat=True)."""
   path = resolve(model)
-  quantizing = None if quantize is None else Quantizing(quantize)
-  finish = None if quantizing is None else (lambda p, w: quantizing(p, jnp.asarray(w, param_dtype)))
+  rules = None if quantize is None else QuantizationRules(quantize)
+  per_tensor = None if rules is None else (lambda p, w: rules(p, jnp.asarray(w, param_dtype)))
   if path.is_dir() and (path / SAVED_JSON).is_file():
-    lm = _load_saved(path, dtype, param_dtype, quantizing, config_overrides)
-    if quantizing is not None:
-      quantizing.summary()
+    lm = _load_saved(path, dtype, param_dtype, rules, config_overrides)
+    if rules is not None:
+      rules.summary()
     return lm
   if path.is_dir():
-    config, params, tokenizer = hf.load(path, dtype=dtype, param_dtype=param_dtype, finish=finish,
+    config, params, tokenizer = hf.load(path, dtype=dtype, param_dtype=param_dtype, per_tensor=per_tensor,
                                         **config_overrides)
   elif path.suffix == ".gguf":
-    config, params, tokenizer = gguf.load(path, dtype=dtype, param_dtype=param_dtype, finish=finish,
+    config, params, tokenizer = gguf.load(path, dtype=dtype, param_dtype=param_dtype, per_tensor=per_tensor,
                                           keep_quantized=keep_quantized, **config_overrides)
   else:
     raise ValueError(f"model={str(model)!r} is not supported: {path.name} is neither a .gguf file nor a "
                      f"directory; allowed: {', '.join(model_names())}, a .gguf file, or a Hugging Face model directory")
-  if quantizing is not None:
-    quantizing.summary()  # every rule matched a weight
+  if rules is not None:
+    rules.summary()  # every rule matched a weight
   return LanguageModel(config, params, tokenizer)

@@ -77,7 +77,7 @@ def nbytes(leaf) -> int:
   return int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
 
 
-class Quantizing:
+class QuantizationRules:
   """Applies quantization rules leaf by leaf, `leaf = q(path, leaf)`, and keeps the statistics for
   `summary()`. `quantize_params` runs it over a tree; `models.load(..., quantize=rules)` runs it on each
   weight as it is read, so that the float model is never whole in memory."""
@@ -141,7 +141,7 @@ def quantize_params(params: dict, rules: Quantizer | Sequence[Rule] | None = Non
   `rules` is a list of (regex, quantizer or None), or a single quantizer meaning [(BLOCK_LINEARS, quantizer)].
   A rule that matches no path, or matches a leaf that is not a matrix, is an error.
   """
-  q = Quantizing(rules)
+  q = QuantizationRules(rules)
   leaves = {path: q(path, leaf) for path, leaf in flatten(params)}
   return unflatten(leaves), q.summary()
 

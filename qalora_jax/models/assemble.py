@@ -55,7 +55,7 @@ def assemble(config: Config, names: Mapping[str, str], available: Iterable[str],
              shape_of: Callable[[str], tuple[int, ...]], read: Callable[[str], np.ndarray], where: str,
              ignore: Callable[[str], bool] = lambda name: False,
              transform: Callable[[str, str, np.ndarray], np.ndarray] | None = None,
-             dtype=jnp.float32, finish: Callable[[str, np.ndarray], object] | None = None) -> dict:
+             dtype=jnp.float32, per_tensor: Callable[[str, np.ndarray], object] | None = None) -> dict:
   """The parameter tree of `config` from a checkpoint.
 
   Args:
@@ -66,9 +66,9 @@ def assemble(config: Config, names: Mapping[str, str], available: Iterable[str],
     where: the checkpoint, for error messages.
     ignore: names that may be present without being used (e.g. rotary tables, a tied head's copy).
     transform: (path, name, array) -> array, applied before the [out, in] -> [in, out] transpose.
-    finish: (path, float32 array in the final layout) -> the leaf (default: the array in `dtype`); called on
+    per_tensor: (path, float32 array in the final layout) -> the leaf (default: the array in `dtype`); called on
       each matrix as it is read (one layer of a block parameter at a time; the stacked layout stacks the
-      results), so a quantizing `finish` never holds more than one float matrix.
+      results), so a quantizing `per_tensor` never holds more than one float matrix.
   """
   expected = expected_tensors(config, names)
   available = list(available)
@@ -87,7 +87,7 @@ def assemble(config: Config, names: Mapping[str, str], available: Iterable[str],
   if mismatched:
     raise CheckpointError(f"{where}: tensors with the wrong shape ({len(mismatched)}): {_listing(mismatched)}")
 
-  finish = finish or (lambda path, w: jnp.asarray(w, dtype))
+  per_tensor = per_tensor or (lambda path, w: jnp.asarray(w, dtype))
 
   def tensor(name, path):
     w = np.asarray(read(name), np.float32)
@@ -101,11 +101,11 @@ def assemble(config: Config, names: Mapping[str, str], available: Iterable[str],
   leaves = {}
   for path, entries in by_path.items():
     if entries[0][1] is None:
-      leaves[path] = finish(path, tensor(entries[0][0], path))
+      leaves[path] = per_tensor(path, tensor(entries[0][0], path))
       continue
     done = [None] * config.num_layers
     for name, layer in sorted(entries, key=lambda e: e[1]):
-      done[layer] = finish(path, tensor(name, path))
+      done[layer] = per_tensor(path, tensor(name, path))
     if config.scan_layers:  # stacked layout: one leaf (arrays or QTensors) with a leading layer axis
       leaves[path] = jax.tree.map(lambda *xs: jnp.stack(xs), *done)
     else:  # per-layer layout: blocks/<i>/...
