@@ -93,8 +93,13 @@ def _sweep(args) -> int:
 
 
 def _table(args) -> int:
+  from pathlib import Path
+
   from qalora_jax.eval import tables
 
+  if args.readme and not Path(args.readme).is_file():
+    raise ValueError(f"--readme {args.readme}: no such file; allowed: a Markdown file with a block "
+                     f"'<!-- generated from PATH by COMMAND -->' naming a file the table writes")
   spec = None
   if args.rows or args.columns or args.value:
     spec = {"rows": (args.rows or "name").split(",")}
@@ -104,6 +109,10 @@ def _table(args) -> int:
       spec["value"] = args.value.split(",")
     spec = [spec]
   print(tables.write(args.workdir, spec, None if not spec else [], args.out))
+  if args.readme:
+    from qalora_jax import readme
+
+    readme.fill(args.readme, under=args.out or args.workdir)
   return 0
 
 
@@ -453,6 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--columns", help="a field whose values become columns (e.g. group_size)")
   p.add_argument("--value", help="metric(s) shown, comma-separated (e.g. merged_ppl)")
   p.add_argument("--out", help="output directory (default: the sweep directory)")
+  p.add_argument("--readme", help="a Markdown file whose blocks '<!-- generated from PATH by COMMAND -->' ... "
+                                  "'<!-- end -->' naming a file written here (e.g. tables.md) are refilled from it")
   p.set_defaults(run=_table)
 
   p = sub.add_parser("bench", help="speed and memory figures (one JSON line): train | decode | peaks",
