@@ -16,7 +16,7 @@ import pytest
 from qalora_jax import cli, data
 from qalora_jax.eval import tables
 from qalora_jax.train import config as config_lib
-from qalora_jax.train import loop, sweep
+from qalora_jax.train import loop, sweep, workdir_lock
 
 SWEEP = "configs/sweeps/tiny.py"
 quiet = lambda message: None  # noqa: E731
@@ -78,7 +78,8 @@ RESUMABLE = ('{"config": "configs/tiny.py", "overrides": {"steps": 12, "checkpoi
 
 
 def test_killed_sweep_resumes_to_the_uninterrupted_table(tmp_path, capsys):
-  """Also the training loop's exact resume: the killed cell ends with the uninterrupted cell's adapters."""
+  """Also the training loop's exact resume: the killed cell ends with the uninterrupted cell's adapters, and its
+  lock (left by the killed process) is taken over."""
   spec = write_sweep(tmp_path, RESUMABLE)
   reference = tmp_path / "reference"
   assert cli.main(["sweep", "--config", spec, "--workdir", str(reference)]) == 0
@@ -96,9 +97,12 @@ def test_killed_sweep_resumes_to_the_uninterrupted_table(tmp_path, capsys):
   proc.wait()
   first = killed / "cells" / "bits=4" / "result.json"
   assert first.exists() and not (second / "result.json").exists()
+  assert not (first.parent / workdir_lock.LOCK_FILE).exists() and workdir_lock.holder(second)["pid"] == proc.pid
   mtime = first.stat().st_mtime_ns
   assert cli.main(["sweep", "--config", spec, "--workdir", str(killed)]) == 0
-  assert json.loads(capsys.readouterr().out) == {"done": 1, "skipped": 1, "failed": 0}
+  out, err = capsys.readouterr()
+  assert json.loads(out) == {"done": 1, "skipped": 1, "running": 0, "failed": 0}
+  assert f"taking over the lock of {second} left by a run that ended without releasing it (pid {proc.pid} " in err
   assert first.stat().st_mtime_ns == mtime  # the finished cell is not re-run
   _, ref_trained, ref_step = loop.restore(reference / "cells" / "bits=2", log=lambda m: None)
   _, trained, step = loop.restore(second, log=lambda m: None)
@@ -128,7 +132,7 @@ def test_failed_cell_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
   s = sweep.load(write_sweep(tmp_path, '{"config": "configs/tiny.py", "overrides": {"steps": 2}, '
                                        '"product": {"adapter.rank": [2, 4]}}'))
   outcome = sweep.run(s, tmp_path / "w", progress=False, log=lambda m: None)
-  assert outcome == {"done": ["rank=4"], "skipped": [], "failed": ["rank=2"]}
+  assert outcome == {"done": ["rank=4"], "skipped": [], "running": [], "failed": ["rank=2"]}
   error = json.loads((tmp_path / "w" / "cells" / "rank=2" / "error.json").read_text())
   assert error["error"] == "RuntimeError: out of memory"
   text = tables.write(tmp_path / "w")

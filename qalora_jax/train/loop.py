@@ -7,6 +7,8 @@ evaluation), checkpoints/ (orbax: trainable leaves + optimizer state + step) and
 (the trained leaves alone) and result.json.
 A workdir that already holds a checkpoint of the same config is resumed; batches and dropout keys are pure
 functions of (seed, step), so a resumed run computes exactly what an uninterrupted one would.
+One run at a time uses a workdir: a second run on it is refused while the first lives (`workdir_lock`; the
+lock of a killed run is taken over, so a killed run resumes). In a multi-host run, process 0 writes the files.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from qalora_jax.files import write_json
 from qalora_jax.models import llama
 from qalora_jax.train import checkpoints
 from qalora_jax.train import mesh as mesh_lib
+from qalora_jax.train import workdir_lock
 from qalora_jax.train.config import base_config, flat, from_json, quantizer_from_spec, validate
 from qalora_jax.train.partition import partition
 from qalora_jax.train.step import make_optimizer, make_train_step
@@ -382,14 +385,23 @@ def restore(workdir: str | Path, log=print) -> tuple[Run, dict, int]:
 
 def run(cfg: ml_collections.ConfigDict, workdir: str | Path, *, overwrite: bool = False, progress: bool = True,
         log=print) -> dict:
-  """Trains `cfg` in `workdir` (resuming when it holds a checkpoint) and returns the result dict."""
+  """Trains `cfg` in `workdir` (resuming when it holds a checkpoint) and returns the result dict. Raises
+  workdir_lock.WorkdirBusy, before anything in the workdir is written, while another run uses it."""
   validate(cfg)
   mesh = mesh_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
   mesh_lib.check_batch(cfg.data.batch_size, cfg.optim.accum_steps, mesh)
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  _check_workdir(workdir, cfg, overwrite)
-  write_json(workdir / "config.json", _config_json(cfg))
+  with workdir_lock.locked(workdir, log):
+    return _run_locked(cfg, workdir, mesh, overwrite, progress, log)
+
+
+def _run_locked(cfg, workdir: Path, mesh, overwrite: bool, progress: bool, log) -> dict:
+  """`run` inside the workdir's lock."""
+  primary = jax.process_index() == 0  # the process that writes the run's files
+  if primary:
+    _check_workdir(workdir, cfg, overwrite)
+    write_json(workdir / "config.json", _config_json(cfg))
   t_start = time.time()
 
   r = build(cfg, log)
@@ -412,14 +424,16 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path, *, overwrite: bool 
     state = restored
     log(f"resuming from step {start}")
     base_ppl = json.loads(metrics_path.read_text().splitlines()[0])["base_ppl"]
-    _truncate_metrics(metrics_path, start)
+    if primary:
+      _truncate_metrics(metrics_path, start)
   else:
     start = 0
     base_ppl = evaluate_ppl(lm, r.base_params(), held_ids, window)
     log(f"held-out perplexity of the base: {base_ppl:.3f}")
     if cfg.sample_prompt:
       log(f"sample before training: {cfg.sample_prompt!r} -> {sample(r, r.base_params())!r}")
-    metrics_path.write_text(json.dumps({"step": 0, "base_ppl": base_ppl}) + "\n")
+    if primary:
+      metrics_path.write_text(json.dumps({"step": 0, "base_ppl": base_ppl}) + "\n")
 
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
   bar = tqdm(total=cfg.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
@@ -480,7 +494,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path, *, overwrite: bool 
   }
   if requantized:
     result["requantized_ppl"] = requantized
-  write_json(workdir / "result.json", result)
+  if primary:
+    write_json(workdir / "result.json", result)
   log(f"held-out perplexity: base {base_ppl:.3f} -> trained {ppl:.3f} -> merged {merged_ppl:.3f}")
   return result
 

@@ -18,8 +18,9 @@ Cell keys are dotted config fields (checked against the schema before anything r
 a row without training, which no seed changes). The runs of one cell with different seeds share its name,
 and `qalora table` reports their mean ± standard deviation. Cell i runs in DIR/cells/<name, product values
 and seed>/ through
-`loop.run`: a cell with a result.json is skipped, one with checkpoints resumes from them, and one that
-fails gets an error.json while the sweep goes on. `shard=(i, n)` runs every n-th cell, starting at i, so
+`loop.run`: a cell with a result.json is skipped, one with checkpoints resumes from them, one that another
+process is running (its workdir is locked: a repeated shard, a resubmitted job) is skipped as "running" and
+left untouched, and one that fails gets an error.json while the sweep goes on. `shard=(i, n)` runs every n-th cell, starting at i, so
 that machines or a scheduler's array jobs share a sweep.
 """
 
@@ -39,6 +40,7 @@ from qalora_jax.files import write_json
 from qalora_jax.train import config as config_lib
 from qalora_jax.train import loop
 from qalora_jax.train import mesh as mesh_lib
+from qalora_jax.train import workdir_lock
 
 SWEEP_KEYS = ("config", "overrides", "cells", "product", "seeds", "tables", "plots")
 
@@ -147,7 +149,8 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 def run(sweep: Sweep, workdir: str | Path, shard: tuple[int, int] = (0, 1), progress: bool = True,
         log=print) -> dict[str, list[str]]:
-  """Runs the sweep's cells of this shard; returns the cell names by outcome (done, skipped, failed)."""
+  """Runs the sweep's cells of this shard; returns the cell names by outcome: done, skipped (finished before),
+  running (by another process, which holds the cell's lock) and failed."""
   workdir = Path(workdir)
   configs = [cell_config(sweep, c) for c in sweep.cells]
   for cell, cfg in zip(sweep.cells, configs):
@@ -158,7 +161,7 @@ def run(sweep: Sweep, workdir: str | Path, shard: tuple[int, int] = (0, 1), prog
       raise ValueError(f"sweep cell {cell.name!r}: {e}") from None
   workdir.mkdir(parents=True, exist_ok=True)
   write_json(workdir / "sweep.json", sweep.to_json())
-  outcome = {"done": [], "skipped": [], "failed": []}
+  outcome = {"done": [], "skipped": [], "running": [], "failed": []}
   mine = [i for i in range(len(sweep.cells)) if i % shard[1] == shard[0]]
   for n, i in enumerate(mine):
     cell, cfg = sweep.cells[i], configs[i]
@@ -171,6 +174,10 @@ def run(sweep: Sweep, workdir: str | Path, shard: tuple[int, int] = (0, 1), prog
     t0 = time.time()
     try:
       result = loop.run(cfg, celldir, progress=progress, log=log)
+    except workdir_lock.WorkdirBusy as e:  # the holder's cell: nothing in it is touched
+      outcome["running"].append(cell.name)
+      log(f"[{n + 1}/{len(mine)}] {cell.name}: running elsewhere, skipped ({e})")
+      continue
     except Exception as e:  # noqa: BLE001 - a failed cell is recorded and the sweep goes on
       celldir.mkdir(parents=True, exist_ok=True)
       write_json(celldir / "error.json", {"cell": cell.name, "error": f"{type(e).__name__}: {e}",
