@@ -1,6 +1,8 @@
-"""Generated blocks in Markdown documents hold their files exactly (qalora_jax.readme)."""
+"""README figures come from committed results: generated blocks hold their files, those files are what their
+results give, and every figure quoted in prose is what its result gives (experiments/readme_figures.py)."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,10 +10,18 @@ import pytest
 from qalora_jax import readme
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+import readme_figures  # noqa: E402
 
 
-def test_readme_holds_the_committed_performance_tables():
-  assert readme.check_blocks(ROOT / "README.md", "README.md") == []
+def test_every_readme_figure_is_its_committed_result():
+  problems = readme_figures.problems()
+  assert not problems, "\n".join(problems + ["python experiments/readme_figures.py refills the generated blocks"])
+
+
+def test_the_documents_have_their_generated_blocks():
+  sources = {b.source for doc in readme_figures.DOCS for b in readme.blocks((ROOT / doc).read_text(), doc)}
+  assert {"experiments/perf/perf_vs_peers.md", "tables.md"} <= sources
 
 
 DOC = """# Results
