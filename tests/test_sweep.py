@@ -17,6 +17,7 @@ from qalora_jax import cli, data
 from qalora_jax.eval import tables
 from qalora_jax.train import config as config_lib
 from qalora_jax.train import loop, sweep, workdir_lock
+from test_tensorboard import assert_events_match_metrics
 
 SWEEP = "configs/sweeps/tiny.py"
 quiet = lambda message: None  # noqa: E731
@@ -78,8 +79,8 @@ RESUMABLE = ('{"config": "configs/tiny.py", "overrides": {"steps": 12, "checkpoi
 
 
 def test_killed_sweep_resumes_to_the_uninterrupted_table(tmp_path, capsys):
-  """Also the training loop's exact resume: the killed cell ends with the uninterrupted cell's adapters, and its
-  lock (left by the killed process) is taken over."""
+  """Also the training loop's exact resume: the killed cell ends with the uninterrupted cell's adapters, its
+  lock (left by the killed process) is taken over, and its TensorBoard events hold what its metrics.jsonl holds."""
   spec = write_sweep(tmp_path, RESUMABLE)
   reference = tmp_path / "reference"
   assert cli.main(["sweep", "--config", spec, "--workdir", str(reference)]) == 0
@@ -111,6 +112,7 @@ def test_killed_sweep_resumes_to_the_uninterrupted_table(tmp_path, capsys):
     assert float(np.abs(np.asarray(a) - np.asarray(b)).max()) <= 1e-6
   losses = lambda d: [(m["step"], m["loss"]) for m in map(json.loads, open(d / "metrics.jsonl")) if "loss" in m]  # noqa: E731
   np.testing.assert_allclose(np.array(losses(second)), np.array(losses(reference / "cells" / "bits=2")), rtol=1e-6)
+  assert_events_match_metrics(second)
   assert cli.main(["table", "--workdir", str(killed)]) == 0
   assert (killed / "tables.md").read_text() == (reference / "tables.md").read_text()
   assert (killed / "tables" / "by_bits.csv").read_text() == (reference / "tables" / "by_bits.csv").read_text()

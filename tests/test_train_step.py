@@ -102,3 +102,22 @@ def test_masked_positions_do_not_count():
 def test_bad_schedule():
   with pytest.raises(ValueError, match="schedule='linear' is not supported; allowed: constant, cosine"):
     train.make_optimizer(1e-3, schedule="linear")
+
+
+@pytest.mark.parametrize("schedule, warmup, expected", [
+    ("constant", 0, [1e-2, 1e-2, 1e-2, 1e-2]),
+    ("constant", 2, [0.0, 5e-3, 1e-2, 1e-2]),  # a linear warmup from 0 over 2 updates
+    ("cosine", 1, [0.0, 1e-2, 5e-3, 0.0]),  # then a cosine decay to 0 at total_steps = 3
+])
+def test_learning_rate_at_is_the_rate_of_that_update(schedule, warmup, expected):
+  """The k-th AdamW update (k from 0) of a constant gradient, without clipping or decay, moves by its rate (Adam's
+  normalised step of a constant gradient is 1, up to float32 rounding of the bias corrections)."""
+  kwargs = dict(total_steps=3, warmup_steps=warmup, schedule=schedule)
+  lr = train.step.learning_rate_schedule(1e-2, **kwargs)
+  assert [train.step.learning_rate_at(lr, k) for k in range(4)] == pytest.approx(expected, abs=1e-9)
+  optimizer = train.step.make_optimizer(1e-2, max_grad_norm=None, **kwargs)
+  params = jnp.zeros(())
+  state = optimizer.init(params)
+  for k in range(4):
+    updates, state = optimizer.update(jnp.ones(()), state, params)
+    assert float(-updates) == pytest.approx(train.step.learning_rate_at(lr, k), rel=1e-4, abs=1e-9)

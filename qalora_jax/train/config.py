@@ -36,6 +36,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 50
   c.sample_prompt = ""  # when set, a greedy continuation is printed before and after training
   c.sample_tokens = 32
+  # Also write metrics.jsonl's scalars (loss, learning rate, gradient norm, tokens/s, perplexities) as TensorBoard
+  # events in WORKDIR/tensorboard/; False writes none (and creates no such directory).
+  c.tensorboard = True
   # Modules to import before the quantizers are looked up: module names or .py paths (relative to the working
   # directory) that register quantizers defined outside qalora_jax.quant, e.g. ("my_quantizers/pow2.py",).
   c.imports = ()

@@ -3,8 +3,11 @@
     result = run(config, workdir)
 
 The workdir holds config.json (the resolved config), metrics.jsonl (one line per logged step and per
-evaluation), checkpoints/ (orbax: trainable leaves + optimizer state + step) and, at the end, adapters/
-(the trained leaves alone) and result.json.
+evaluation: {"step": 0, "base_ppl"}, {"step", "loss", "grad_norm", "tokens_per_s", "learning_rate"},
+{"step", "eval_ppl"} every config.eval_every steps, and {"step": steps, "ppl", "merged_ppl"} at the end),
+tensorboard/ (the same scalars as TensorBoard events, unless config.tensorboard is off; see `MetricsLog`),
+checkpoints/ (orbax: trainable leaves + optimizer state + step) and, at the end, adapters/ (the trained leaves
+alone) and result.json.
 A workdir that already holds a checkpoint of the same config is resumed; batches and dropout keys are pure
 functions of (seed, step), so a resumed run computes exactly what an uninterrupted one would.
 One run at a time uses a workdir: a second run on it is refused while the first lives (`workdir_lock`; the
@@ -37,7 +40,10 @@ from qalora_jax.train import mesh as mesh_lib
 from qalora_jax.train import workdir_lock
 from qalora_jax.train.config import base_config, flat, from_json, quantizer_from_spec, validate
 from qalora_jax.train.partition import partition
-from qalora_jax.train.step import make_optimizer, make_train_step
+from qalora_jax.train.step import learning_rate_at, learning_rate_schedule, make_optimizer, make_train_step
+
+TENSORBOARD_DIR = "tensorboard"
+FINAL_KEYS = ("ppl", "merged_ppl")  # the last line of metrics.jsonl: the trained and the merged model
 
 
 class NonFiniteLoss(RuntimeError):
@@ -237,14 +243,15 @@ def _check_workdir(workdir: Path, cfg, overwrite: bool) -> None:
     old, new = flat(json.loads(saved.read_text())), flat(_config_json(cfg))
     # a field added to the schema after the run was written counts as its default there
     defaults = {k: v for k, v in flat(_config_json(base_config())).items() if not k.startswith("base.options.")}
-    # the mesh may change between a run and its resumption: same computation, other devices
+    # the mesh may change between a run and its resumption (same computation, other devices), and so may the
+    # TensorBoard switch (what is written, not what is computed)
     diff = sorted(k for k in old.keys() | new.keys()
-                  if old.get(k, defaults.get(k)) != new.get(k) and not k.startswith("mesh."))
+                  if old.get(k, defaults.get(k)) != new.get(k) and not k.startswith("mesh.") and k != "tensorboard")
     if diff:
       raise ValueError(f"workdir {workdir} holds a run with a different config (differs in: {', '.join(diff)}); "
                        f"use another workdir or --overwrite")
   if overwrite and workdir.exists():
-    for name in ("checkpoints", "adapters"):
+    for name in ("checkpoints", "adapters", TENSORBOARD_DIR):
       shutil.rmtree(workdir / name, ignore_errors=True)
     for name in ("metrics.jsonl", "result.json"):
       (workdir / name).unlink(missing_ok=True)
@@ -416,6 +423,8 @@ def _run_locked(cfg, workdir: Path, mesh, overwrite: bool, progress: bool, log) 
   frozen = mesh_lib.put(frozen, mesh_lib.param_shardings(frozen, mesh))
   r = dataclasses.replace(r, frozen=frozen)
   step_fn = jax.jit(step_fn, donate_argnums=0, out_shardings=(state_shardings, None))
+  lr = learning_rate_schedule(cfg.optim.learning_rate, total_steps=cfg.steps, warmup_steps=cfg.optim.warmup_steps,
+                              schedule=cfg.optim.schedule)
 
   mgr = checkpoints.manager(workdir / "checkpoints")
   start, restored = checkpoints.restore_latest(mgr, state, report=log)
@@ -433,13 +442,15 @@ def _run_locked(cfg, workdir: Path, mesh, overwrite: bool, progress: bool, log) 
     if cfg.sample_prompt:
       log(f"sample before training: {cfg.sample_prompt!r} -> {sample(r, r.base_params())!r}")
     if primary:
-      metrics_path.write_text(json.dumps({"step": 0, "base_ppl": base_ppl}) + "\n")
+      metrics_path.write_text("")  # a fresh run (lines of an earlier attempt without checkpoints are dropped)
 
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
   bar = tqdm(total=cfg.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
   t_loop, steps_timed, compile_s = None, 0, None
   last_saved = start
-  with open(metrics_path, "a") as metrics_file:
+  with MetricsLog(workdir, tensorboard=cfg.tensorboard, write=primary) as metrics:
+    if restored is None:
+      metrics.write({"step": 0, "base_ppl": base_ppl})
     for step in range(start, cfg.steps):
       batch = mesh_lib.put(data.batch_at(blocks, cfg.data.batch_size, cfg.seed, step, mask),
                            mesh_lib.batch_sharding(mesh))
@@ -460,23 +471,21 @@ def _run_locked(cfg, workdir: Path, mesh, overwrite: bool, progress: bool, log) 
       bar.update(1)
       done = step + 1
       if done % cfg.log_every == 0 or done == cfg.steps:
-        metrics_file.write(json.dumps({"step": done, "loss": loss, "grad_norm": float(m["grad_norm"]),
-                                       "tokens_per_s": tok_s}) + "\n")
-        metrics_file.flush()
+        metrics.write({"step": done, "loss": loss, "grad_norm": float(m["grad_norm"]), "tokens_per_s": tok_s,
+                       "learning_rate": learning_rate_at(lr, step)})
       if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
-        ppl = evaluate_ppl(lm, r.params(state.trainable), held_ids, window)
-        metrics_file.write(json.dumps({"step": done, "eval_ppl": ppl}) + "\n")
-        metrics_file.flush()
+        metrics.write({"step": done, "eval_ppl": evaluate_ppl(lm, r.params(state.trainable), held_ids, window)})
       if done % cfg.checkpoint_every == 0 or done == cfg.steps:
         checkpoints.save(mgr, done, state)
         last_saved = done
-  bar.close()
-  train_s = time.time() - t_loop if t_loop else 0.0
-  checkpoints.save_adapters(workdir / "adapters", cfg.steps, state.trainable)
+    bar.close()
+    train_s = time.time() - t_loop if t_loop else 0.0
+    checkpoints.save_adapters(workdir / "adapters", cfg.steps, state.trainable)
 
-  ppl = evaluate_ppl(lm, r.params(state.trainable), held_ids, window)
-  merged = r.merged(state.trainable)
-  merged_ppl = evaluate_ppl(lm, merged, held_ids, window)
+    ppl = evaluate_ppl(lm, r.params(state.trainable), held_ids, window)
+    merged = r.merged(state.trainable)
+    merged_ppl = evaluate_ppl(lm, merged, held_ids, window)
+    metrics.write({"step": cfg.steps, "ppl": ppl, "merged_ppl": merged_ppl})
   if cfg.sample_prompt:
     log(f"sample after training (merged): {cfg.sample_prompt!r} -> {sample(r, merged)!r}")
   requantized = {spec: requantized_ppl(r, state.trainable, spec, held_ids, window) for spec in cfg.requantize}
@@ -500,14 +509,67 @@ def _run_locked(cfg, workdir: Path, mesh, overwrite: bool, progress: bool, log) 
   return result
 
 
+class MetricsLog:
+  """metrics.jsonl, one JSON line per record ({"step": s, name: value, ...}), mirrored as TensorBoard events
+  in WORKDIR/tensorboard/ (tensorboardX): each name a scalar tag with the record's step.
+
+  The events are a copy of metrics.jsonl: opening the log removes the events directory and writes the lines
+  already in metrics.jsonl anew (a resumed run's lines, truncated to its checkpoint), so the events hold each
+  (tag, step) once, as metrics.jsonl does, whatever a killed run had written or left unflushed; the
+  replayed events carry the time of the replay. With `tensorboard` off nothing is written there (an events
+  directory of an earlier run is left as it is); with `write` off (the other processes of a multi-host run)
+  nothing is written at all."""
+
+  def __init__(self, workdir: Path, tensorboard: bool = True, write: bool = True):
+    self.path = Path(workdir) / "metrics.jsonl"
+    self.file = open(self.path, "a") if write else None
+    self.events = None
+    if write and tensorboard:
+      from tensorboardX import SummaryWriter
+
+      events_dir = Path(workdir) / TENSORBOARD_DIR
+      shutil.rmtree(events_dir, ignore_errors=True)
+      self.events = SummaryWriter(str(events_dir), flush_secs=10)
+      for line in self.path.read_text().splitlines():
+        self._add_events(json.loads(line))
+
+  def _add_events(self, record: dict) -> None:
+    for name, value in record.items():
+      if name != "step":
+        self.events.add_scalar(name, value, global_step=record["step"])
+
+  def write(self, record: dict) -> None:
+    """Appends `record` (a "step" and scalars) to metrics.jsonl and to the events."""
+    if self.file is None:
+      return
+    self.file.write(json.dumps(record) + "\n")
+    self.file.flush()
+    if self.events is not None:
+      self._add_events(record)
+
+  def close(self) -> None:
+    if self.file is not None:
+      self.file.close()
+    if self.events is not None:
+      self.events.close()
+
+  def __enter__(self) -> MetricsLog:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
 def sample(r: Run, params: dict) -> str:
   """Greedy continuation of the config's sample prompt."""
   return models.generate(r.lm, [r.cfg.sample_prompt], r.cfg.sample_tokens, params=params)[0]
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-  """Drops metric lines logged after `step` (a resumed run logs them again); rewrites atomically."""
-  lines = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+  """Drops metric lines logged after `step` and the final evaluation's line (a resumed run logs them again);
+  rewrites atomically."""
+  keep = lambda record: record.get("step", 0) <= step and not set(FINAL_KEYS) & record.keys()  # noqa: E731
+  lines = [line for line in path.read_text().splitlines() if keep(json.loads(line))]
   tmp = path.with_name(f".{path.name}.tmp")
   tmp.write_text("".join(line + "\n" for line in lines))
   tmp.replace(path)

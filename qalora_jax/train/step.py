@@ -27,18 +27,32 @@ class TrainState:
   opt_state: optax.OptState
 
 
+def learning_rate_schedule(learning_rate: float, *, total_steps: int = 1, warmup_steps: int = 0,
+                           schedule: str = "constant") -> optax.Schedule | float:
+  """The learning rate of the update at each step (0-based): a linear warmup from 0 over `warmup_steps`, then
+  constant or a cosine decay to 0 at `total_steps`. A constant rate without warmup is the float itself (optax
+  then keeps no step count in the optimizer state)."""
+  if schedule == "constant":
+    if not warmup_steps:
+      return learning_rate
+    return optax.join_schedules([optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1)),
+                                 optax.constant_schedule(learning_rate)], [warmup_steps])
+  if schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, max(total_steps, warmup_steps + 1))
+  raise ValueError(f"schedule={schedule!r} is not supported; allowed: constant, cosine")
+
+
+def learning_rate_at(lr: optax.Schedule | float, step: int) -> float:
+  """The rate of `learning_rate_schedule` applied by the update at `step` (0-based: the step-th update)."""
+  return float(lr(step)) if callable(lr) else float(lr)
+
+
 def make_optimizer(learning_rate: float, *, total_steps: int = 1, warmup_steps: int = 0, schedule: str = "constant",
                    max_grad_norm: float | None = 0.3, weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999
                    ) -> optax.GradientTransformation:
   """AdamW with global-norm clipping (the QA-LoRA / QLoRA default 0.3) and a constant or cosine schedule
-  after a linear warmup."""
-  if schedule == "constant":
-    lr = optax.join_schedules([optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1)),
-                               optax.constant_schedule(learning_rate)], [warmup_steps]) if warmup_steps else learning_rate
-  elif schedule == "cosine":
-    lr = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, max(total_steps, warmup_steps + 1))
-  else:
-    raise ValueError(f"schedule={schedule!r} is not supported; allowed: constant, cosine")
+  after a linear warmup (`learning_rate_schedule`)."""
+  lr = learning_rate_schedule(learning_rate, total_steps=total_steps, warmup_steps=warmup_steps, schedule=schedule)
   parts = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm else []
   parts.append(optax.adamw(lr, b1=b1, b2=b2, weight_decay=weight_decay))
   return optax.chain(*parts)
