@@ -11,7 +11,8 @@ alone) and result.json.
 A workdir that already holds a checkpoint of the same config is resumed; batches and dropout keys are pure
 functions of (seed, step), so a resumed run computes exactly what an uninterrupted one would.
 One run at a time uses a workdir: a second run on it is refused while the first lives (`workdir_lock`; the
-lock of a killed run is taken over, so a killed run resumes). In a multi-host run, process 0 writes the files.
+lock of a killed run is taken over, so a killed run resumes). In a multi-host run, process 0 alone writes
+config.json, metrics.jsonl, the events and result.json.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ JSON so that a refused run can name it. The kernel drops a flock when its proces
 notice naming the process that left it) and resumes. A run that ends normally removes the file.
 
 Multi-host runs (jax.distributed: every process runs the same command on the same, shared workdir): process 0
-alone takes the lock (only process 0 writes the run's files), and its outcome is broadcast to the other
+alone takes the lock (process 0 writes config.json, metrics.jsonl, the events and result.json; orbax
+coordinates the checkpoints), and its outcome is broadcast to the other
 processes, so the processes of one run never refuse each other, and all processes of a second run refuse
 together before any of them writes.
 
