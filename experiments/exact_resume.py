@@ -19,7 +19,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from qalora_jax.train import loop
+from qalora_jax.train import experiment
 
 
 def train(workdir, steps, checkpoint_every):
@@ -54,8 +54,8 @@ def main():
   killed_at = max((int(p.name) for p in (out / "killed" / "checkpoints").iterdir() if p.name.isdigit()), default=0)
   subprocess.run(train(out / "killed", args.steps, every), check=True, stdout=subprocess.DEVNULL,
                  stderr=subprocess.DEVNULL)
-  _, a, _ = loop.restore(out / "uninterrupted", log=lambda m: None)
-  _, b, _ = loop.restore(out / "killed", log=lambda m: None)
+  _, a, _ = experiment.restore(out / "uninterrupted", log=lambda m: None)
+  _, b, _ = experiment.restore(out / "killed", log=lambda m: None)
   diff = max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
   ra = json.loads((out / "uninterrupted" / "result.json").read_text())
   rb = json.loads((out / "killed" / "result.json").read_text())

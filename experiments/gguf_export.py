@@ -40,7 +40,7 @@ import transformers
 from qalora_jax import assets, models, quant, tree_paths
 from qalora_jax.export.gguf import export_gguf
 from qalora_jax.train import config as config_lib
-from qalora_jax.train import loop
+from qalora_jax.train import experiment, loop
 
 HERE = Path(__file__).parent
 
@@ -171,7 +171,7 @@ def main():
       t0 = time.time()
       cfg = config_lib.load("configs/quickstart.py", [f"--config.steps={args.steps}",
                                                       f"--config.base.options.group_size={g}"])
-      r = loop.build(cfg, log=lambda m: None)
+      r = experiment.build(cfg, log=lambda m: None)
       state, held = loop.train_steps(r, args.steps)
       merged = r.merged(state.trainable)
       base = dict(tree_paths.flatten(r.base_params()))

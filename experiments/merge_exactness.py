@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from qalora_jax import models, nn
 from qalora_jax.train import config as config_lib
-from qalora_jax.train import loop
+from qalora_jax.train import experiment, loop
 
 
 def main():
@@ -29,7 +29,7 @@ def main():
       t0 = time.time()
       cfg = config_lib.load("configs/quickstart.py", [f"--config.base.options.bits={bits}",
                                                       f"--config.base.options.scale_dtype={scale_dtype}"])
-      r = loop.build(cfg, log=lambda m: None)
+      r = experiment.build(cfg, log=lambda m: None)
       state, held = loop.train_steps(r, args.steps)
       b_norm = float(sum(jnp.abs(a.b).max() for _, a in nn.trees.adapter_layers(r.adapters(state.trainable))))
       unmerged, merged = r.params(state.trainable), r.merged(state.trainable)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from qalora_jax import models, nn
 from qalora_jax.train import config as config_lib
-from qalora_jax.train import loop
+from qalora_jax.train import experiment, loop
 
 
 def main():
@@ -36,7 +36,7 @@ def main():
   cfg = config_lib.load(f"configs/qalora.py:bits={args.bits},group_size={args.group_size}", [
       "--config.base.quantizer=nf-offset", f"--config.base.options.scale_dtype={args.scale_dtype}",
       f"--config.optim.learning_rate={args.lr}", f"--config.steps={args.steps}"])
-  r = loop.build(cfg, log=lambda m: None)
+  r = experiment.build(cfg, log=lambda m: None)
   state, held = loop.train_steps(r, args.steps)
   unmerged, merged = r.params(state.trainable), r.merged(state.trainable)
   tokens = jnp.asarray(held[: 4 * 128].reshape(4, 128))

@@ -107,10 +107,10 @@ def train_config(method: str, model: str, batch: int, seq: int, dtype: str, rema
 def bench_train(method: str = "qalora", batch: int = 4, seq: int = 128, model: str = "smollm2-135m",
                 dtype: str = "float32", remat: bool = False, warmup: int = 2, repeats: int = 5,
                 matmul_dtype: str = "bfloat16", bits: int = 4, group_size: int = 32) -> dict:
-  from qalora_jax.train import loop
+  from qalora_jax.train import experiment
 
   cfg = train_config(method, model, batch, seq, dtype, remat, matmul_dtype, bits, group_size)
-  r = loop.build(cfg, log=lambda m: None)
+  r = experiment.build(cfg, log=lambda m: None)
   init, step = r.make_step()
   rng = np.random.default_rng(0)
   tokens = jnp.asarray(rng.integers(0, r.lm.config.vocab_size, (batch, seq + 1)), jnp.int32)
@@ -167,9 +167,8 @@ def bench_decode(method: str = "qalora-merged", new_tokens: int = 64, prompt: in
   from qalora_jax.models import generation, llama
 
   if model == "tiny":
-    from qalora_jax.train.loop import tiny_model
-
-    lm = tiny_model()
+    
+    lm = models.tiny_model()
   else:
     lm = models.load(model)
   params = llama.unstack_blocks(decode_params(method, lm, embedding))

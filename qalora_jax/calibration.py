@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +39,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from qalora_jax import assets, data
+from qalora_jax import data
 from qalora_jax.models import layers, llama
 from qalora_jax.models.config import Config, rope_frequencies
 from qalora_jax.nn.adapt_model import adapted_layers, calibrate_sequential, quantize_kernel
@@ -48,44 +47,27 @@ from qalora_jax.nn.modules import Frozen
 from qalora_jax.quant import Quantizer, QTensor
 from qalora_jax.quant.gptq import output_relative_error
 
-HELDOUT_PLAY = "romances/the-tempest"
-
-
-# ------------------------------------------------------------------------------------------------ data
-
-
-def _tokenized_plays(lm, corpus: str) -> dict[str, np.ndarray]:
-  root = assets.fetch(corpus) if corpus in assets.ASSETS else Path(corpus)
-  if not Path(root).is_dir():
-    raise ValueError(f"corpus={corpus!r} is not supported; allowed: an asset name ({', '.join(assets.ASSETS)}) "
-                     f"or a directory of <genre>/<play>.md files")
-  return data.load_plays(root)
-
-
-def calibration_tokens(lm, n_segments: int = 128, seq_len: int = 512, seed: int = 0,
-                       corpus: str = "shakespeare") -> np.ndarray:
+def calibration_tokens(lm, n_segments: int = 128, seq_len: int = 512, seed: int = 0, corpus: str = "shakespeare",
+                       heldout=data.HELDOUT_PLAYS) -> np.ndarray:
   """[n_segments, seq_len] int32: windows at uniformly random offsets (numpy Generator(seed)) of the training
-  plays (every play but the held-out The Tempest) joined with EOS, as the training data is."""
+  plays (every play but the held-out ones) joined with EOS, as the training data is."""
   if not (isinstance(n_segments, (int, np.integer)) and n_segments > 0):
     raise ValueError(f"n_segments={n_segments!r} is not supported; allowed: a positive integer")
   if not (isinstance(seq_len, (int, np.integer)) and 1 < seq_len <= lm.config.max_seq_len):
     raise ValueError(f"seq_len={seq_len!r} is not supported; allowed: an integer in 2..{lm.config.max_seq_len}")
-  train, _ = data.split_plays(_tokenized_plays(lm, corpus))
+  train, _ = data.split_plays(data.tokenized_plays(corpus, lm.tokenizer), tuple(heldout))
   eos = lm.config.eos_ids[0] if lm.config.eos_ids else 0
-  stream = np.concatenate([np.append(np.asarray(lm.tokenizer.encode(text), np.int32), eos)
-                           for text in train.values()])
+  stream = np.concatenate([np.append(ids, eos) for ids in train.values()]).astype(np.int32)
   if len(stream) <= seq_len:
     raise ValueError(f"seq_len={seq_len} is longer than the corpus ({len(stream)} tokens)")
   starts = np.random.default_rng(seed).integers(0, len(stream) - seq_len, size=n_segments)
   return np.stack([stream[s:s + seq_len] for s in starts]).astype(np.int32)
 
 
-def heldout_tokens(lm, n_tokens: int = 8192, corpus: str = "shakespeare") -> np.ndarray:
-  """The first `n_tokens` tokens of the held-out play (The Tempest), for perplexity."""
-  plays = _tokenized_plays(lm, corpus)
-  if HELDOUT_PLAY not in plays:
-    raise ValueError(f"corpus={corpus!r} has no {HELDOUT_PLAY}")
-  return np.asarray(lm.tokenizer.encode(plays[HELDOUT_PLAY]), np.int32)[:n_tokens]
+def heldout_tokens(lm, n_tokens: int = 8192, corpus: str = "shakespeare", heldout=data.HELDOUT_PLAYS) -> np.ndarray:
+  """The first `n_tokens` tokens of the held-out plays (The Tempest by default), for perplexity."""
+  _, held = data.split_plays(data.tokenized_plays(corpus, lm.tokenizer), tuple(heldout))
+  return np.concatenate(list(held.values()))[:n_tokens]
 
 
 def check_tokens(config: Config, tokens) -> np.ndarray:

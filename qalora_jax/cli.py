@@ -135,20 +135,20 @@ def _bench(args) -> int:
 
 
 def _eval_params(args):
-  from qalora_jax.train import loop
+  from qalora_jax.train import experiment
 
-  r, trainable, step = loop.restore(args.workdir, log=lambda m: print(m, file=sys.stderr))
+  r, trainable, step = experiment.restore(args.workdir, log=lambda m: print(m, file=sys.stderr))
   return r, (r.merged(trainable) if args.merged else r.params(trainable)), step
 
 
 def _heldout_ids(lm, info: dict):
   """A saved model's held-out tokens: its run's (when `qalora merge` wrote it), else The Tempest's first 8192."""
-  from qalora_jax.train import loop
+  from qalora_jax.train import experiment
 
   if info.get("run_config"):
     from qalora_jax.train.config import from_json
 
-    return loop.training_data(from_json(info["run_config"]), lm)[2]
+    return experiment.training_data(from_json(info["run_config"]), lm)[2]
   from qalora_jax import calibration
 
   return calibration.heldout_tokens(lm, 8192)
@@ -184,7 +184,7 @@ def _load_model(args):
 
 
 def _eval(args) -> int:
-  from qalora_jax.train import loop
+  from qalora_jax.train import experiment
 
   _check_matmuls(args)
   if args.model:  # any model; a merged directory counts as merged
@@ -212,11 +212,11 @@ def _eval(args) -> int:
   elif args.model:
     ids = _heldout_ids(lm, info)
   else:
-    _, _, ids = loop.training_data(r.cfg, r.lm)
+    _, _, ids = experiment.training_data(r.cfg, r.lm)
   if args.tokens:
     ids = ids[:args.tokens]
   window = min(args.window, lm.config.max_seq_len, len(ids))
-  ppl = loop.evaluate_ppl(lm, params, ids, window, matmul_dtype=args.matmul_dtype)
+  ppl = experiment.evaluate_ppl(lm, params, ids, window, matmul_dtype=args.matmul_dtype)
   n = (len(ids) // window) * (window - 1)
   print(json.dumps({"ppl": ppl, "tokens": n, "step": step, "merged": merged, "matmul_dtype": args.matmul_dtype,
                     "embedding": args.embedding}))
@@ -229,10 +229,10 @@ def _merge(args) -> int:
   from pathlib import Path
 
   from qalora_jax import models, nn
-  from qalora_jax.train import loop
+  from qalora_jax.train import experiment
   from qalora_jax.train.config import quantizer_from_spec
 
-  r, trainable, step = loop.restore(args.workdir, log=lambda m: print(m, file=sys.stderr))
+  r, trainable, step = experiment.restore(args.workdir, log=lambda m: print(m, file=sys.stderr))
   merged = r.merged(trainable, quantizer_from_spec(args.requantize) if args.requantize else None)
   config = json.loads((Path(args.workdir) / "config.json").read_text())
   info = {"step": step, "workdir": str(Path(args.workdir).absolute()), "source": r.cfg.model.name,
@@ -293,9 +293,9 @@ def _merged_model(args, requantize):
   from qalora_jax import models
 
   if args.workdir:
-    from qalora_jax.train import loop
+    from qalora_jax.train import experiment
 
-    r, trainable, step = loop.restore(args.workdir, log=lambda m: print(m, file=sys.stderr))
+    r, trainable, step = experiment.restore(args.workdir, log=lambda m: print(m, file=sys.stderr))
     lm = r.lm.replace(params=r.merged(trainable, requantize))
     return lm, r.cfg.model.name, {"step": step, "run_config": _run_config(args.workdir)}
   rules = None if requantize is None else [(models.BLOCK_LINEARS, requantize)]
@@ -389,11 +389,11 @@ def _export(args) -> int:
   if args.format == "gptq":
     return _export_gptq(args)
   from qalora_jax.export import peft
-  from qalora_jax.train import loop
+  from qalora_jax.train import experiment
 
   if not args.workdir:
     raise ValueError("--format peft exports a run's adapters; allowed: --workdir W")
-  r, trainable, _ = loop.restore(args.workdir, log=lambda m: print(m, file=sys.stderr))
+  r, trainable, _ = experiment.restore(args.workdir, log=lambda m: print(m, file=sys.stderr))
   if r.cfg.adapter.extra_trainable:
     raise ValueError("--format peft: the run also trains non-adapter leaves "
                      f"({r.cfg.adapter.extra_trainable}); PEFT adapter files hold adapters only")

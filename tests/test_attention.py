@@ -8,12 +8,11 @@ import pytest
 from qalora_jax import models
 from qalora_jax.models import attention as attn
 from qalora_jax.models import llama
-from qalora_jax.train import loop
 
 
 @pytest.fixture(scope="module")
 def tiny():
-  return loop.tiny_model(max_seq_len=512)
+  return models.tiny_model(max_seq_len=512)
 
 
 def _inputs(rng, b, t, s, heads, kv_heads, d, dtype=jnp.float32):

@@ -9,7 +9,7 @@ import pytest
 
 from qalora_jax import models, provenance, quant
 from qalora_jax.train import config as config_lib
-from qalora_jax.train import loop
+from qalora_jax.train import bases, loop
 
 quiet = lambda message: None  # noqa: E731
 
@@ -23,10 +23,10 @@ GPTQ = ["--config.base.quantizer=gptq", "--config.base.calibration=8", "--config
 
 def test_gptq_base_is_calibrated_once_and_cached(tmp_path, monkeypatch):
   cfg = tiny("method=qalora", GPTQ)
-  monkeypatch.setattr(loop, "bases_dir", lambda: tmp_path / "bases")
-  lm, fresh, summary = loop.load_base(cfg, log=quiet)
+  monkeypatch.setattr(bases, "bases_dir", lambda: tmp_path / "bases")
+  lm, fresh, summary = bases.load_base(cfg, log=quiet)
   assert "calibration tokens" in summary and len(list((tmp_path / "bases").glob("*.safetensors"))) == 1
-  _, cached, summary = loop.load_base(cfg, log=quiet)
+  _, cached, summary = bases.load_base(cfg, log=quiet)
   assert "from the cache" in summary
   assert jax.tree.structure(cached) == jax.tree.structure(fresh)
   jax.tree.map(np.testing.assert_array_equal, cached, fresh)
@@ -53,21 +53,21 @@ def test_bad_requantize(overrides, message):
 def test_stale_base_is_rebuilt_with_a_notice(tmp_path, monkeypatch):
   """An entry made by other code (its stamp names another code version) is rebuilt, not reused; one that
   differs only in the run's seed is shared (the base is calibrated with base.calibration_seed)."""
-  monkeypatch.setattr(loop, "bases_dir", lambda: tmp_path / "bases")
+  monkeypatch.setattr(bases, "bases_dir", lambda: tmp_path / "bases")
   cfg = tiny("method=qalora", GPTQ)
-  _, fresh, _ = loop.load_base(cfg, log=quiet)
+  _, fresh, _ = bases.load_base(cfg, log=quiet)
   [entry] = (tmp_path / "bases").glob("*.safetensors")
   stamp = entry.with_name(entry.name + ".json")
-  assert json.loads(stamp.read_text())["code_version"] == provenance.code_version(*loop.BASE_CODE)
+  assert json.loads(stamp.read_text())["code_version"] == provenance.code_version(*bases.BASE_CODE)
 
   stamp.write_text(json.dumps({"code_version": "0123456789ab"}))
   notices = []
-  _, rebuilt, summary = loop.load_base(cfg, log=notices.append)
+  _, rebuilt, summary = bases.load_base(cfg, log=notices.append)
   assert "calibration tokens" in summary
   assert len(notices) == 1 and "0123456789ab" in notices[0] and "rebuilding" in notices[0]
-  assert json.loads(stamp.read_text())["code_version"] == provenance.code_version(*loop.BASE_CODE)
+  assert json.loads(stamp.read_text())["code_version"] == provenance.code_version(*bases.BASE_CODE)
   jax.tree.map(np.testing.assert_array_equal, rebuilt, fresh)
 
   cfg.base.calibration_seed = 1  # other segments: another entry
-  loop.load_base(cfg, log=quiet)
+  bases.load_base(cfg, log=quiet)
   assert len(list((tmp_path / "bases").glob("*.safetensors"))) == 2

@@ -11,12 +11,12 @@ from flax import nnx
 from qalora_jax import data, models, nn, quant
 from qalora_jax.models import llama
 from qalora_jax.train import config as config_lib
-from qalora_jax.train import loop
+from qalora_jax.train import experiment, loop
 
 
 @pytest.fixture(scope="module")
 def tiny():
-  return loop.tiny_model()
+  return models.tiny_model()
 
 
 @pytest.mark.parametrize("scan_layers", [True, False])
@@ -42,7 +42,7 @@ def test_the_state_has_the_parameter_trees_layout(tiny, scan_layers):
 
 def test_a_run_splits_adapters_from_the_frozen_base():
   cfg = config_lib.load("configs/tiny.py", ["--config.adapter.extra_trainable=.*final_norm/scale"])
-  r = loop.build(cfg, log=lambda m: None)
+  r = experiment.build(cfg, log=lambda m: None)
   kinds = {type(v).__name__ for v in jax.tree.leaves(r.trainable, is_leaf=lambda x: isinstance(x, nnx.Variable))}
   assert kinds == {"AdapterParam", "Param"}  # the adapters, and the norm the config trains explicitly
   frozen = jax.tree.leaves(r.frozen, is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -52,13 +52,13 @@ def test_a_run_splits_adapters_from_the_frozen_base():
 
 def test_stateful_flax_training_gives_the_runs_adapters():
   cfg = config_lib.load("configs/tiny.py", [])
-  r = loop.build(cfg, log=lambda m: None)
+  r = experiment.build(cfg, log=lambda m: None)
   steps = 3
   state, _ = loop.train_steps(r, steps)
 
   model = nnx.clone(r.model(r.trainable))  # the Optimizer updates the model's Variables in place
   optimizer = nnx.Optimizer(model, r.optimizer, wrt=nn.AdapterParam)
-  blocks, mask, _ = loop.training_data(cfg, r.lm)
+  blocks, mask, _ = experiment.training_data(cfg, r.lm)
 
   def loss_fn(model, batch):
     return model.nll(batch["inputs"], batch["targets"]).mean()

@@ -15,8 +15,7 @@ from safetensors.numpy import load_file, save_file
 from qalora_jax import cli, models, quant, tree_paths
 from qalora_jax.export import gptq as gptq_export
 from qalora_jax.train import config as config_lib
-from qalora_jax.train import loop
-from qalora_jax.train.loop import tiny_model
+from qalora_jax.train import experiment
 
 TINY = "configs/tiny.py"
 LINEAR_NAMES = {"attn/q_proj": "self_attn.q_proj", "attn/k_proj": "self_attn.k_proj",
@@ -78,7 +77,7 @@ def test_pack_refuses_partial_words():
 
 @pytest.fixture(scope="module")
 def tiny():
-  return tiny_model()
+  return models.tiny_model()
 
 
 def integer_zero_model(params, bits, group_size):
@@ -252,7 +251,7 @@ def qalora_run(tmp_path_factory):
   """A tiny QA-LoRA run (INT4 g16 base, 2 steps) and its merged model's block linears, dequantized."""
   run = tmp_path_factory.mktemp("gptq_cli") / "run"
   assert cli.main(["train", "--config", TINY, "--workdir", str(run), "--config.steps=2"]) == 0
-  r, trainable, _ = loop.restore(run, log=lambda m: None)
+  r, trainable, _ = experiment.restore(run, log=lambda m: None)
   return run, block_linears(r.merged(trainable))
 
 
@@ -315,7 +314,7 @@ def test_cli_integer_zeros_and_an_existing_output_are_refused(qalora_run, tmp_pa
 
 
 def test_cli_model_requantized_with_gptq_has_exact_integer_zeros(tmp_path, capsys):
-  lm = tiny_model()
+  lm = models.tiny_model()
   models.save(lm, tmp_path / "float")
   code, _, err = _run(["export", "--model", str(tmp_path / "float"), "--format", "gptq", "--out",
                        str(tmp_path / "x")], capsys)

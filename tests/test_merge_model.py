@@ -7,13 +7,13 @@ import pytest
 
 from qalora_jax import nn, quant
 from qalora_jax.train import config as config_lib
-from qalora_jax.train import loop
+from qalora_jax.train import experiment, loop
 
 
 def trained_run(bits, scale_dtype, steps=5):
   cfg = config_lib.load("configs/tiny.py", [f"--config.base.options.bits={bits}",
                                            f"--config.base.options.scale_dtype={scale_dtype}"])
-  r = loop.build(cfg, log=lambda m: None)
+  r = experiment.build(cfg, log=lambda m: None)
   state, held = loop.train_steps(r, steps)
   return r, state, held
 

@@ -10,7 +10,7 @@ from qalora_jax import nn, quant
 from qalora_jax.quant.nf4 import NF4_CODE
 from qalora_jax.quant.nf_offset import nf_codebook
 from qalora_jax.train import config as config_lib
-from qalora_jax.train import loop
+from qalora_jax.train import experiment, loop
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -58,7 +58,7 @@ def test_qalora_trains_and_merges_exactly_on_the_tiny_model():
   experiments/nf_offset_merge.py."""
   cfg = config_lib.load("configs/tiny.py", ["--config.base.quantizer=nf-offset", "--config.base.options.bits=3",
                                            "--config.base.options.scale_dtype=float32"])
-  r = loop.build(cfg, log=lambda m: None)
+  r = experiment.build(cfg, log=lambda m: None)
   state, _ = loop.train_steps(r, 2)
   merged = r.merged(state.trainable)
   layers = dict(nn.trees.linear_layers(r.base_params()))

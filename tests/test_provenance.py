@@ -6,9 +6,7 @@ import shutil
 
 import pytest
 
-from qalora_jax import provenance
-from qalora_jax.train import config as config_lib
-from qalora_jax.train import loop
+from qalora_jax import data, models, provenance
 
 quiet = lambda message: None  # noqa: E731
 
@@ -56,18 +54,17 @@ def _corpus(root, tempest="Full fathom five thy father lies."):
 
 def test_token_cache_keys_on_the_corpus_content(tmp_path, monkeypatch):
   monkeypatch.setenv("QALORA_JAX_CACHE", str(tmp_path / "cache"))
-  lm = loop.tiny_model()
+  tokenizer = models.tiny_model().tokenizer
   a, b = _corpus(tmp_path / "a"), _corpus(tmp_path / "b")
-  train_a, held_a = loop.corpus_tokens(config_lib.load("configs/tiny.py", [f"--config.data.corpus={a}"]),
-                                       lm.tokenizer, log=quiet)
-  loop.corpus_tokens(config_lib.load("configs/tiny.py", [f"--config.data.corpus={b}"]), lm.tokenizer, log=quiet)
-  entries = list((tmp_path / "cache" / "tokens").glob("*.npz"))
-  assert len(entries) == 1  # the same content under another path: the same entry
-  assert list(held_a) == ["romances/the-tempest"]
-  assert held_a["romances/the-tempest"].tolist() == lm.tokenizer.encode("Full fathom five thy father lies.")
+  plays_a = data.tokenized_plays(str(a), tokenizer, log=quiet)
+  data.tokenized_plays(str(b), tokenizer, log=quiet)
+  assert len(list((tmp_path / "cache" / "tokens").glob("*.npz"))) == 1  # the same content elsewhere: one entry
+  assert sorted(plays_a) == ["comedies/as-you-like-it", "romances/the-tempest"]
+  assert plays_a["romances/the-tempest"].tolist() == tokenizer.encode("Full fathom five thy father lies.")
 
   (b / "romances" / "the-tempest.md").write_text("We are such stuff as dreams are made on.")
-  _, held_b = loop.corpus_tokens(config_lib.load("configs/tiny.py", [f"--config.data.corpus={b}"]), lm.tokenizer,
-                                 log=quiet)
+  plays_b = data.tokenized_plays(str(b), tokenizer, log=quiet)
   assert len(list((tmp_path / "cache" / "tokens").glob("*.npz"))) == 2  # edited content: a new entry
-  assert held_b["romances/the-tempest"].tolist() == lm.tokenizer.encode("We are such stuff as dreams are made on.")
+  assert plays_b["romances/the-tempest"].tolist() == tokenizer.encode("We are such stuff as dreams are made on.")
+  _, held = data.split_plays(plays_b, data.HELDOUT_PLAYS)
+  assert list(held) == ["romances/the-tempest"]

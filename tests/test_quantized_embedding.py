@@ -1,20 +1,18 @@
 """A token table stored quantized ([D, V] QTensor): the lookup, the tied head, and decoding with it."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from qalora_jax import bench, models, quant
 from qalora_jax.kernels import cpu_matmul
-from qalora_jax.train import loop
 
 INT8 = quant.get("int", bits=8, group_size=32)
 
 
 @pytest.fixture(scope="module")
 def tiny():
-  return loop.tiny_model()
+  return models.tiny_model()
 
 
 def test_the_table_is_quantized_transposed_and_looked_up_by_column(tiny):

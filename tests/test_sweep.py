@@ -16,7 +16,7 @@ import pytest
 from qalora_jax import cli, data
 from qalora_jax.eval import tables
 from qalora_jax.train import config as config_lib
-from qalora_jax.train import loop, sweep, workdir_lock
+from qalora_jax.train import experiment, loop, sweep, workdir_lock
 from test_tensorboard import assert_events_match_metrics
 
 SWEEP = "configs/sweeps/tiny.py"
@@ -54,7 +54,7 @@ def test_seeds_cross_every_cell_and_keep_its_name(tmp_path):
 def test_a_seed_decides_data_order_adapter_init_and_dropout(monkeypatch):
   """One seed reproduces a run bit for bit; another changes each of the three (checked one at a time)."""
   cfg = lambda seed: config_lib.load("configs/tiny.py", [f"--config.seed={seed}", "--config.adapter.dropout=0.1"])  # noqa: E731
-  run0, again, run1 = (loop.build(cfg(s), log=quiet) for s in (0, 0, 1))
+  run0, again, run1 = (experiment.build(cfg(s), log=quiet) for s in (0, 0, 1))
   leaves = lambda tree: [np.asarray(x) for x in jax.tree.leaves(tree)]  # noqa: E731
   differ = lambda x, y: any(not np.array_equal(a, b) for a, b in zip(leaves(x), leaves(y)))  # noqa: E731
 
@@ -105,8 +105,8 @@ def test_killed_sweep_resumes_to_the_uninterrupted_table(tmp_path, capsys):
   assert json.loads(out) == {"done": 1, "skipped": 1, "running": 0, "failed": 0}
   assert f"taking over the lock of {second} left by a run that ended without releasing it (pid {proc.pid} " in err
   assert first.stat().st_mtime_ns == mtime  # the finished cell is not re-run
-  _, ref_trained, ref_step = loop.restore(reference / "cells" / "bits=2", log=lambda m: None)
-  _, trained, step = loop.restore(second, log=lambda m: None)
+  _, ref_trained, ref_step = experiment.restore(reference / "cells" / "bits=2", log=lambda m: None)
+  _, trained, step = experiment.restore(second, log=lambda m: None)
   assert step == ref_step == 12
   for a, b in zip(jax.tree.leaves(ref_trained), jax.tree.leaves(trained)):
     assert float(np.abs(np.asarray(a) - np.asarray(b)).max()) <= 1e-6

@@ -9,7 +9,7 @@ import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from qalora_jax.train import config as config_lib
-from qalora_jax.train import loop
+from qalora_jax.train import loop, metrics_log
 
 quiet = lambda message: None  # noqa: E731
 
@@ -26,7 +26,7 @@ def scalars_of_metrics(workdir: Path) -> dict[str, list[tuple[int, float]]]:
 
 def scalars_of_events(workdir: Path) -> dict[str, list[tuple[int, float]]]:
   """The same from WORKDIR/tensorboard, read by TensorBoard's EventAccumulator (every event kept)."""
-  events = EventAccumulator(str(Path(workdir) / loop.TENSORBOARD_DIR), size_guidance={"scalars": 0})
+  events = EventAccumulator(str(Path(workdir) / metrics_log.TENSORBOARD_DIR), size_guidance={"scalars": 0})
   events.Reload()
   return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
@@ -54,4 +54,4 @@ def test_events_match_metrics_jsonl_and_the_switch_turns_them_off(tmp_path):
 
   cfg.steps, cfg.tensorboard = 0, False  # the base evaluated only
   loop.run(cfg, tmp_path / "off", progress=False, log=quiet)
-  assert (tmp_path / "off" / "result.json").exists() and not (tmp_path / "off" / loop.TENSORBOARD_DIR).exists()
+  assert (tmp_path / "off" / "result.json").exists() and not (tmp_path / "off" / metrics_log.TENSORBOARD_DIR).exists()

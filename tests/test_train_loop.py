@@ -7,8 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from qalora_jax import cli, hardware, provenance
-from qalora_jax.train import checkpoints, loop
+from qalora_jax import cli, hardware, provenance, train
+from qalora_jax.train import checkpoints, experiment, loop
 from qalora_jax.train import config as config_lib
 
 TINY = "configs/tiny.py"
@@ -46,8 +46,8 @@ def test_each_method_trains_and_merges(method, tmp_path):
     assert abs(ppl2 - result["merged_ppl"]) > 2 * abs(ppl8 - result["merged_ppl"])
   assert json.loads((tmp_path / "result.json").read_text())["steps"] == 12
   # the adapter checkpoint: the trained leaves without optimizer state, the same values as the last checkpoint
-  r, trained, step = loop.restore(tmp_path, log=quiet)
-  init, _ = loop.make_train_step(r.nll, r.optimizer)
+  r, trained, step = experiment.restore(tmp_path, log=quiet)
+  init, _ = train.make_train_step(r.nll, r.optimizer)
   last, state = checkpoints.restore_latest(checkpoints.manager(tmp_path / "checkpoints"), init(r.trainable))
   assert step == last == 12
   jax.tree.map(np.testing.assert_array_equal, trained, state.trainable)
@@ -64,14 +64,14 @@ def test_corrupted_checkpoint_falls_back_to_the_previous_one(tmp_path):
     if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
       f.write_bytes(b"\0" * 7)
   messages = []
-  _, _, step = loop.restore(tmp_path, log=messages.append)
+  _, _, step = experiment.restore(tmp_path, log=messages.append)
   assert step == 8
   assert any("adapter checkpoint" in m and "unreadable" in m for m in messages)
   assert any("checkpoint at step 12 is unreadable" in m and "falling back" in m for m in messages)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-  real = loop.make_train_step
+  real = experiment.make_train_step
 
   def poisoned(*args, **kwargs):
     init, step = real(*args, **kwargs)
@@ -82,7 +82,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
 
     return init, bad_step
 
-  monkeypatch.setattr(loop, "make_train_step", poisoned)
+  monkeypatch.setattr(experiment, "make_train_step", poisoned)
   with pytest.raises(loop.NonFiniteLoss, match=r"loss is nan at step 6; stopped. The last good checkpoint \(step 4\)"):
     loop.run(tiny(), tmp_path, progress=False, log=quiet)
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["4"]
@@ -136,3 +136,20 @@ def test_cli_train_eval_merge_export(tmp_path, capsys):
   assert capsys.readouterr().out.endswith("\n")  # one continuation (the tiny random model writes noise)
   assert cli.main(["eval", "--workdir", str(tmp_path / "nothing")]) == 2
   assert "no config.json" in capsys.readouterr().err
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_no_workdir(tmp_path):
+  """A malformed JSONL line or an unknown held-out play is found before anything is written, so the corrected
+  retry in the same workdir is not refused as "a run with a different config"."""
+  workdir = tmp_path / "run"
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"instruction": "Say hi.", "output": "Hi."}\nnot json\n')
+  with pytest.raises(ValueError, match=r"bad.jsonl:2: malformed JSON"):
+    loop.run(tiny([f"--config.data.jsonl={bad}"]), workdir, progress=False, log=quiet)
+  assert not workdir.exists()
+  cfg = tiny(["--config.steps=1"])
+  cfg.data.heldout = ("romances/the-tempset",)
+  with pytest.raises(ValueError, match=r"held-out plays \['romances/the-tempset'\] are not in the corpus"):
+    loop.run(cfg, workdir, progress=False, log=quiet)
+  assert not workdir.exists()
+  assert loop.run(tiny(["--config.steps=1"]), workdir, progress=False, log=quiet)["steps"] == 1

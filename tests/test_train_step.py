@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qalora_jax import models, nn, quant, train
+from qalora_jax import models, nn, quant, train, tree_paths
 
 VOCAB, DIM = 16, 64
 
@@ -60,8 +60,8 @@ def test_loss_decreases_and_only_adapters_train(method):
 
 def test_extra_trainable_leaves_by_regex():
   frozen = toy_frozen("qalora")
-  extra, frozen_rest = train.partition(frozen, r"norm/scale")
-  assert list(dict(train.path_leaves(extra))) == ["norm/scale"]
+  extra, frozen_rest = tree_paths.partition(frozen, r"norm/scale")
+  assert list(dict(tree_paths.flatten(extra))) == ["norm/scale"]
   assert "norm" not in frozen_rest
   adapters = nn.add_adapters(frozen_rest, "qalora", rank=4, alpha=8, key=jax.random.PRNGKey(0), targets="l1")
   trainable = nn.combine(adapters, extra)

@@ -16,11 +16,12 @@ from qalora_jax.models.llama import apply, forward, init_params, nll, param_path
 from qalora_jax.models.lm import LanguageModel, load, model_names, save, saved_info
 from qalora_jax.models.metrics import model_perplexity, perplexity, token_nll
 from qalora_jax.models.quantize import BLOCK_LINEARS, QuantizeSummary, load_quantized, quantize_params, save_quantized
+from qalora_jax.models.tiny import tiny_model
 from qalora_jax.models.tokenizer import Tokenizer
 
 __all__ = [
     "BLOCK_LINEARS", "CheckpointError", "Config", "LanguageModel", "QuantizeSummary", "RopeScaling", "Tokenizer",
     "apply", "forward", "generate", "generate_tokens", "init_params", "load", "model_names", "param_paths",
     "load_quantized", "model_perplexity", "nll", "param_shapes", "perplexity", "quantize_params", "save", "save_quantized",
-    "saved_info", "token_nll",
+    "saved_info", "tiny_model", "token_nll",
 ]

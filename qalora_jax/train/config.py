@@ -11,11 +11,13 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib.util
+import json
 from pathlib import Path
 from typing import Any
 
 import ml_collections
 
+from qalora_jax import tree_paths
 from qalora_jax.nn.trees import ALL_LINEARS
 
 CHOICES = {
@@ -134,15 +136,24 @@ def call_file(spec: str, function: str, what: str) -> Any:
   return getattr(module, function)(arg or None)
 
 
-def flat(d: dict, prefix: str = "") -> dict:
-  """A nested dict (a config as JSON) as one dict with dotted keys: {"a": {"b": 1}} -> {"a.b": 1}."""
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
+def to_json(config: ml_collections.ConfigDict) -> dict:
+  """The config as JSON: what a workdir's config.json and a result.json hold."""
+  return json.loads(config.to_json_best_effort())
+
+
+def flat(config_json: dict) -> dict:
+  """A config as JSON with dotted keys: {"adapter": {"rank": 16}} -> {"adapter.rank": 16}."""
+  return dict(tree_paths.flatten(config_json, sep="."))
+
+
+def changed_fields(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
+  """The dotted fields in which `config` differs from a saved config.json, leaving out what does not change the
+  computation (the mesh: the same run on other devices; the TensorBoard switch); a field added to the schema
+  after `saved` was written counts as its default there."""
+  old, new = flat(saved), flat(to_json(config))
+  defaults = {k: v for k, v in flat(to_json(base_config())).items() if not k.startswith("base.options.")}
+  return sorted(k for k in old.keys() | new.keys()
+                if old.get(k, defaults.get(k)) != new.get(k) and not k.startswith("mesh.") and k != "tensorboard")
 
 
 def load(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:

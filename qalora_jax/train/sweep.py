@@ -60,6 +60,7 @@ class Sweep:
   cells: tuple[Cell, ...]
   tables: tuple[dict, ...] = ()
   plots: tuple[dict, ...] = ()
+  configs: tuple[ml_collections.ConfigDict, ...] = dataclasses.field(default=(), repr=False, compare=False)
 
   def to_json(self) -> dict:
     return {"spec": self.spec, "config": self.config, "tables": list(self.tables), "plots": list(self.plots),
@@ -110,9 +111,8 @@ def load(spec: str) -> Sweep:
         seeded = {} if seed is None else {"seed": seed}
         cells.append(Cell(name, dirname, {**dict(d.get("overrides", {})), **overrides, **seeded}, seed))
   sweep = Sweep(spec, d["config"], tuple(cells), tuple(d.get("tables", ())), tuple(d.get("plots", ())))
-  for cell in sweep.cells:
-    cell_config(sweep, cell)  # every cell must build before anything runs
-  return sweep
+  # every cell's config is built and validated here, once, before anything runs
+  return dataclasses.replace(sweep, configs=tuple(cell_config(sweep, cell) for cell in sweep.cells))
 
 
 def _seeds(values, what: str) -> tuple:
@@ -152,8 +152,8 @@ def run(sweep: Sweep, workdir: str | Path, shard: tuple[int, int] = (0, 1), prog
   """Runs the sweep's cells of this shard; returns the cell names by outcome: done, skipped (finished before),
   running (by another process, which holds the cell's lock) and failed."""
   workdir = Path(workdir)
-  configs = [cell_config(sweep, c) for c in sweep.cells]
-  for cell, cfg in zip(sweep.cells, configs):
+  configs = sweep.configs
+  for cell, cfg in zip(sweep.cells, configs):  # the devices each cell asks for, before anything runs
     try:
       mesh = mesh_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
       mesh_lib.check_batch(cfg.data.batch_size, cfg.optim.accum_steps, mesh)
