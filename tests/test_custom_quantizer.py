@@ -29,7 +29,7 @@ def test_power_of_two_scales_and_the_bound():
 
 def test_qalora_train_and_merged_eval_through_the_cli(tmp_path, capsys):
   work = tmp_path / "run"
-  assert cli.main(["train", "--config", f"{EXAMPLE}/config.py:steps=3", "--workdir", str(work)]) == 0
+  assert cli.main(["train", "--config", f"{EXAMPLE}/config.py:runlocal,steps=3", "--workdir", str(work)]) == 0
   result = json.loads(capsys.readouterr().out)
   assert result["merged_ppl"] == pytest.approx(result["ppl"], rel=1e-4)
   assert result["merged_bytes"] == result["frozen_bytes"]  # still pow2-int codes, exponents and offsets

@@ -103,6 +103,8 @@ def test_workdir_with_another_config_is_refused(tmp_path):
     (["--config.steps=many"], "config.steps='many': expected int"),
     (["--config.data.seq_len=1000"], "config.data.seq_len=1000 exceeds the model's context max_seq_len=256"),
     (["--config.adapter.method=dora"], "config.adapter.method='dora' is not supported; allowed: lora, qalora"),
+    (["--config.optim.b2=1.0"], r"config.optim.b2=1.0 must be in \[0, 1\)"),
+    (["--config.optim.eps=0.0"], "config.optim.eps=0.0 must be positive"),
 ])
 def test_bad_configs(overrides, message, tmp_path):
   with pytest.raises(ValueError, match=message):
@@ -153,3 +155,12 @@ def test_a_run_that_fails_before_its_first_step_leaves_no_workdir(tmp_path):
     loop.run(cfg, workdir, progress=False, log=quiet)
   assert not workdir.exists()
   assert loop.run(tiny(["--config.steps=1"]), workdir, progress=False, log=quiet)["steps"] == 1
+
+
+def test_runlocal_shrinks_any_config():
+  for method in ("lora", "qlora", "qalora"):
+    assert (config_lib.to_json(config_lib.load(f"configs/{method}.py:runlocal"))
+            == config_lib.to_json(config_lib.load(f"configs/tiny.py:method={method}")))
+  cfg = config_lib.load("configs/quickstart.py:runlocal,steps=3")
+  assert (cfg.model.name, cfg.steps, cfg.base.options.group_size, cfg.optim.warmup_steps) == ("tiny", 3, 16, 0)
+  assert config_lib.load("configs/quickstart.py").model.name == "smollm2-135m"

@@ -121,3 +121,18 @@ def test_learning_rate_at_is_the_rate_of_that_update(schedule, warmup, expected)
   for k in range(4):
     updates, state = optimizer.update(jnp.ones(()), state, params)
     assert float(-updates) == pytest.approx(train.step.learning_rate_at(lr, k), rel=1e-4, abs=1e-9)
+
+
+def test_adamw_follows_its_betas_and_eps():
+  """Two AdamW steps against the update written out by hand (bias-corrected moments, m / (sqrt(v) + eps))."""
+  lr, b1, b2, eps = 0.1, 0.5, 0.9, 0.3
+  opt = train.make_optimizer(lr, max_grad_norm=None, b1=b1, b2=b2, eps=eps)
+  w = {"w": jnp.asarray([1.0, -2.0])}
+  state, m, v, expected = opt.init(w), np.zeros(2), np.zeros(2), np.array([1.0, -2.0])
+  for t, g in enumerate(([0.5, -1.0], [2.0, 0.25]), start=1):
+    g = np.asarray(g)
+    updates, state = opt.update({"w": jnp.asarray(g)}, state, w)
+    w = {"w": w["w"] + updates["w"]}
+    m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+    expected = expected - lr * (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
+    np.testing.assert_allclose(np.asarray(w["w"]), expected, rtol=1e-6)

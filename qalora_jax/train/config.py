@@ -87,6 +87,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.warmup_steps = 0
   c.optim.max_grad_norm = 0.3
   c.optim.weight_decay = 0.0
+  c.optim.b1 = 0.9  # AdamW's moment decays and epsilon
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
   c.optim.accum_steps = 1
 
   # Devices: a (data, fsdp) mesh; data * fsdp must equal the number of devices, an axis set to 0 takes the
@@ -104,14 +107,30 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def parse_arg(arg: str | None) -> dict[str, Any]:
-  """"k=v,k2=v2" -> {"k": v, ...} with Python literals where they parse ("3" -> 3), strings otherwise."""
+  """"k=v,k2=v2,flag" -> {"k": v, ..., "flag": True} with Python literals where they parse ("3" -> 3), strings
+  otherwise."""
   out = {}
   for item in filter(None, (arg or "").split(",")):
-    if "=" not in item:
-      raise ValueError(f"config argument {item!r} must look like key=value")
-    key, value = item.split("=", 1)
-    out[key.strip()] = _literal(value.strip())
+    key, _, value = item.partition("=")
+    out[key.strip()] = _literal(value.strip()) if "=" in item else True
   return out
+
+
+def runlocal(config: ml_collections.ConfigDict, steps: int = 12) -> None:
+  """Shrinks a config in place for a smoke test, as big_vision's `runlocal`: `CONFIG.py:runlocal` on the command
+  line. The tests' random 2-block model (models.tiny_model), `steps` steps of 4 x 32 tokens, 512 held-out
+  tokens, r = 4 and alpha 8 at a learning rate of 1e-2 without warm-up, logs and checkpoints every 4 steps, and quantizer
+  groups that fit the model's 64-wide layers (group_size at most 16, an NF4 / FP4 block_size at most 32)."""
+  config.model.name = "tiny"
+  config.data.seq_len, config.data.batch_size, config.data.eval_tokens = 32, 4, 512
+  config.adapter.rank, config.adapter.alpha = 4, 8.0
+  config.optim.learning_rate, config.optim.warmup_steps = 1e-2, 0
+  config.steps, config.log_every, config.checkpoint_every = steps, 4, 4
+  options = config.base.options
+  if "group_size" in options:
+    options.group_size = min(options.group_size, 16)
+  if config.base.quantizer in ("nf4", "fp4") and "block_size" in options:
+    options.block_size = min(options.block_size, 32)
 
 
 def _literal(text: str) -> Any:
@@ -159,6 +178,9 @@ def changed_fields(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
 def load(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
   """Loads "path/to/config.py[:arg]", applies "--config.a.b=v" overrides, validates, returns the config."""
   config = call_file(spec, "get_config", "config")
+  args = parse_arg(spec.partition(":")[2])
+  if args.get("runlocal"):
+    runlocal(config, **({"steps": config.steps} if "steps" in args else {}))
   for item in overrides:
     apply_override(config, item)
   validate(config)
@@ -296,6 +318,11 @@ def validate(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDic
   if config.data.batch_size % config.optim.accum_steps:
     raise ValueError(f"config.data.batch_size={config.data.batch_size} must be a multiple of "
                      f"config.optim.accum_steps={config.optim.accum_steps}")
+  for beta in ("b1", "b2"):
+    if not 0.0 <= config.optim[beta] < 1.0:
+      raise ValueError(f"config.optim.{beta}={config.optim[beta]} must be in [0, 1)")
+  if not config.optim.eps > 0.0:
+    raise ValueError(f"config.optim.eps={config.optim.eps} must be positive")
   if not 0.0 <= config.adapter.dropout < 1.0:
     raise ValueError(f"config.adapter.dropout={config.adapter.dropout} must be in [0, 1)")
   from qalora_jax import quant

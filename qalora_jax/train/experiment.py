@@ -149,7 +149,7 @@ def build(cfg: ml_collections.ConfigDict, log=print) -> Experiment:
   graphdef, trainable, frozen = nnx.split(model, nnx.Param, ...)
   optimizer = make_optimizer(cfg.optim.learning_rate, total_steps=cfg.steps, warmup_steps=cfg.optim.warmup_steps,
                              schedule=cfg.optim.schedule, max_grad_norm=cfg.optim.max_grad_norm or None,
-                             weight_decay=cfg.optim.weight_decay)
+                             weight_decay=cfg.optim.weight_decay, b1=cfg.optim.b1, b2=cfg.optim.b2, eps=cfg.optim.eps)
   return Experiment(cfg, mesh, lm.replace(params=None), graphdef, frozen, trainable, optimizer)
 
 

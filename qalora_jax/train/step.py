@@ -48,13 +48,13 @@ def learning_rate_at(lr: optax.Schedule | float, step: int) -> float:
 
 
 def make_optimizer(learning_rate: float, *, total_steps: int = 1, warmup_steps: int = 0, schedule: str = "constant",
-                   max_grad_norm: float | None = 0.3, weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999
-                   ) -> optax.GradientTransformation:
-  """AdamW with global-norm clipping (the QA-LoRA / QLoRA default 0.3) and a constant or cosine schedule
-  after a linear warmup (`learning_rate_schedule`)."""
+                   max_grad_norm: float | None = 0.3, weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999,
+                   eps: float = 1e-8) -> optax.GradientTransformation:
+  """AdamW (moments' decay b1, b2; m / (sqrt(v) + eps)) with global-norm clipping (the QA-LoRA / QLoRA default
+  0.3) and a constant or cosine schedule after a linear warmup (`learning_rate_schedule`)."""
   lr = learning_rate_schedule(learning_rate, total_steps=total_steps, warmup_steps=warmup_steps, schedule=schedule)
   parts = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm else []
-  parts.append(optax.adamw(lr, b1=b1, b2=b2, weight_decay=weight_decay))
+  parts.append(optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
   return optax.chain(*parts)
 
 
