@@ -18,12 +18,14 @@ from typing import Any
 import ml_collections
 
 from qalora_jax import tree_paths
+from qalora_jax.models.config import DTYPES
+from qalora_jax.nn.adapters import METHODS
 from qalora_jax.nn.trees import ALL_LINEARS
 
 CHOICES = {
-    "model.dtype": ("float32", "bfloat16"),
-    "model.matmul_dtype": ("float32", "bfloat16"),
-    "adapter.method": ("lora", "qalora"),
+    "model.dtype": DTYPES,
+    "model.matmul_dtype": DTYPES,
+    "adapter.method": METHODS,
     "optim.schedule": ("constant", "cosine"),
 }
 
