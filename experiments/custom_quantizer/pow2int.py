@@ -77,8 +77,7 @@ class Pow2IntQuantizer(quant.Quantizer):
   def __post_init__(self):
     checks.check_choice("bits", self.bits, BITS)
     checks.check_choice("offset_dtype", self.offset_dtype, OFFSET_DTYPES)
-    if not (self.group_size == -1 or (isinstance(self.group_size, int) and self.group_size > 0)):
-      raise ValueError(f"group_size={self.group_size!r} is not supported; allowed: a positive integer or -1")
+    quant.groups.check_group_option(self.group_size)
 
   def check_shape(self, shape):
     quant.groups.check_group_size(self.group_size, shape[0])

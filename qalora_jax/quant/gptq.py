@@ -50,7 +50,7 @@ from qalora_jax.checks import check_choice
 from qalora_jax.quant import packing
 from qalora_jax.quant.qtensor import QMeta, QTensor
 from qalora_jax.quant.intk import dequantize_affine
-from qalora_jax.quant.groups import check_group_size, num_groups
+from qalora_jax.quant.groups import check_group_option, check_group_size, num_groups
 from qalora_jax.quant.registry import Quantizer, check_weight, register
 
 GPTQ_BITS = (2, 3, 4, 8)
@@ -266,9 +266,7 @@ class GPTQQuantizer(Quantizer):
     check_choice("scale_dtype", self.scale_dtype, SCALE_DTYPES)
     check_choice("act_order", self.act_order, (False, True))
     check_choice("static_groups", self.static_groups, (False, True))
-    if not (self.group_size == -1 or (isinstance(self.group_size, (int, np.integer))
-                                      and not isinstance(self.group_size, bool) and self.group_size > 0)):
-      raise ValueError(f"group_size={self.group_size!r} is not supported; allowed: a positive integer or -1")
+    check_group_option(self.group_size)
     if not (isinstance(self.block_size, (int, np.integer)) and not isinstance(self.block_size, bool)
             and self.block_size > 0):
       raise ValueError(f"block_size={self.block_size!r} is not supported; allowed: a positive integer (128)")

@@ -12,6 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def check_group_option(group_size) -> None:
+  """A quantizer's group_size option, before any weight is seen: a positive integer, or -1 (per channel)."""
+  if not (group_size == -1 or (isinstance(group_size, (int, np.integer)) and not isinstance(group_size, bool)
+                               and group_size > 0)):
+    raise ValueError(f"group_size={group_size!r} is not supported; allowed: a positive integer or -1")
+
+
 def check_group_size(group_size: int, fan_in: int, name: str = "group_size") -> int:
   """Validates a group size along the input dimension; returns the effective size (-1 -> fan_in).
 

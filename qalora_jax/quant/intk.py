@@ -33,7 +33,7 @@ import numpy as np
 from qalora_jax.checks import check_choice
 from qalora_jax.quant import packing
 from qalora_jax.quant.qtensor import QMeta, QTensor
-from qalora_jax.quant.groups import check_group_size, group_rows, ungroup_rows
+from qalora_jax.quant.groups import check_group_option, check_group_size, group_rows, ungroup_rows
 from qalora_jax.quant.registry import Quantizer, register
 
 INT_BITS = (2, 3, 4, 5, 6, 7, 8)
@@ -100,9 +100,7 @@ class IntQuantizer(Quantizer):
     check_choice("bits", self.bits, INT_BITS)
     check_choice("scale_dtype", self.scale_dtype, SCALE_DTYPES)
     check_choice("symmetric", self.symmetric, (False, True))
-    if not (self.group_size == -1 or (isinstance(self.group_size, (int, np.integer))
-                                      and not isinstance(self.group_size, bool) and self.group_size > 0)):
-      raise ValueError(f"group_size={self.group_size!r} is not supported; allowed: a positive integer or -1")
+    check_group_option(self.group_size)
 
   def check_shape(self, shape):
     check_group_size(self.group_size, shape[0])

@@ -42,7 +42,7 @@ from qalora_jax.checks import check_choice
 from qalora_jax.quant import packing
 from qalora_jax.quant.intk import INT_BITS, SCALE_DTYPES, dequantize_affine
 from qalora_jax.quant.qtensor import QMeta, QTensor
-from qalora_jax.quant.groups import check_group_size, group_rows
+from qalora_jax.quant.groups import check_group_option, check_group_size, group_rows
 from qalora_jax.quant.registry import Quantizer, register
 
 
@@ -120,9 +120,7 @@ class IntMSEQuantizer(Quantizer):
   def __post_init__(self):
     check_choice("bits", self.bits, INT_BITS)
     check_choice("scale_dtype", self.scale_dtype, SCALE_DTYPES)
-    if not (self.group_size == -1 or (isinstance(self.group_size, (int, np.integer))
-                                      and not isinstance(self.group_size, bool) and self.group_size > 0)):
-      raise ValueError(f"group_size={self.group_size!r} is not supported; allowed: a positive integer or -1")
+    check_group_option(self.group_size)
     if not (isinstance(self.grid, (int, np.integer)) and not isinstance(self.grid, bool) and 2 <= self.grid <= 256):
       raise ValueError(f"grid={self.grid!r} is not supported; allowed: an integer in 2..256")
     if not (isinstance(self.min_shrink, (int, float)) and not isinstance(self.min_shrink, bool)

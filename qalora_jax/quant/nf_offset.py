@@ -48,7 +48,7 @@ from qalora_jax.checks import check_choice
 from qalora_jax.quant import packing
 from qalora_jax.quant.nf4 import _linspace_fma as linspace_float32
 from qalora_jax.quant.qtensor import QMeta, QTensor
-from qalora_jax.quant.groups import check_group_size, group_rows
+from qalora_jax.quant.groups import check_group_option, check_group_size, group_rows
 from qalora_jax.quant.registry import Quantizer, register
 
 NF_BITS = (2, 3, 4)
@@ -112,9 +112,7 @@ class NFOffsetQuantizer(Quantizer):
   def __post_init__(self):
     check_choice("bits", self.bits, NF_BITS)
     check_choice("scale_dtype", self.scale_dtype, SCALE_DTYPES)
-    if not (self.group_size == -1 or (isinstance(self.group_size, (int, np.integer))
-                                      and not isinstance(self.group_size, bool) and self.group_size > 0)):
-      raise ValueError(f"group_size={self.group_size!r} is not supported; allowed: a positive integer or -1")
+    check_group_option(self.group_size)
 
   def check_shape(self, shape):
     check_group_size(self.group_size, shape[0])
