@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from matplotlib.container import ErrorbarContainer
 
+from qalora_jax.eval import plots as plots_lib
+from qalora_jax.eval import records as records_lib
 from qalora_jax.eval import tables
 
 MACHINE = {"model": "Test CPU", "cores": 2, "flags": ["avx2"]}
@@ -69,19 +71,19 @@ TABLES = [{"title": "merged", "rows": "name", "value": ["base_ppl", "merged_ppl"
 
 
 def test_seeds_aggregate_to_numpy_mean_std_and_n(tmp_path):
-  records, failed, _, _ = tables.load_records(write_sweep(tmp_path, seeded_runs()))
+  records, failed, _, _ = records_lib.load_records(write_sweep(tmp_path, seeded_runs()))
   assert failed == [] and [r["name"] for r in records] == ["float base", *PPL]
   by_name = {r["name"]: r for r in records}
   for name, ppl in PPL.items():
     rec = by_name[name]
     assert rec["n"] == 3 and rec["seed"] == (0, 1, 2)
-    assert rec["merged_ppl"] == tables.Stat(pytest.approx(np.mean(ppl)), pytest.approx(np.std(ppl, ddof=1)), 3)
+    assert rec["merged_ppl"] == records_lib.Stat(pytest.approx(np.mean(ppl)), pytest.approx(np.std(ppl, ddof=1)), 3)
     step_s = [4 * 128 / t for t in TOKENS_PER_S[name]]  # per seed, then aggregated
     assert rec["step_s"].mean == pytest.approx(np.mean(step_s))
     assert rec["step_s"].std == pytest.approx(np.std(step_s, ddof=1))
     # equal in every seed: the value itself, std 0; config fields stay single values
-    assert rec["base_ppl"] == tables.Stat(35.767, 0.0, 3) and rec["rank"] == 16 and rec["adapter.rank"] == 16
-    assert rec["code_version"] == "aaaaaaaaaaaa" and rec["effective_rank"] == tables.Stat(16, 0.0, 3)
+    assert rec["base_ppl"] == records_lib.Stat(35.767, 0.0, 3) and rec["rank"] == 16 and rec["adapter.rank"] == 16
+    assert rec["code_version"] == "aaaaaaaaaaaa" and rec["effective_rank"] == records_lib.Stat(16, 0.0, 3)
   assert by_name["float base"]["merged_ppl"] == 35.767 and by_name["float base"]["n"] == 1
 
 
@@ -125,10 +127,10 @@ def test_markdown_csv_and_plots_show_mean_std_n(tmp_path):
 
   for png in ("bits.png", "lines.png", "time.png"):
     assert (workdir / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-  records, _, _, plots = tables.load_records(workdir)
+  records, _, _, plots = records_lib.load_records(workdir)
   for spec in plots:
     fig, ax = plt.subplots()
-    tables.draw(spec, records, ax)
+    plots_lib.draw(spec, records, ax)
     bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
     assert bars, spec["file"]
     if spec["file"] == "lines.png":
@@ -145,7 +147,7 @@ def test_runs_of_one_cell_with_different_configs_are_an_error(tmp_path):
   runs[3][2]["config"]["adapter"]["rank"] = 8
   with pytest.raises(ValueError, match=r"cell 'LoRA': its runs differ in config fields other than seed "
                                        r"\(adapter.rank: 16, 8; steps: 50, 60\)"):
-    tables.load_records(write_sweep(tmp_path, runs))
+    records_lib.load_records(write_sweep(tmp_path, runs))
 
 
 def test_mixed_code_versions_and_machines_warn_and_still_write(tmp_path):
@@ -193,4 +195,4 @@ def test_effective_rank_below_the_rank_is_noted(tmp_path):
   assert "| QA-LoRA g128 | " in text and " | 5 |" in text and "| QA-LoRA g64 | 29.000 (n=1) | 9 (n=1) |" in text
   assert ("Effective rank below the configured rank: QA-LoRA g128 (rank 16, 5 usable), "
           "QA-LoRA g64 (rank 16, 9 usable).") in text
-  assert "effective_rank.mlp/down_proj" in tables.load_records(tmp_path)[0][1]
+  assert "effective_rank.mlp/down_proj" in records_lib.load_records(tmp_path)[0][1]
