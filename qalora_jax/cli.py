@@ -141,19 +141,6 @@ def _eval_params(args):
   return r, (r.merged(trainable) if args.merged else r.params(trainable)), step
 
 
-def _heldout_ids(lm, info: dict):
-  """A saved model's held-out tokens: its run's (when `qalora merge` wrote it), else The Tempest's first 8192."""
-  from qalora_jax.train import experiment
-
-  if info.get("run_config"):
-    from qalora_jax.train.config import from_json
-
-    return experiment.training_data(from_json(info["run_config"]), lm)[2]
-  from qalora_jax import calibration
-
-  return calibration.heldout_tokens(lm, 8192)
-
-
 def _check_matmuls(args) -> None:
   """--matmul-dtype and --embedding, checked before anything is loaded."""
   allowed = ("float32", "bfloat16", "int8")
@@ -184,18 +171,17 @@ def _load_model(args):
 
 
 def _eval(args) -> int:
+  from qalora_jax import models
   from qalora_jax.train import experiment
 
   _check_matmuls(args)
   if args.model:  # any model; a merged directory counts as merged
-    from qalora_jax import models
-
     lm = _load_model(args)
     params, info = lm.params, models.saved_info(args.model) or {}
     step, merged = info.get("step"), "step" in info
   else:
     r, params, step = _eval_params(args)
-    lm, merged = r.lm, args.merged
+    lm, merged, info = r.lm, args.merged, {"run_config": experiment.run_config(args.workdir)}
   lm, params = _with_matmuls(lm, params, args)
   if args.mc:
     from qalora_jax.eval import multiple_choice
@@ -209,10 +195,8 @@ def _eval(args) -> int:
     if not text.strip():
       raise ValueError(f"--data {args.data}: the file is empty")
     ids = lm.tokenizer.encode(text)
-  elif args.model:
-    ids = _heldout_ids(lm, info)
-  else:
-    _, _, ids = experiment.training_data(r.cfg, r.lm)
+  else:  # the run's held-out plays (a merged directory's run too), else The Tempest's first 8192 tokens
+    ids = experiment.heldout_ids(lm, info.get("run_config"))
   if args.tokens:
     ids = ids[:args.tokens]
   window = min(args.window, lm.config.max_seq_len, len(ids))
@@ -226,19 +210,12 @@ def _eval(args) -> int:
 def _merge(args) -> int:
   """Writes the merged model as a saved model directory (models.save): a model like any other for
   `generate --model`, `eval --model`, `export --model` and models.load."""
-  from pathlib import Path
-
   from qalora_jax import models, nn
   from qalora_jax.train import experiment
-  from qalora_jax.train.config import quantizer_from_spec
 
-  r, trainable, step = experiment.restore(args.workdir, log=lambda m: print(m, file=sys.stderr))
-  merged = r.merged(trainable, quantizer_from_spec(args.requantize) if args.requantize else None)
-  config = json.loads((Path(args.workdir) / "config.json").read_text())
-  info = {"step": step, "workdir": str(Path(args.workdir).absolute()), "source": r.cfg.model.name,
-          "requantize": args.requantize, "run_config": config}
-  models.save(r.lm.replace(params=merged), args.out, info=info, overwrite=args.overwrite)
-  print(json.dumps({"out": str(args.out), "bytes": nn.tree_nbytes(merged), "step": step}))
+  lm, info = experiment.merged_model(args.workdir, args.requantize, log=lambda m: print(m, file=sys.stderr))
+  models.save(lm, args.out, info=info, overwrite=args.overwrite)
+  print(json.dumps({"out": str(args.out), "bytes": nn.tree_nbytes(lm.params), "step": info["step"]}))
   return 0
 
 
@@ -277,48 +254,36 @@ def _source_gguf(name):
   return path if path.suffix == ".gguf" else None
 
 
-def _run_config(workdir) -> dict | None:
-  """A training workdir's config.json (None when absent: restoring the run then names what is missing)."""
-  from pathlib import Path
-
-  path = Path(workdir) / "config.json"
-  return json.loads(path.read_text()) if path.is_file() else None
-
-
 def _merged_model(args, requantize):
-  """(lm, source, info): the merged model an export writes. --workdir: the run's adapters folded into its base
-  (QA-LoRA into the offsets, exact; LoRA into float weights, re-quantized with `requantize` when given), info
-  {"step", "run_config"} as `qalora merge` records it. --model: the model with its quantized weights kept (its
-  block linears quantized with `requantize` when given), info from models.saved_info."""
+  """(lm, info): the merged model an export writes. --workdir: experiment.merged_model. --model: the model, its
+  quantized weights kept (its block linears quantized with `requantize` when given), info models.saved_info."""
   from qalora_jax import models
+  from qalora_jax.train import experiment
 
   if args.workdir:
-    from qalora_jax.train import experiment
-
-    r, trainable, step = experiment.restore(args.workdir, log=lambda m: print(m, file=sys.stderr))
-    lm = r.lm.replace(params=r.merged(trainable, requantize))
-    return lm, r.cfg.model.name, {"step": step, "run_config": _run_config(args.workdir)}
+    return experiment.merged_model(args.workdir, args.requantize, log=lambda m: print(m, file=sys.stderr))
   rules = None if requantize is None else [(models.BLOCK_LINEARS, requantize)]
   lm = models.load(args.model, keep_quantized=rules is None, quantize=rules)
-  info = models.saved_info(args.model) or {}
-  return lm, info.get("source", args.model), info
+  return lm, models.saved_info(args.model) or {}
 
 
 def _export_gguf(args) -> int:
   from qalora_jax.export import gguf as gguf_export
+  from qalora_jax.train import experiment
   from qalora_jax.train.config import quantizer_from_spec
 
   gguf_export.check_out(args.out, args.overwrite)  # before the slow part
   requantize = quantizer_from_spec(args.requantize) if args.requantize else None
   if args.workdir:
-    cfg = _run_config(args.workdir)
+    cfg = experiment.run_config(args.workdir)
     if (cfg and cfg["adapter"]["method"] == "lora" and cfg["base"]["quantizer"] != "none" and requantize is None
         and args.merged != "float"):
       raise ValueError(f"--workdir {args.workdir}: lora adapters on a {cfg['base']['quantizer']} base do not merge "
                        f"exactly into INT-k weights; allowed: --merged float (float32 weights) or --requantize "
                        f"NAME:k=v (lossy, e.g. int:bits=4,group_size=32)")
-  lm, source, _ = _merged_model(args, requantize)
-  report = gguf_export.export_gguf(args.out, lm.config, lm.params, lm.tokenizer, source=_source_gguf(source),
+  lm, info = _merged_model(args, requantize)
+  report = gguf_export.export_gguf(args.out, lm.config, lm.params, lm.tokenizer,
+                                   source=_source_gguf(info.get("source", args.model)),
                                    float_type=args.float_type, allow_rounding=args.allow_rounding,
                                    overwrite=args.overwrite)
   print(json.dumps({**report, "format": args.format}))
@@ -331,8 +296,9 @@ def _check_gptq_source(args, requantize) -> None:
   are not asymmetric INT-k with float16 scales (export.gptq.check_quantizer)."""
   from qalora_jax import quant
   from qalora_jax.export import gptq as gptq_export
+  from qalora_jax.train import experiment
 
-  cfg = _run_config(args.workdir) if args.workdir else None
+  cfg = experiment.run_config(args.workdir) if args.workdir else None
   if cfg and cfg["adapter"]["method"] == "qalora":
     if requantize is not None:
       raise ValueError(f"--requantize {args.requantize}: a QA-LoRA run merges exactly into its INT-k base, there is "
@@ -357,6 +323,7 @@ def _export_gptq(args) -> int:
 
   from qalora_jax.export import gguf as gguf_export
   from qalora_jax.export import gptq as gptq_export
+  from qalora_jax.train import experiment
   from qalora_jax.train.config import quantizer_from_spec
 
   if args.zeros not in gptq_export.ZERO_MODES:
@@ -367,8 +334,8 @@ def _export_gptq(args) -> int:
   gguf_export.check_out(args.out, args.overwrite)  # before the slow part
   requantize = quantizer_from_spec(args.requantize) if args.requantize else None
   _check_gptq_source(args, requantize)
-  lm, _, info = _merged_model(args, requantize)
-  ids = _heldout_ids(lm, info) if args.zeros == "round" else None
+  lm, info = _merged_model(args, requantize)
+  ids = experiment.heldout_ids(lm, info.get("run_config")) if args.zeros == "round" else None
   out = gptq_export.export_gptq(lm.params, args.out, config=lm.config, zeros=args.zeros, overwrite=args.overwrite)
   quantize_config = json.loads((Path(out) / "quantize_config.json").read_text())
   cost = None

@@ -4,6 +4,7 @@
     blocks, mask, held = training_data(cfg, exp.lm)
     init, step = exp.make_step()           # the pure train step over (trainable, frozen, batch)
     exp, trained, step = restore(workdir)  # a finished or interrupted run, for evaluation, merging and export
+    lm, info = merged_model(workdir)       # its adapters folded into the base, info as `qalora merge` saves it
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from qalora_jax import data, models, nn, quant, tree_paths
+from qalora_jax import calibration, data, models, nn, quant, tree_paths
 from qalora_jax.models import llama
 from qalora_jax.train import checkpoints
 from qalora_jax.train import mesh as mesh_lib
@@ -168,6 +169,30 @@ def restore(workdir: str | Path, log=print) -> tuple[Experiment, dict, int]:
   if state is None:
     raise ValueError(f"--workdir {workdir}: no readable checkpoint")
   return exp, state.trainable, step
+
+
+def run_config(workdir: str | Path) -> dict | None:
+  """A training workdir's config.json (None when absent: restoring the run then names what is missing)."""
+  path = Path(workdir) / "config.json"
+  return json.loads(path.read_text()) if path.is_file() else None
+
+
+def merged_model(workdir: str | Path, requantize: str | None = None, log=print) -> tuple[models.LanguageModel, dict]:
+  """(the model with a run's adapters folded into its base, info): QA-LoRA into the offsets (exact), LoRA into
+  float weights, re-quantized with `requantize` ("name:k=v,...") when given. info is what `qalora merge` saves
+  with the model: {"step", "workdir" (absolute), "source" (config.model.name), "requantize", "run_config"}."""
+  exp, trainable, step = restore(workdir, log=log)
+  params = exp.merged(trainable, quantizer_from_spec(requantize) if requantize else None)
+  info = {"step": step, "workdir": str(Path(workdir).absolute()), "source": exp.cfg.model.name,
+          "requantize": requantize, "run_config": run_config(workdir)}
+  return exp.lm.replace(params=params), info
+
+
+def heldout_ids(lm: models.LanguageModel, config_json: dict | None = None, n_tokens: int = 8192) -> np.ndarray:
+  """The held-out token ids of the run of `config_json` (its config.json), else The Tempest's first `n_tokens`."""
+  if config_json:
+    return training_data(from_json(config_json), lm)[2]
+  return calibration.heldout_tokens(lm, n_tokens)
 
 
 def requantized_ppl(exp: Experiment, trainable: dict, spec: str, held_ids, window: int) -> float:
