@@ -20,9 +20,8 @@ def _quantize_report(args) -> int:
 
   # Before numpy / jax load OpenBLAS: its threads (LAPACK behind GPTQ's Cholesky) spin-wait on a shared CPU.
   os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-  from qalora_jax import assets, quant, tree_paths
+  from qalora_jax import assets, quant
   from qalora_jax.eval import quant_report
-  from qalora_jax.models import gguf
 
   quant.import_modules(args.imports, where="--import")
   setting_list = quant_report.settings(args.quantizer, args.bits, args.group_size,
@@ -34,27 +33,11 @@ def _quantize_report(args) -> int:
   path = args.model
   if path in assets.ASSETS:
     path = assets.fetch(path, log=lambda m: print(m, file=sys.stderr))
-  if args.calibration:
-    from qalora_jax import calibration, models
-
-    lm = models.load(path)
-    tokens = calibration.calibration_tokens(lm, args.calibration, args.calibration_len, args.seed)
-    calibration.check_tokens(lm.config, tokens)
-    held = calibration.heldout_tokens(lm, args.eval_tokens)
-    rows = quant_report.calibrated_report(lm, setting_list, tokens, held, progress=not args.json)
-    n = sum(int(v.size) for p, v in tree_paths.flatten(lm.params) if p.endswith("_proj/kernel"))
-    header = (f"{7 * lm.config.num_layers} linear layers, {n:,} weights; calibration {args.calibration} x "
-              f"{args.calibration_len} tokens of the training plays; ppl on the first {len(held)} tokens of "
-              f"The Tempest (512-token windows)")
-  else:
-    if "gptq" in args.quantizer:
-      print("note: gptq without --calibration uses H = I, i.e. round to nearest on GPTQ's grid", file=sys.stderr)
-    kernels = list(gguf.linear_kernels(path))
-    if not kernels:
-      raise ValueError(f"--model {args.model}: no LLaMA block linear weights found")
-    rows = quant_report.quantization_report(kernels, setting_list, progress=not args.json)
-    n = sum(k.size for _, k in kernels)
-    header = f"{len(kernels)} linear layers, {n:,} weights ({4 * n:,} bytes as float32)"
+  if "gptq" in args.quantizer and not args.calibration:
+    print("note: gptq without --calibration uses H = I, i.e. round to nearest on GPTQ's grid", file=sys.stderr)
+  header, rows = quant_report.report(path, setting_list, calibration=args.calibration,
+                                     calibration_len=args.calibration_len, seed=args.seed,
+                                     eval_tokens=args.eval_tokens, progress=not args.json)
   if args.json:
     for row in rows:
       print(json.dumps(row.to_json()))

@@ -19,8 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from qalora_jax import calibration, models, quant, tree_paths
-from qalora_jax.models import llama
+from qalora_jax import calibration as calibration_lib
+from qalora_jax import models, quant, tree_paths
+from qalora_jax.models import gguf, llama
 
 
 @jax.jit
@@ -100,7 +101,7 @@ def calibrated_report(lm, setting_list, tokens, heldout_ids, window: int = 512, 
   rows = []
   for name, options in setting_list:
     quantizer = quant.get(name, **options)
-    frozen, stats = calibration.quantize_model(lm.config, lm.params, tokens, quantizer, progress=progress)
+    frozen, stats = calibration_lib.quantize_model(lm.config, lm.params, tokens, quantizer, progress=progress)
     total_bytes, n_weights, errors = 0, 0, []
     for path, qt in tree_paths.flatten(llama.stack_blocks(frozen)):
       if not re.fullmatch(models.BLOCK_LINEARS, path):
@@ -115,6 +116,29 @@ def calibrated_report(lm, setting_list, tokens, heldout_ids, window: int = 512, 
                           8 * total_bytes / n_weights, total_bytes, float(np.mean(jax.device_get(errors))),
                           quantizer.options(), stats.output_rel_error, ppl, stats.seconds))
   return rows
+
+
+def report(model, setting_list, *, calibration: int | None = None, calibration_len: int = 512, seed: int = 0,
+           eval_tokens: int = 8192, progress: bool = True) -> tuple[str, list[ReportRow]]:
+  """(header line, rows) on `model`, a GGUF path: its block linears quantized alone (`quantization_report`), or
+  with `calibration` segments of `calibration_len` tokens of the training plays (offsets from `seed`) block by
+  block, perplexity on The Tempest's first `eval_tokens` tokens (`calibrated_report`; any path models.load reads)."""
+  if calibration:
+    lm = models.load(model)
+    tokens = calibration_lib.calibration_tokens(lm, calibration, calibration_len, seed)
+    calibration_lib.check_tokens(lm.config, tokens)
+    held = calibration_lib.heldout_tokens(lm, eval_tokens)
+    rows = calibrated_report(lm, setting_list, tokens, held, progress=progress)
+    n = sum(int(v.size) for p, v in tree_paths.flatten(lm.params) if p.endswith("_proj/kernel"))
+    return (f"{7 * lm.config.num_layers} linear layers, {n:,} weights; calibration {calibration} x "
+            f"{calibration_len} tokens of the training plays; ppl on the first {len(held)} tokens of "
+            f"The Tempest (512-token windows)"), rows
+  kernels = list(gguf.linear_kernels(model))
+  if not kernels:
+    raise ValueError(f"--model {model}: no LLaMA block linear weights found")
+  n = sum(k.size for _, k in kernels)
+  header = f"{len(kernels)} linear layers, {n:,} weights ({4 * n:,} bytes as float32)"
+  return header, quantization_report(kernels, setting_list, progress=progress)
 
 
 def format_table(rows: Sequence[ReportRow]) -> str:
