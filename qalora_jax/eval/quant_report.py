@@ -126,7 +126,6 @@ def report(model, setting_list, *, calibration: int | None = None, calibration_l
   if calibration:
     lm = models.load(model)
     tokens = calibration_lib.calibration_tokens(lm, calibration, calibration_len, seed)
-    calibration_lib.check_tokens(lm.config, tokens)
     held = calibration_lib.heldout_tokens(lm, eval_tokens)
     rows = calibrated_report(lm, setting_list, tokens, held, progress=progress)
     n = sum(int(v.size) for p, v in tree_paths.flatten(lm.params) if p.endswith("_proj/kernel"))
