@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 from qalora_jax import __version__
@@ -70,7 +71,12 @@ def write_stamp(entry: str | Path, version: str, **inputs) -> None:
   write_json(_stamp(Path(entry)), {"code_version": version, "inputs": inputs})
 
 
-def is_current(entry: str | Path, version: str, log=print) -> bool:
+def notice(message: str) -> None:
+  """A one-line notice on stderr (stdout stays the commands' output, e.g. JSON lines)."""
+  print(message, file=sys.stderr)
+
+
+def is_current(entry: str | Path, version: str, log=notice) -> bool:
   """Whether the cache entry exists and was made by code of `version`. A stale entry (other code, or no stamp:
   an older layout or an interrupted write) is removed with a one-line notice, so that it is rebuilt."""
   entry = Path(entry)

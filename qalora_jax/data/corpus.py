@@ -51,7 +51,7 @@ def split_plays(plays: dict, heldout=HELDOUT_PLAYS) -> tuple[dict, dict]:
   return train, {k: plays[k] for k in heldout}
 
 
-def tokenized_plays(corpus: str, tokenizer, log=print) -> dict[str, np.ndarray]:
+def tokenized_plays(corpus: str, tokenizer, log=provenance.notice) -> dict[str, np.ndarray]:
   """{"<genre>/<play>": int32 token ids}; tokenized once, cached under the asset cache keyed by the corpus's
   content and the tokenizer (an entry made by other code, `TOKENS_CODE`, is rebuilt)."""
   root, files = corpus_files(corpus)
