@@ -31,6 +31,7 @@ DOCS = ["README.md"] + sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("exper
 SWEEPS = ["experiments/paper", "experiments/quantizers"]  # sweeps whose tables.md a document shows
 PERF = "experiments/perf/perf_vs_peers.jsonl"
 REPORT = "experiments/quantize_report/smollm2.jsonl"  # `qalora quantize-report --json` lines, commands included
+GPTQ = "experiments/quantize_report/gptq_vs_rtn.jsonl"  # experiments/gptq_report.py --out
 NF_MERGE = "experiments/quantize_report/nf_offset_merge.jsonl"  # experiments/nf_offset_merge.py lines
 NF4 = {"block_size": 64, "double_quant": False}
 NF4_DQ = {"block_size": 64, "double_quant": True}
@@ -133,6 +134,21 @@ def nf_offset_merge(lines: list[dict]) -> tuple[str, ...]:
           f"{g32['ppl_base']:.2f}", f"{g32['ppl_unmerged']:.6f}", f"{g32['ppl_merged']:.6f}")
 
 
+def gptq_table(rows: list[dict]) -> tuple[str, ...]:
+  out = []
+  for bits, g in ((4, 128), (3, 128), (2, 64)):
+    rtn = row(rows, quantizer="int", bits=bits, group_size=g)
+    ours = row(rows, quantizer="gptq", bits=bits, group_size=g)
+    out += [e(rtn["output_rel_error"], 3), e(ours["output_rel_error"], 3),
+            f"{ours['output_rel_error'] / rtn['output_rel_error']:.3f}", _ppl(rtn["ppl"]), _ppl(ours["ppl"])]
+  return tuple(out)
+
+
+def _ppl(x: float) -> str:
+  """Perplexity to four significant figures, whole numbers from 1,000 on (53.60, 450.6, 3,276)."""
+  return f"{x:,.0f}" if x >= 1000 else f"{x:.{4 - len(str(int(x)))}f}"
+
+
 def cell(name: str, field: str, fmt: str):
   """The values function of one field of a sweep cell, formatted."""
   return lambda cells: (format(cells[name][field], fmt),)
@@ -166,6 +182,12 @@ FIGURES = [
            lambda rows: (value(rows, "bits_per_weight", ".3f", quantizer="int", bits=4, group_size=128),)),
     Figure("README.md", "absmax values in 8 bits as bitsandbytes does (NF4 block 64: {} bits a weight)", REPORT,
            lambda rows: (value(rows, "bits_per_weight", ".3f", quantizer="nf4", options=NF4_DQ),)),
+    Figure("README.md", "perplexity on The Tempest, float32 model {}):", GPTQ,
+           lambda rows: (f"{rows[0]['float_ppl']:.2f}",)),
+    Figure("README.md", "| bits | group | RTN output error | GPTQ output error | GPTQ / RTN | RTN ppl | GPTQ ppl |\n"
+           "|---:|---:|---:|---:|---:|---:|---:|\n"
+           "| 4 | 128 | {} | {} | {} | {} | {} |\n| 3 | 128 | {} | {} | {} | {} | {} |\n"
+           "| 2 | 64 | {} | {} | {} | {} | {} |", GPTQ, gptq_table),
     Figure("README.md", "| quantizer | bits | group | bits/weight | bytes | weight rel. error |\n"
            "|---|---:|---:|---:|---:|---:|\n"
            "| int | 4 | 32 | {} | {} | 0 (Q4_1 grid, see above) |\n"
