@@ -179,9 +179,7 @@ def test_indefinite_hessian_retries_damping_once_then_fails():
 
 @pytest.fixture(scope="module")
 def tiny():
-  from qalora_jax.train.loop import tiny_model
-
-  return tiny_model()
+  return models.tiny_model()
 
 
 def test_each_layers_hessian_comes_from_the_quantized_model_before_it(tiny):

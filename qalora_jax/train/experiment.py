@@ -90,6 +90,26 @@ class Experiment:
     """(init, step) of train.make_train_step over this run's states."""
     return make_train_step(self.nll, self.optimizer, self.cfg.optim.accum_steps, combine=self.combine)
 
+  def on_mesh(self, donate: bool):
+    """(initial train state, frozen state, jitted step) on the mesh: the states placed as
+    mesh_lib.param_shardings says (split over fsdp), the step's output state kept so (`donate`: its input
+    state's buffers reused)."""
+    init, step = self.make_step()
+    state = init(self.trainable)
+    shardings = mesh_lib.param_shardings(state, self.mesh)
+    frozen = mesh_lib.put(self.frozen, mesh_lib.param_shardings(self.frozen, self.mesh))
+    step = jax.jit(step, donate_argnums=0 if donate else (), out_shardings=(shardings, None))
+    return mesh_lib.put(state, shardings), frozen, step
+
+  def batch(self, blocks: np.ndarray, mask: np.ndarray | None, step: int) -> dict:
+    """The batch of training step `step` (a pure function of the seed and the step), placed on the mesh."""
+    rows = data.batch_at(blocks, self.cfg.data.batch_size, self.cfg.seed, step, mask)
+    return mesh_lib.put(rows, mesh_lib.batch_sharding(self.mesh))
+
+  def dropout_key(self, step: int) -> jax.Array:
+    """The dropout key of training step `step`: fold_in(fold_in(PRNGKey(seed), 2), step)."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed), 2), step)
+
   def params(self, trainable: nnx.State) -> dict:
     """The model's parameter tree (nested dicts) with the given trainable leaves."""
     return llama.params_of(self.model(trainable))

@@ -26,11 +26,10 @@ import jax
 import ml_collections
 from tqdm.auto import tqdm
 
-from qalora_jax import data, hardware, nn, provenance
+from qalora_jax import hardware, nn, provenance
 from qalora_jax.files import write_json
 from qalora_jax.train import checkpoints, workdir_lock
 from qalora_jax.train import config as config_lib
-from qalora_jax.train import mesh as mesh_lib
 from qalora_jax.train.experiment import Experiment, build, evaluate_ppl, requantized_ppl, sample, training_data
 from qalora_jax.train.metrics_log import TENSORBOARD_DIR, MetricsLog, truncate_metrics
 from qalora_jax.train.step import learning_rate_at, learning_rate_schedule
@@ -74,21 +73,15 @@ def _run_locked(cfg, workdir: Path, overwrite: bool, progress: bool, log) -> dic
                      f"use another workdir or --overwrite")
   t_start = time.time()
   exp = build(cfg, log)
-  lm, frozen, mesh = exp.lm, exp.frozen, exp.mesh
-  key = jax.random.PRNGKey(cfg.seed)
+  lm = exp.lm
   blocks, mask, held_ids = training_data(cfg, lm)
   if primary:
     if overwrite:
       _clear_outputs(workdir)
     write_json(workdir / "config.json", config_lib.to_json(cfg))
   window = min(512, lm.config.max_seq_len)
-  init, step_fn = exp.make_step()
-  state = init(exp.trainable)
-  state_shardings = mesh_lib.param_shardings(state, mesh)
-  state = mesh_lib.put(state, state_shardings)  # before the restore: it restores into these shardings
-  frozen = mesh_lib.put(frozen, mesh_lib.param_shardings(frozen, mesh))
+  state, frozen, step_fn = exp.on_mesh(donate=True)  # placed before the restore: it restores into these shardings
   exp = dataclasses.replace(exp, frozen=frozen)
-  step_fn = jax.jit(step_fn, donate_argnums=0, out_shardings=(state_shardings, None))
   lr = learning_rate_schedule(cfg.optim.learning_rate, total_steps=cfg.steps, warmup_steps=cfg.optim.warmup_steps,
                               schedule=cfg.optim.schedule)
 
@@ -118,10 +111,9 @@ def _run_locked(cfg, workdir: Path, overwrite: bool, progress: bool, log) -> dic
     if restored is None:
       metrics.write({"step": 0, "base_ppl": base_ppl})
     for step in range(start, cfg.steps):
-      batch = mesh_lib.put(data.batch_at(blocks, cfg.data.batch_size, cfg.seed, step, mask),
-                           mesh_lib.batch_sharding(mesh))
+      batch = exp.batch(blocks, mask, step)
       t0 = time.time()
-      state, m = step_fn(state, frozen, batch, jax.random.fold_in(jax.random.fold_in(key, 2), step))
+      state, m = step_fn(state, frozen, batch, exp.dropout_key(step))
       loss = float(m["loss"])
       if compile_s is None:
         compile_s = time.time() - t0
@@ -178,17 +170,8 @@ def _run_locked(cfg, workdir: Path, overwrite: bool, progress: bool, log) -> dic
 def train_steps(exp: Experiment, steps: int):
   """(state after `steps` plain training steps of the run's config, held-out token ids): the loop's batches
   and keys without its checkpoints, evaluation or logging (for experiments and tests), on the config's mesh."""
-  mesh = exp.mesh
   blocks, mask, held = training_data(exp.cfg, exp.lm)
-  init, step = exp.make_step()
-  state = init(exp.trainable)
-  state_shardings = mesh_lib.param_shardings(state, mesh)
-  state = mesh_lib.put(state, state_shardings)
-  frozen = mesh_lib.put(exp.frozen, mesh_lib.param_shardings(exp.frozen, mesh))
-  step = jax.jit(step, out_shardings=(state_shardings, None))
-  key = jax.random.fold_in(jax.random.PRNGKey(exp.cfg.seed), 2)
-  for s in range(steps):
-    batch = mesh_lib.put(data.batch_at(blocks, exp.cfg.data.batch_size, exp.cfg.seed, s, mask),
-                         mesh_lib.batch_sharding(mesh))
-    state, _ = step(state, frozen, batch, jax.random.fold_in(key, s))
+  state, frozen, step_fn = exp.on_mesh(donate=False)
+  for step in range(steps):
+    state, _ = step_fn(state, frozen, exp.batch(blocks, mask, step), exp.dropout_key(step))
   return state, held
