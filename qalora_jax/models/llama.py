@@ -114,20 +114,13 @@ def is_per_layer(blocks: dict) -> bool:
   return all(key.isdigit() for key in blocks)
 
 
-def layer_slice(blocks: dict, i: int) -> dict:
-  """The parameters of block i, from either layout (stacked: index i of every leaf, QTensors included)."""
-  if is_per_layer(blocks):
-    return blocks[str(i)]
-  return jax.tree.map(lambda a: a[i], blocks)
-
-
 def unstack_blocks(params: dict) -> dict:
   """The per-layer layout: params["blocks"] as {"0": block 0, "1": block 1, ...} (unchanged if already so)."""
   blocks = params["blocks"]
   if is_per_layer(blocks):
     return params
   num_layers = jax.tree.leaves(blocks)[0].shape[0]
-  return {**params, "blocks": {str(i): layer_slice(blocks, i) for i in range(num_layers)}}
+  return {**params, "blocks": {str(i): jax.tree.map(lambda a, i=i: a[i], blocks) for i in range(num_layers)}}
 
 
 def stack_blocks(params: dict) -> dict:
@@ -153,13 +146,6 @@ def forward(config: Config, params: dict, tokens: jax.Array, positions: jax.Arra
             cache: dict | None = None, index=0, dropout_rng: jax.Array | None = None):
   """Logits [b, t, V] (float32) and the updated cache; see `Decoder.features` for the arguments."""
   return decoder(config, params).forward(tokens, positions, key_mask, cache, index, dropout_rng)
-
-
-def features(config: Config, params: dict, tokens: jax.Array, positions: jax.Array, key_mask: jax.Array,
-             cache: dict | None = None, index=0, dropout_rng: jax.Array | None = None):
-  """The final-normed hidden states [b, t, D] (the head's input) and the updated cache: `Decoder.features` of the
-  decoder around `params`."""
-  return decoder(config, params).features(tokens, positions, key_mask, cache, index, dropout_rng)
 
 
 # ---------------------------------------------------------------------------------------- NNX modules
