@@ -28,7 +28,7 @@ from qalora_jax.readme import Figure
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ["README.md"] + sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("experiments/*/README.md"))
-SWEEPS = ["experiments/paper", "experiments/quantizers"]  # sweeps whose tables.md a document shows
+SWEEPS = ["experiments/paper", "experiments/paper_seeds", "experiments/quantizers"]  # sweeps whose tables.md a document shows
 PERF = "experiments/perf/perf_vs_peers.jsonl"
 REPORT = "experiments/quantize_report/smollm2.jsonl"  # `qalora quantize-report --json` lines, commands included
 GPTQ = "experiments/quantize_report/gptq_vs_rtn.jsonl"  # experiments/gptq_report.py --out

@@ -196,3 +196,16 @@ def test_effective_rank_below_the_rank_is_noted(tmp_path):
   assert ("Effective rank below the configured rank: QA-LoRA g128 (rank 16, 5 usable), "
           "QA-LoRA g64 (rank 16, 9 usable).") in text
   assert "effective_rank.mlp/down_proj" in records_lib.load_records(tmp_path)[0][1]
+
+
+def test_a_log_scaled_plot_of_unfinished_cells_is_drawn_empty(tmp_path):
+  """A sweep in progress: lines whose cells have not finished are left out, and a plot with none is empty."""
+  spec = {"file": "p.png", "yscale": "log", "lines": [
+      {"label": "done", "points": [[4, "LoRA", "ppl"]]}, {"label": "pending", "points": [[4, "nope", "ppl"]]}]}
+  records = [{"name": "LoRA", "ppl": 26.3}]
+  for recs in (records, []):
+    fig, ax = plt.subplots()
+    plots_lib.draw(spec, recs, ax)
+    assert [line.get_label() for line in ax.get_lines()] == (["done"] if recs else [])
+    assert ax.get_yscale() == ("log" if recs else "linear")
+    plt.close(fig)

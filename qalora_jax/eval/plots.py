@@ -50,8 +50,10 @@ def draw(spec: dict, records: list[dict], ax) -> None:
     for line in spec["lines"]:
       pts = [(x, by_name[name][metric]) for x, name, metric in line["points"]
              if name in by_name and by_name[name].get(metric) is not None]
-      _line(ax, [p[0] for p in pts], [p[1] for p in pts], line["label"])
-    ax.legend(fontsize=8)
+      if pts:  # a line whose cells have not finished yet is left out
+        _line(ax, [p[0] for p in pts], [p[1] for p in pts], line["label"])
+    if ax.has_data():
+      ax.legend(fontsize=8)
     ax.set_xticks(sorted({p[0] for line in spec["lines"] for p in line["points"]}))
   else:
     series = spec.get("series")
@@ -74,7 +76,8 @@ def draw(spec: dict, records: list[dict], ax) -> None:
       if series:
         ax.legend(title=series)
       ax.set_xticks(sorted({mean_of(r[spec["x"]]) for r in selected}))
-  ax.set_yscale(spec.get("yscale", "linear"))
+  if ax.has_data():  # (a log scale needs data: a sweep may not have finished any of the plot's cells)
+    ax.set_yscale(spec.get("yscale", "linear"))
   ax.set_xlabel(spec.get("xlabel", spec.get("x", "")))
   ax.set_ylabel(spec.get("ylabel", spec.get("y", "")))
   ax.set_title(spec.get("title", f"{spec.get('y')} vs {spec.get('x')}"))
