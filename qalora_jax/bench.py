@@ -110,21 +110,21 @@ def bench_train(method: str = "qalora", batch: int = 4, seq: int = 128, model: s
   from qalora_jax.train import experiment
 
   cfg = train_config(method, model, batch, seq, dtype, remat, matmul_dtype, bits, group_size)
-  r = experiment.build(cfg, log=lambda m: None)
-  init, step = r.make_step()
+  exp = experiment.build(cfg, log=lambda m: None)
+  init, step = exp.make_step()
   rng = np.random.default_rng(0)
-  tokens = jnp.asarray(rng.integers(0, r.lm.config.vocab_size, (batch, seq + 1)), jnp.int32)
+  tokens = jnp.asarray(rng.integers(0, exp.lm.config.vocab_size, (batch, seq + 1)), jnp.int32)
   data = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
   key = jax.random.PRNGKey(0)
-  state = init(r.trainable)
+  state = init(exp.trainable)
   t0 = time.perf_counter()
-  compiled = jax.jit(step, donate_argnums=0).lower(state, r.frozen, data, key).compile()
+  compiled = jax.jit(step, donate_argnums=0).lower(state, exp.frozen, data, key).compile()
   compile_s = time.perf_counter() - t0
-  flops = train_flops_per_token(r.lm.config, seq) * batch * seq
+  flops = train_flops_per_token(exp.lm.config, seq) * batch * seq
   box = [state]
 
   def one():
-    box[0], m = compiled(box[0], r.frozen, data, key)
+    box[0], m = compiled(box[0], exp.frozen, data, key)
     return m["loss"]
 
   for _ in range(warmup):

@@ -120,8 +120,8 @@ def _bench(args) -> int:
 def _eval_params(args):
   from qalora_jax.train import experiment
 
-  r, trainable, step = experiment.restore(args.workdir, log=lambda m: print(m, file=sys.stderr))
-  return r, (r.merged(trainable) if args.merged else r.params(trainable)), step
+  exp, trainable, step = experiment.restore(args.workdir, log=lambda m: print(m, file=sys.stderr))
+  return exp, (exp.merged(trainable) if args.merged else exp.params(trainable)), step
 
 
 def _check_matmuls(args) -> None:
@@ -163,8 +163,8 @@ def _eval(args) -> int:
     params, info = lm.params, models.saved_info(args.model) or {}
     step, merged = info.get("step"), "step" in info
   else:
-    r, params, step = _eval_params(args)
-    lm, merged, info = r.lm, args.merged, {"run_config": experiment.run_config(args.workdir)}
+    exp, params, step = _eval_params(args)
+    lm, merged, info = exp.lm, args.merged, {"run_config": experiment.run_config(args.workdir)}
   lm, params = _with_matmuls(lm, params, args)
   if args.mc:
     from qalora_jax.eval import multiple_choice
@@ -207,8 +207,8 @@ def _generate(args) -> int:
 
   _check_matmuls(args)
   if args.workdir:
-    r, params, _ = _eval_params(args)
-    lm = r.lm
+    exp, params, _ = _eval_params(args)
+    lm = exp.lm
   else:
     lm = _load_model(args)
     params = None
@@ -343,11 +343,11 @@ def _export(args) -> int:
 
   if not args.workdir:
     raise ValueError("--format peft exports a run's adapters; allowed: --workdir W")
-  r, trainable, _ = experiment.restore(args.workdir, log=lambda m: print(m, file=sys.stderr))
-  if r.cfg.adapter.extra_trainable:
+  exp, trainable, _ = experiment.restore(args.workdir, log=lambda m: print(m, file=sys.stderr))
+  if exp.cfg.adapter.extra_trainable:
     raise ValueError("--format peft: the run also trains non-adapter leaves "
-                     f"({r.cfg.adapter.extra_trainable}); PEFT adapter files hold adapters only")
-  out = peft.export_peft(r.adapters(trainable), args.out, base_model=r.cfg.model.name, overwrite=args.overwrite)
+                     f"({exp.cfg.adapter.extra_trainable}); PEFT adapter files hold adapters only")
+  out = peft.export_peft(exp.adapters(trainable), args.out, base_model=exp.cfg.model.name, overwrite=args.overwrite)
   print(json.dumps({"out": str(out), "format": args.format}))
   return 0
 

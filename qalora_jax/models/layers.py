@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from qalora_jax.nn.linear import base_matmul, linear, materialize, operand_dtype
 from qalora_jax.quant import QTensor
 
-__all__ = ["apply_rope", "dense", "fold", "head_logits", "head_nll", "linear", "materialize", "rms_norm",
+__all__ = ["apply_rope", "dense", "head_logits", "head_nll", "linear", "materialize", "rms_norm", "subkey",
            "rope_angles", "swiglu"]
 
 
@@ -49,7 +49,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def fold(rng: jax.Array | None, i: int) -> jax.Array | None:
+def subkey(rng: jax.Array | None, i: int) -> jax.Array | None:
   """A distinct key per use of a (possibly absent) dropout key."""
   return None if rng is None else jax.random.fold_in(rng, i)
 
@@ -57,9 +57,9 @@ def fold(rng: jax.Array | None, i: int) -> jax.Array | None:
 def swiglu(x: jax.Array, p: dict, dropout_rng: jax.Array | None = None, matmul_dtype: str | None = None
            ) -> jax.Array:
   """SwiGLU MLP: down(silu(gate(x)) * up(x)), each projection a `linear` on its parameter dict."""
-  gate = linear(x, p["gate_proj"], dropout_rng=fold(dropout_rng, 0), matmul_dtype=matmul_dtype)
-  up = linear(x, p["up_proj"], dropout_rng=fold(dropout_rng, 1), matmul_dtype=matmul_dtype)
-  return linear(jax.nn.silu(gate) * up, p["down_proj"], dropout_rng=fold(dropout_rng, 2), matmul_dtype=matmul_dtype)
+  gate = linear(x, p["gate_proj"], dropout_rng=subkey(dropout_rng, 0), matmul_dtype=matmul_dtype)
+  up = linear(x, p["up_proj"], dropout_rng=subkey(dropout_rng, 1), matmul_dtype=matmul_dtype)
+  return linear(jax.nn.silu(gate) * up, p["down_proj"], dropout_rng=subkey(dropout_rng, 2), matmul_dtype=matmul_dtype)
 
 
 def head_logits(x: jax.Array, weight, vocab_first: bool, matmul_dtype: str | None = None) -> jax.Array:

@@ -195,7 +195,7 @@ class Attention(nnx.Module):
     attention runs over all S slots; returns (output, updated kv or None)."""
     c = self.config
     b, t, _ = h.shape
-    q, k, v = shared_input(h, [self.q_proj, self.k_proj, self.v_proj], [layers.fold(rng, i) for i in range(3)])
+    q, k, v = shared_input(h, [self.q_proj, self.k_proj, self.v_proj], [layers.subkey(rng, i) for i in range(3)])
     q = q.reshape(b, t, c.num_heads, c.head_dim)
     k, v = k.reshape(b, t, c.num_kv_heads, c.head_dim), v.reshape(b, t, c.num_kv_heads, c.head_dim)
     q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
@@ -204,7 +204,7 @@ class Attention(nnx.Module):
       v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
       kv = (k, v)
     a = attention(q, k.astype(h.dtype), v.astype(h.dtype), mask)
-    return self.o_proj(a.reshape(b, t, c.q_size), dropout_rng=layers.fold(rng, 3)), kv
+    return self.o_proj(a.reshape(b, t, c.q_size), dropout_rng=layers.subkey(rng, 3)), kv
 
 
 class MLP(nnx.Module):
@@ -214,8 +214,8 @@ class MLP(nnx.Module):
     self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
 
   def __call__(self, x, rng=None):
-    gate, up = shared_input(x, [self.gate_proj, self.up_proj], [layers.fold(rng, 0), layers.fold(rng, 1)])
-    return self.down_proj(jax.nn.silu(gate) * up, dropout_rng=layers.fold(rng, 2))
+    gate, up = shared_input(x, [self.gate_proj, self.up_proj], [layers.subkey(rng, 0), layers.subkey(rng, 1)])
+    return self.down_proj(jax.nn.silu(gate) * up, dropout_rng=layers.subkey(rng, 2))
 
 
 class Block(nnx.Module):
@@ -228,7 +228,7 @@ class Block(nnx.Module):
   def __call__(self, x, cos, sin, mask, kv, index, rng=None):
     a, kv = self.attn(self.attn_norm(x), cos, sin, mask, kv, index, rng)
     x = x + a
-    return x + self.mlp(self.mlp_norm(x), layers.fold(rng, 4)), kv
+    return x + self.mlp(self.mlp_norm(x), layers.subkey(rng, 4)), kv
 
 
 class Decoder(nnx.Module):
@@ -288,14 +288,14 @@ class Decoder(nnx.Module):
     if scanned:
       def body(x, layer):
         state, kv, i = layer
-        return step(state, x, kv, layers.fold(dropout_rng, i))
+        return step(state, x, kv, layers.subkey(dropout_rng, i))
 
       x, kvs = jax.lax.scan(body, x, (state, kvs, jnp.arange(config.num_layers)))
     else:
       new = []
       for i, state in enumerate(states):
         kv = None if kvs is None else (kvs[0][i], kvs[1][i])
-        x, kv = step(state, x, kv, layers.fold(dropout_rng, i))
+        x, kv = step(state, x, kv, layers.subkey(dropout_rng, i))
         new.append(kv)
       if kvs is not None:
         kvs = ([kv[0] for kv in new], [kv[1] for kv in new])
