@@ -6,9 +6,10 @@ model stays in its base format.
     qalora sweep --config configs/sweeps/quantizers.py --workdir experiments/quantizers
     qalora table --workdir experiments/quantizers
 
-Same budget and seed as configs/sweeps/paper.py: `steps` steps of 4 x 128 tokens (arg: steps=N), AdamW at
-5e-4 with 5 warm-up steps, r = 16 on all seven linears, alpha 32; GPTQ calibrates on 32 x 512 tokens of the
-training plays (its bases are cached, shared with the paper sweep's QA-LoRA g32 cells).
+Same budget and seeds as configs/sweeps/paper.py: every cell once per seed (arg: seeds=N, default 3: seeds
+0..N-1), `steps` steps of 4 x 128 tokens (arg: steps=N), AdamW at 5e-4 with 5 warm-up steps, r = 16 on all
+seven linears, alpha 32; GPTQ calibrates on 32 x 512 tokens of the training plays drawn with
+base.calibration_seed (its bases are cached, shared with the paper sweep's QA-LoRA g32 cells).
 """
 
 from qalora_jax.train.config import parse_arg
@@ -23,7 +24,7 @@ def name(quantizer, bits):
 
 
 def get_sweep(arg=None):
-  args = {"steps": 50} | parse_arg(arg)
+  args = {"steps": 50, "seeds": 3} | parse_arg(arg)
   cells = [{"name": name(q, b), "base.quantizer": q, "base.options": {"bits": b, "group_size": GROUP_SIZE}}
            for q in QUANTIZERS for b in BITS]
   metrics = {"base": "base_ppl", "tuned": "ppl", "merged": "merged_ppl"}
@@ -44,5 +45,5 @@ def get_sweep(arg=None):
       "config": "configs/quickstart.py",
       "overrides": {"steps": args["steps"], "optim.warmup_steps": 5, "checkpoint_every": 25, "sample_prompt": "",
                     "base.calibration": 32, "base.calibration_len": 512},
-      "cells": cells, "tables": [table], "plots": plots,
+      "seeds": list(range(args["seeds"])), "cells": cells, "tables": [table], "plots": plots,
   }
