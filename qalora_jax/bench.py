@@ -141,13 +141,11 @@ def bench_train(method: str = "qalora", batch: int = 4, seq: int = 128, model: s
 
 def decode_params(method: str, lm: models.LanguageModel, embedding: str = "float") -> dict:
   """The parameter tree `method` decodes with (stacked blocks); embedding "int8" stores the token table (and
-  so the tied head) as 8-bit codes per 32 inputs with float16 scale and offset (see models.quantize)."""
+  so the tied head) in 8-bit rows (models.quantize.int8_table)."""
   _check("method", method, DECODE_METHODS)
   _check("embedding", embedding, EMBEDDINGS)
   params = _decode_params(method, lm)
-  if embedding == "int8":
-    params, _ = models.quantize_params(params, [("embed/embedding", quant.get("int", bits=8, group_size=32))])
-  return params
+  return models.quantize.int8_table(params) if embedding == "int8" else params
 
 
 def _decode_params(method: str, lm: models.LanguageModel) -> dict:

@@ -136,11 +136,11 @@ def _check_matmuls(args) -> None:
 def _with_matmuls(lm, params, args):
   """(lm, params) as --matmul-dtype and --embedding ask: "int8" multiplies INT4/INT8 QTensors with int8
   activations in the CPU kernel; --embedding int8 stores a float token table (and tied head) in 8-bit rows."""
-  from qalora_jax import models, quant
+  from qalora_jax import models
 
   params = lm.params if params is None else params
-  if args.embedding == "int8" and not isinstance(params["embed"]["embedding"], quant.QTensor):
-    params, _ = models.quantize_params(params, [(models.quantize.EMBEDDING, quant.get("int", bits=8, group_size=32))])
+  if args.embedding == "int8":
+    params = models.quantize.int8_table(params)
   if args.matmul_dtype is not None:
     lm = lm.replace(config=lm.config.replace(matmul_dtype=args.matmul_dtype))
   return lm, params

@@ -31,7 +31,7 @@ import safetensors
 import safetensors.numpy
 
 from qalora_jax.tree_paths import flatten, unflatten
-from qalora_jax.quant import QMeta, QTensor, Quantizer, quantize_stacked
+from qalora_jax.quant import QMeta, QTensor, Quantizer, get, quantize_stacked
 
 # Every linear layer of the blocks; embeddings, the output head and the norms stay float.
 BLOCK_LINEARS = r"blocks/(attn|mlp)/[a-z_]+_proj/kernel"
@@ -144,6 +144,14 @@ def quantize_params(params: dict, rules: Quantizer | Sequence[Rule] | None = Non
   q = QuantizationRules(rules)
   leaves = {path: q(path, leaf) for path, leaf in flatten(params)}
   return unflatten(leaves), q.summary()
+
+
+def int8_table(params: dict) -> dict:
+  """`params` with a float token table (and so the tied head) stored as 8-bit codes per 32 inputs with float16
+  scale and offset (llama.cpp's Q8_0 role: a quarter of float32's bytes); a table already quantized is kept."""
+  if isinstance(params["embed"]["embedding"], QTensor):
+    return params
+  return quantize_params(params, [(EMBEDDING, get("int", bits=8, group_size=32))])[0]
 
 
 def save_quantized(path: str | Path, frozen: dict) -> None:
