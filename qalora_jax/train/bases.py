@@ -13,7 +13,7 @@ from pathlib import Path
 
 import ml_collections
 
-from qalora_jax import assets, data, models, nn, provenance, quant
+from qalora_jax import assets, calibration, data, models, nn, provenance, quant
 
 
 def kept_table(cfg: ml_collections.ConfigDict) -> str | bool:
@@ -100,8 +100,6 @@ def calibrated_base(cfg, lm: models.LanguageModel, quantizer: quant.Quantizer, l
 
 def calibrate(cfg, lm: models.LanguageModel, params: dict, quantizer: quant.Quantizer):
   """(frozen tree, stats): the block linears of `params` quantized on the config's calibration tokens."""
-  from qalora_jax import calibration
-
   tokens = calibration.calibration_tokens(lm, cfg.base.calibration, cfg.base.calibration_len,
                                           cfg.base.calibration_seed, corpus=cfg.data.corpus, heldout=cfg.data.heldout)
   return calibration.quantize_model(lm.config, params, tokens, quantizer)
