@@ -227,128 +227,20 @@ def _matmul_options(p, default) -> None:
   p.add_argument("--embedding", default="float", help="float | int8: the token table (and tied head) in 8-bit rows")
 
 
-def _source_gguf(name):
-  """The GGUF file a model name resolves to (its metadata and tokenizer carry over), else None."""
-  from qalora_jax import models
-
-  if not name or name == "tiny":
-    return None
-  path = models.lm.resolve(name)
-  return path if path.suffix == ".gguf" else None
-
-
-def _merged_model(args, requantize):
-  """(lm, info): the merged model an export writes. --workdir: experiment.merged_model. --model: the model, its
-  quantized weights kept (its block linears quantized with `requantize` when given), info models.saved_info."""
-  from qalora_jax import models
-  from qalora_jax.train import experiment
-
-  if args.workdir:
-    return experiment.merged_model(args.workdir, args.requantize, log=lambda m: print(m, file=sys.stderr))
-  rules = None if requantize is None else [(models.BLOCK_LINEARS, requantize)]
-  lm = models.load(args.model, keep_quantized=rules is None, quantize=rules)
-  return lm, models.saved_info(args.model) or {}
-
-
-def _export_gguf(args) -> int:
-  from qalora_jax.export import gguf as gguf_export
-  from qalora_jax.train import experiment
-  from qalora_jax.train.config import quantizer_from_spec
-
-  gguf_export.check_out(args.out, args.overwrite)  # before the slow part
-  requantize = quantizer_from_spec(args.requantize) if args.requantize else None
-  if args.workdir:
-    cfg = experiment.run_config(args.workdir)
-    if (cfg and cfg["adapter"]["method"] == "lora" and cfg["base"]["quantizer"] != "none" and requantize is None
-        and args.merged != "float"):
-      raise ValueError(f"--workdir {args.workdir}: lora adapters on a {cfg['base']['quantizer']} base do not merge "
-                       f"exactly into INT-k weights; allowed: --merged float (float32 weights) or --requantize "
-                       f"NAME:k=v (lossy, e.g. int:bits=4,group_size=32)")
-  lm, info = _merged_model(args, requantize)
-  report = gguf_export.export_gguf(args.out, lm.config, lm.params, lm.tokenizer,
-                                   source=_source_gguf(info.get("source", args.model)),
-                                   float_type=args.float_type, allow_rounding=args.allow_rounding,
-                                   overwrite=args.overwrite)
-  print(json.dumps({**report, "format": args.format}))
-  return 0
-
-
-def _check_gptq_source(args, requantize) -> None:
-  """Refuses, before anything is loaded or restored, a source whose merged model the GPTQ layout cannot hold:
-  a LoRA run (its merged weights are float) unless re-quantized, a base or --requantize quantizer whose tensors
-  are not asymmetric INT-k with float16 scales (export.gptq.check_quantizer)."""
-  from qalora_jax import quant
-  from qalora_jax.export import gptq as gptq_export
-  from qalora_jax.train import experiment
-
-  cfg = experiment.run_config(args.workdir) if args.workdir else None
-  if cfg and cfg["adapter"]["method"] == "qalora":
-    if requantize is not None:
-      raise ValueError(f"--requantize {args.requantize}: a QA-LoRA run merges exactly into its INT-k base, there is "
-                       f"nothing to re-quantize; allowed: no --requantize")
-    quant.import_modules(cfg.get("imports", []), where="config.imports")
-    base = quant.get(cfg["base"]["quantizer"], **cfg["base"]["options"])
-    gptq_export.check_quantizer(base, f"--workdir {args.workdir}: config.base.quantizer={base.name!r}")
-  elif cfg and requantize is None:
-    raise ValueError(f"--workdir {args.workdir}: config.adapter.method={cfg['adapter']['method']!r} with "
-                     f"config.base.quantizer={cfg['base']['quantizer']!r} merges into float weights, which the GPTQ "
-                     f"layout cannot hold; allowed: a QA-LoRA run on an INT-k base (int, int-mse, gptq) or "
-                     f"--requantize NAME:k=v (lossy, e.g. gptq:bits=4,group_size=32)")
-  if requantize is not None:
-    gptq_export.check_quantizer(requantize, f"--requantize {args.requantize}")
-
-
-def _export_gptq(args) -> int:
-  """The merged model as a GPTQ-layout directory (export.gptq). --zeros round moves each merged float zero to the
-  nearest integer: the JSON line reports what that costs, max |dw| = max |scale * (q - z) - (scale * q + offset)|
-  over the block linears and the held-out perplexity before and after."""
-  from pathlib import Path
-
-  from qalora_jax.export import gguf as gguf_export
-  from qalora_jax.export import gptq as gptq_export
-  from qalora_jax.train import experiment
-  from qalora_jax.train.config import quantizer_from_spec
-
-  if args.zeros not in gptq_export.ZERO_MODES:
-    raise ValueError(f"--zeros {args.zeros!r} is not supported; allowed: {', '.join(gptq_export.ZERO_MODES)}")
-  if args.merged != "exact":
-    raise ValueError(f"--merged {args.merged} gives float weights, which the GPTQ layout cannot hold; allowed: "
-                     f"--merged exact (or --requantize NAME:k=v)")
-  gguf_export.check_out(args.out, args.overwrite)  # before the slow part
-  requantize = quantizer_from_spec(args.requantize) if args.requantize else None
-  _check_gptq_source(args, requantize)
-  lm, info = _merged_model(args, requantize)
-  ids = experiment.heldout_ids(lm, info.get("run_config")) if args.zeros == "round" else None
-  out = gptq_export.export_gptq(lm.params, args.out, config=lm.config, zeros=args.zeros, overwrite=args.overwrite)
-  quantize_config = json.loads((Path(out) / "quantize_config.json").read_text())
-  cost = None
-  if args.zeros == "round":
-    window = min(512, lm.config.max_seq_len, len(ids))
-    cost = {"max_abs_dw": gptq_export.rounding_change(lm.params),
-            **gptq_export.rounding_cost(lm, lm.params, ids, window=window)}
-  print(json.dumps({"out": str(out), "format": args.format, "zeros": args.zeros, "bits": quantize_config["bits"],
-                    "group_size": quantize_config["group_size"],
-                    "checkpoint_format": quantize_config["checkpoint_format"], "step": info.get("step"),
-                    "rounding_cost": cost}))
-  return 0
-
-
 def _export(args) -> int:
-  if args.format == "gguf":
-    return _export_gguf(args)
-  if args.format == "gptq":
-    return _export_gptq(args)
-  from qalora_jax.export import peft
-  from qalora_jax.train import experiment
+  from qalora_jax.export import merged
 
-  if not args.workdir:
-    raise ValueError("--format peft exports a run's adapters; allowed: --workdir W")
-  exp, trainable, _ = experiment.restore(args.workdir, log=lambda m: print(m, file=sys.stderr))
-  if exp.cfg.adapter.extra_trainable:
-    raise ValueError("--format peft: the run also trains non-adapter leaves "
-                     f"({exp.cfg.adapter.extra_trainable}); PEFT adapter files hold adapters only")
-  out = peft.export_peft(exp.adapters(trainable), args.out, base_model=exp.cfg.model.name, overwrite=args.overwrite)
-  print(json.dumps({"out": str(out), "format": args.format}))
+  log = lambda m: print(m, file=sys.stderr)
+  if args.format == "peft":
+    report = merged.to_peft(args.out, args.workdir, overwrite=args.overwrite, log=log)
+  elif args.format == "gguf":
+    report = merged.to_gguf(args.out, args.workdir, args.model, requantize=args.requantize, merged=args.merged,
+                            float_type=args.float_type, allow_rounding=args.allow_rounding,
+                            overwrite=args.overwrite, log=log)
+  else:
+    report = merged.to_gptq(args.out, args.workdir, args.model, requantize=args.requantize, merged=args.merged,
+                            zeros=args.zeros, overwrite=args.overwrite, log=log)
+  print(json.dumps(report))
   return 0
 
 

@@ -357,6 +357,9 @@ def _workdir(tmp_path, spec, overrides=()):
     (TINY, [], ["--requantize", "int:bits=4"],
      ("a QA-LoRA run merges exactly into its INT-k base, there is nothing to re-quantize; allowed: no "
       "--requantize")),
+    (TINY, [], ["--requantize", "int:bits=4", "--format", "gguf"],  # the GGUF export refuses it too
+     ("a QA-LoRA run merges exactly into its INT-k base, there is nothing to re-quantize; allowed: no "
+      "--requantize")),
     (TINY, ["--config.base.options.scale_dtype=float32"], [],
      "config.base.quantizer='int': scale dtype float32 is not supported by the GPTQ layout; allowed: float16"),
     (TINY, [], ["--merged", "float"],
