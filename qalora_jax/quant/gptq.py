@@ -49,7 +49,7 @@ import numpy as np
 from qalora_jax.checks import check_choice
 from qalora_jax.quant import packing
 from qalora_jax.quant.qtensor import QMeta, QTensor
-from qalora_jax.quant.intk import dequantize_affine
+from qalora_jax.quant.intk import dequantize_affine, half_step_bound
 from qalora_jax.quant.groups import check_group_option, check_group_size, num_groups
 from qalora_jax.quant.registry import Quantizer, check_weight, register
 
@@ -304,19 +304,7 @@ class GPTQQuantizer(Quantizer):
   dequantize = staticmethod(dequantize_affine)
 
   def error_bound(self, w, qt):
-    """For `quantize(w)` (H = I, round to nearest): |w - w~| <= scale / 2 + (4 eps_s + 16 eps_32) M +
-    2^k tiny_s per element (tiny_s: the larger of the storage dtype's smallest subnormal and float32's
-    smallest normal), M the group's max |w| (half a step; the zero rounding moves the grid's ends by
-    at most half a step, which the range's inclusion of 0 keeps inside the group's span)."""
-    sdt = jnp.dtype(self.scale_dtype)
-    g = qt.group_size
-    pad = (-w.shape[0]) % g
-    wg = jnp.pad(jnp.asarray(w, jnp.float32), [(0, pad), (0, 0)], mode="edge").reshape(-1, g, w.shape[1])
-    m = jnp.abs(wg).max(axis=1, keepdims=True)
-    step = qt["scale"].astype(jnp.float32)[:, None]
-    eps_s = float(jnp.finfo(sdt).eps)
-    # XLA on CPU flushes float32 subnormals to zero (as in intk.py).
-    tiny_s = max(float(jnp.finfo(sdt).smallest_subnormal), float(jnp.finfo(jnp.float32).smallest_normal))
-    eps32 = float(jnp.finfo(jnp.float32).eps)
-    bound = step / 2 + (4 * eps_s + 16 * eps32) * m + 2**self.bits * tiny_s
-    return jnp.broadcast_to(bound, wg.shape).reshape(-1, w.shape[1])[: w.shape[0]]
+    """For `quantize(w)` (H = I, round to nearest): half a step plus rounding slack (intk.half_step_bound); the
+    zero rounding moves the grid's ends by at most half a step, which the range's inclusion of 0 keeps inside
+    the group's span."""
+    return half_step_bound(w, qt, self.scale_dtype, eps_factor=4, tiny_factor=2**self.bits)

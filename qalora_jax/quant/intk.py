@@ -118,14 +118,18 @@ class IntQuantizer(Quantizer):
   dequantize = staticmethod(dequantize_affine)
 
   def error_bound(self, w, qt):
-    sdt = jnp.dtype(self.scale_dtype)
-    wg = group_rows(jnp.asarray(w, jnp.float32), qt.group_size)
-    m = jnp.abs(wg).max(axis=1, keepdims=True)
-    step = qt["scale"].astype(jnp.float32)[:, None]
-    # XLA on CPU flushes float32 subnormals to zero, so a scale below float32's smallest normal number may
-    # be stored as 0: the absolute slack is the larger of that and the storage dtype's smallest subnormal.
-    eps_s = float(jnp.finfo(sdt).eps)
-    tiny_s = max(float(jnp.finfo(sdt).smallest_subnormal), float(jnp.finfo(jnp.float32).smallest_normal))
-    eps32 = float(jnp.finfo(jnp.float32).eps)
-    bound = step / 2 + (2 * eps_s + 8 * eps32) * m + (2**self.bits - 1) * tiny_s
-    return ungroup_rows(jnp.broadcast_to(bound, wg.shape), w.shape[0])
+    return half_step_bound(w, qt, self.scale_dtype, eps_factor=2, tiny_factor=2**self.bits - 1)
+
+
+def half_step_bound(w, qt: QTensor, scale_dtype: str, eps_factor: float, tiny_factor: float) -> jax.Array:
+  """|w - w~| <= scale / 2 + eps_factor (eps_s + 4 eps_32) M + tiny_factor tiny_s per element, for a round to the
+  nearest point of an affine grid: M the group's max |w|, eps_s the scale dtype's epsilon, and tiny_s the larger
+  of its smallest subnormal and float32's smallest normal (XLA on CPU flushes float32 subnormals to zero, so a
+  scale below float32's smallest normal may be stored as 0)."""
+  sdt = jnp.dtype(scale_dtype)
+  wg = group_rows(jnp.asarray(w, jnp.float32), qt.group_size)
+  m = jnp.abs(wg).max(axis=1, keepdims=True)
+  tiny_s = max(float(jnp.finfo(sdt).smallest_subnormal), float(jnp.finfo(jnp.float32).smallest_normal))
+  eps = float(jnp.finfo(sdt).eps) + 4 * float(jnp.finfo(jnp.float32).eps)
+  bound = qt["scale"].astype(jnp.float32)[:, None] / 2 + eps_factor * eps * m + tiny_factor * tiny_s
+  return ungroup_rows(jnp.broadcast_to(bound, wg.shape), w.shape[0])
