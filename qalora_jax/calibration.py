@@ -16,7 +16,7 @@ already quantized. For a LLaMA block that is four steps:
     4. down_proj     on  x4 = silu(x3 W~_gate) * (x3 W~_up)
 
 and block l + 1 starts from h_{l+1} = h_l + x2 W~_o + x4 W~_down, the output of the quantized block l. The
-inputs are captured inside the block's nn.Linear modules (`nn.adapt_model.calibrate_sequential`), so there is
+inputs are captured inside the block's nn.Linear modules (`nn.calibrate.calibrate_sequential`), so there is
 no second copy of the block here. Each step accumulates H = (2 / N) sum_n x_n x_n^T over the N = segments x
 seq_len calibration tokens.
 A quantizer that calibrates (`needs_calibration`: GPTQ) gets H; any other quantizes the weight alone. For both, the
@@ -42,8 +42,9 @@ from tqdm.auto import tqdm
 from qalora_jax import data
 from qalora_jax.models import layers, llama
 from qalora_jax.models.config import Config, rope_frequencies
-from qalora_jax.nn.adapt_model import adapted_layers, calibrate_sequential, quantize_kernel
-from qalora_jax.nn.modules import Frozen
+from qalora_jax.nn.adapt_model import quantize_kernel
+from qalora_jax.nn.calibrate import calibrate_sequential
+from qalora_jax.nn.modules import Frozen, adapted_layers
 from qalora_jax.quant import Quantizer, QTensor
 from qalora_jax.quant.gptq import output_relative_error
 
@@ -123,7 +124,7 @@ def quantize_model(config: Config, params: dict, tokens, quantizer: Quantizer, *
   """The frozen tree (the 7 linears of every block as QTensors; norms, embeddings and head unchanged), in the
   layout of `models.quantize_params` (stacked [L, ...] leaves; per-layer in, per-layer out), and the
   per-layer output errors. Blocks run in sequence, each on the outputs of the already quantized ones; within a
-  block, `nn.adapt_model.calibrate_sequential` captures each linear's inputs from the block's own forward pass
+  block, `nn.calibrate.calibrate_sequential` captures each linear's inputs from the block's own forward pass
   in `batch_segments`-segment chunks."""
   tokens = check_tokens(config, tokens)
   per_layer = llama.is_per_layer(params["blocks"])

@@ -246,7 +246,7 @@ def test_gptq_reads_each_layers_inputs_from_the_forward_pass_true_sequential():
 
 
 def test_call_order_groups_layers_sharing_an_input():
-  from qalora_jax.nn.adapt_model import call_order
+  from qalora_jax.nn.calibrate import call_order
 
   model = qalora_jax.adapt(TinyLM(), nn.Rule(ALL))
   layers = dict(nn.adapted_layers(model))

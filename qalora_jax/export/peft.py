@@ -26,7 +26,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from qalora_jax.files import atomic_dir
-from qalora_jax.nn.adapt_model import adapted_layers
+from qalora_jax.nn.modules import adapted_layers
 from qalora_jax.nn.modules import kernel_dims
 from qalora_jax.nn.trees import adapter_layers, linear_layers
 from qalora_jax.nn.adapters import Adapter, AdapterMeta

@@ -6,8 +6,8 @@ linear layers; `merge(model)` folds the adapters in. The functional core underne
 `linear`, `add_adapters`, `merge_params`) is what the NNX modules call.
 """
 
-from qalora_jax.nn.adapt_model import Rule, adapt, adapted_layers, linear_layers as module_layers, merge, stats
-from qalora_jax.nn.modules import AdapterParam, AxesLayout, EinsumLayout, Frozen, Linear, LowRankAdapter
+from qalora_jax.nn.adapt_model import Rule, adapt, linear_layers as module_layers, merge, stats
+from qalora_jax.nn.modules import AdapterParam, AxesLayout, EinsumLayout, Frozen, Linear, LowRankAdapter, adapted_layers
 from qalora_jax.nn.trees import (ALL_LINEARS, adapter_ranks, add_adapters, combine, count_params, linear_layers, merge_params,
                                  tree_nbytes)
 from qalora_jax.nn.adapters import Adapter, AdapterMeta, adapter_delta, delta_weight, init_adapter, pool_groups

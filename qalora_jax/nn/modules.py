@@ -253,3 +253,12 @@ def shared_input(x: jax.Array, layers: list[Linear], rngs: list) -> list[jax.Arr
   outs = jnp.split(y, list(itertools.accumulate(widths))[:-1], axis=-1)
   return [out if layer.bias is None else out + layer.bias.get_value().astype(out.dtype)
           for layer, out in zip(layers, outs)]
+
+
+def module_path(path: tuple) -> str:
+  return "/".join(str(k) for k in path)
+
+
+def adapted_layers(model: nnx.Module) -> list[tuple[str, Linear]]:
+  """("/"-joined module path, qalora_jax.nn.Linear) for every layer of `model` that is ours."""
+  return [(module_path(path), node) for path, node in nnx.iter_graph(model) if isinstance(node, Linear) and path]
