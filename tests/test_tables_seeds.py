@@ -209,3 +209,26 @@ def test_a_log_scaled_plot_of_unfinished_cells_is_drawn_empty(tmp_path):
     assert [line.get_label() for line in ax.get_lines()] == (["done"] if recs else [])
     assert ax.get_yscale() == ("log" if recs else "linear")
     plt.close(fig)
+
+
+def test_comparisons_hold_beyond_two_std_as_numpy_says(tmp_path):
+  spec = {"title": "orderings", "file": "orderings",
+          "compare": [["QA-LoRA 4-bit", "merged_ppl", "LoRA", "merged_ppl"],      # 29.52 vs 26.2: far apart
+                      ["QA-LoRA 4-bit", "tokens_per_s", "QA-LoRA 2-bit", "tokens_per_s"],  # 52.3 vs 50: within
+                      ["QA-LoRA 4-bit", "merged_ppl", "float base", "base_ppl"],  # a one-run value counts as exact
+                      ["QA-LoRA 4-bit", "merged_ppl", "QA-LoRA 8-bit", "merged_ppl"]]}  # not finished
+  text = tables.write(write_sweep(tmp_path, seeded_runs(), [spec]), plots=[])
+  rows = list(csv.reader(io.StringIO((tmp_path / "tables" / "orderings.csv").read_text())))
+  header, rows = rows[0], rows[1:]
+  assert header[:2] == ["A", "B"] and header[-1] == "beyond 2 std"
+  col = {h: i for i, h in enumerate(header)}
+  for row, (a, b, tol) in zip(rows, [(PPL["QA-LoRA 4-bit"], PPL["LoRA"], 5e-4),  # tolerance: the printed digits
+                                     (TOKENS_PER_S["QA-LoRA 4-bit"], TOKENS_PER_S["QA-LoRA 2-bit"], 0.05),
+                                     (PPL["QA-LoRA 4-bit"], [35.767], 5e-4)]):
+    diff = np.mean(a) - np.mean(b)
+    two_s = 2 * np.sqrt(np.var(a, ddof=1) + (np.var(b, ddof=1) if len(b) > 1 else 0.0))
+    assert float(row[col["A - B"]]) == pytest.approx(diff, abs=tol)
+    assert float(row[col["2 s"]]) == pytest.approx(two_s, abs=tol)
+    assert row[col["beyond 2 std"]] == ("yes" if abs(diff) > two_s else "no")
+  assert [r[col["beyond 2 std"]] for r in rows] == ["yes", "no", "yes", "-"]  # the hand-picked cases
+  assert "beyond 2 std: |A - B| > 2 s" in text and "| QA-LoRA 4-bit (merged_ppl) | LoRA (merged_ppl) |" in text

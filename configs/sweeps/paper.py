@@ -19,6 +19,9 @@ Rank. QA-LoRA's A is [ceil(in / g), r]: SmolLM2's 576-wide inputs give 18, 9 and
 so r = 16 is usable in full at g32 only. Table 1 trains r = 16 (every layer can use it at g32); Table 5
 trains r = 4 (arg: group_rank=N), which every group size can use, so that the group size is not confounded
 with a rank cut. (The paper's Table 5, LLaMA-13B at r = 64, has the same cut at g128: 5120 / 128 = 40 rows.)
+
+A fourth table lists the orderings the README states and whether each holds beyond 2 standard deviations of a
+single run (see qalora_jax.eval.tables: |A - B| > 2 sqrt(s_A^2 + s_B^2)).
 """
 
 from qalora_jax.train.config import parse_arg
@@ -90,6 +93,17 @@ def get_sweep(arg=None):
                  for row, cell in (("LoRA (float base)", "LoRA"), ("QLoRA (NF4 + DQ)", "QLoRA"),
                                    ("QA-LoRA (INT4 g32)", "QA-LoRA 4-bit g32"))],
   }
+  requantized = "requantized_ppl.gptq:bits={},group_size=32"
+  orderings = {
+      "title": "The orderings the README states: which hold beyond 2 standard deviations",
+      "file": "orderings",
+      "compare": [[f"QA-LoRA {b}-bit g32", "merged_ppl", "QLoRA", requantized.format(b)] for b in BITS]
+      + [["QA-LoRA 4-bit g32", "merged_ppl", "QLoRA", "ppl"],
+         ["LoRA", "ppl", "QLoRA", "ppl"],
+         ["LoRA", "ppl", "QA-LoRA 4-bit g32", "merged_ppl"]]
+      + [[f"QA-LoRA {b}-bit g{small} r={rank}", "merged_ppl", f"QA-LoRA {b}-bit g{large} r={rank}", "merged_ppl"]
+         for b in GROUP_BITS for small, large in zip(GROUPS, GROUPS[1:])],
+  }
   plots = [
       {"file": "ppl_vs_bits.png", "title": "held-out perplexity vs bits (g32)", "xlabel": "bits",
        "ylabel": "perplexity (log scale)", "yscale": "log",
@@ -111,5 +125,5 @@ def get_sweep(arg=None):
       "config": "configs/quickstart.py",
       "overrides": {"steps": args["steps"], "optim.warmup_steps": 5, "checkpoint_every": 25, "sample_prompt": "",
                     "base.calibration": 32, "base.calibration_len": 512},
-      "seeds": list(range(args["seeds"])), "cells": cells, "tables": [table1, table5, table2], "plots": plots,
+      "seeds": list(range(args["seeds"])), "cells": cells, "tables": [table1, table5, table2, orderings], "plots": plots,
   }

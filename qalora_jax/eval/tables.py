@@ -13,6 +13,12 @@ entry names the cell and metric it shows:
 
     {"title": ..., "columns": ["4", "3"], "layout": [{"row": "QA-LoRA", "cells": {"4": ["QA-LoRA 4", "merged_ppl"]}}]}
 
+or a comparison of pairs of values, each (cell A, metric, cell B, metric), and whether A and B differ by more
+than two standard deviations of a single run's difference, 2 s with s = sqrt(s_A^2 + s_B^2) (sample stds over
+seeds; 0 for a value of one run, such as a cell without training):
+
+    {"title": ..., "compare": [["QA-LoRA 4-bit", "merged_ppl", "QLoRA", "ppl"], ...]}
+
 Missing values show as "-" (a cell not finished yet, or failed: failures are listed under the tables).
 """
 
@@ -54,6 +60,7 @@ class Table:
   header: list[str]
   rows: list[list]
   shown: list[dict]
+  note: str = ""
 
 
 def _format_number(metric: str, v: Any, like: Any = None) -> str:
@@ -100,6 +107,8 @@ def _value(metric: str, rec: dict | None) -> Value:
 def build(spec: dict, records: list[dict]) -> Table:
   """The Table of one table spec (pivot or layout; see the module docstring)."""
   title = spec.get("title", "")
+  if "compare" in spec:
+    return _compare(title, spec["compare"], records)
   if "layout" in spec:
     columns = [str(c) for c in spec["columns"]]
     by_name = {r["name"]: r for r in records}
@@ -144,6 +153,26 @@ def build(spec: dict, records: list[dict]) -> Table:
   return Table(title or f"{', '.join(values)} by {', '.join(row_fields)}", row_fields + values, rows, shown)
 
 
+def _compare(title: str, pairs: list, records: list[dict]) -> Table:
+  """A comparison table (see the module docstring): A, B, their values, A - B, 2 s and the verdict."""
+  by_name = {r["name"]: r for r in records}
+  rows, shown = [], []
+  for name_a, metric_a, name_b, metric_b in pairs:
+    a, b = _value(metric_a, by_name.get(name_a)), _value(metric_b, by_name.get(name_b))
+    row = [f"{name_a} ({metric_a})", f"{name_b} ({metric_b})", a, b]
+    if a.value is None or b.value is None:
+      rows.append(row + [Value(metric_a, None, 0), Value(metric_a, None, 0), "-"])
+      continue
+    diff = mean_of(a.value) - mean_of(b.value)
+    two_s = 2 * math.hypot(*((v.std or 0.0) if isinstance(v, Stat) else 0.0 for v in (a.value, b.value)))
+    n = max(a.n, b.n)
+    rows.append(row + [Value(metric_a, diff, n), Value(metric_a, two_s, n), "yes" if abs(diff) > two_s else "no"])
+    shown += [by_name[name_a], by_name[name_b]]
+  note = ("A - B: the difference of the means; 2 s = 2 sqrt(s_A^2 + s_B^2), s the sample standard deviation "
+          "over seeds (0 for a value of one run); beyond 2 std: |A - B| > 2 s.")
+  return Table(title, ["A", "B", "A value", "B value", "A - B", "2 s", "beyond 2 std"], rows, shown, note)
+
+
 def usual_n(table: Table) -> int:
   """The table's most common n over its present values (the larger one on a tie; 1 when it has none)."""
   counts = collections.Counter(c.n for row in table.rows for c in row if isinstance(c, Value) and c.value is not None)
@@ -166,7 +195,7 @@ def notes(table: Table) -> list[str]:
       low.append(f"{rec['name']} (rank {rec['rank']}, {_fmt('effective_rank', eff)} usable)")
   if low:
     out.append("Effective rank below the configured rank: " + ", ".join(dict.fromkeys(low)) + ".")
-  return out
+  return out + ([table.note] if table.note else [])
 
 
 _NUMERIC = re.compile(r"[-+0-9.,e]+( ± [-+0-9.,e]+)?( \(n=\d+\))?|-")
