@@ -134,6 +134,17 @@ def test_integer_zero_round_trip_is_bit_identical(tiny, tmp_path, bits, group_si
       np.testing.assert_array_equal(np.asarray(leaf.dequantize()), np.asarray(expected[path].dequantize()))
 
 
+def test_biases_and_an_untied_head_round_trip(tiny, tmp_path):
+  config = tiny.config.replace(qkv_bias=True, tie_embeddings=False)
+  params = models.llama.init_params(config, jax.random.PRNGKey(1))
+  frozen = integer_zero_model(params, 4, 32)
+  params_back, _ = gptq_export.import_gptq(gptq_export.export_gptq(frozen, tmp_path / "ckpt"))
+  assert_same_tree(params_back, frozen)
+  t = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+  assert t["model.layers.1.self_attn.k_proj.bias"].shape == (config.kv_size,)
+  np.testing.assert_array_equal(t["lm_head.weight"], np.asarray(frozen["lm_head"]["kernel"]).T)  # torch's [out, in]
+
+
 def merged_like(frozen, seed=0):
   """Offsets moved by fractions of a step, as a QA-LoRA merge does (beta' = beta + s (A B))."""
   keys = iter(jax.random.split(jax.random.PRNGKey(seed), 16))

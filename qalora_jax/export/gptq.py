@@ -50,18 +50,15 @@ from safetensors.numpy import load_file, save_file
 
 from qalora_jax import models, tree_paths
 from qalora_jax.files import atomic_dir, write_json
-from qalora_jax.models import llama
+from qalora_jax.models import hf, llama
 from qalora_jax.quant import QMeta, QTensor, pack, unpack
 from qalora_jax.quant.gptq import offset_to_zero, zero_to_offset
 
 GPTQ_BITS = (2, 3, 4, 8)
 ZERO_MODES = ("int", "float", "round")
-LINEARS = {"blocks/attn/q_proj": "self_attn.q_proj", "blocks/attn/k_proj": "self_attn.k_proj",
-           "blocks/attn/v_proj": "self_attn.v_proj", "blocks/attn/o_proj": "self_attn.o_proj",
-           "blocks/mlp/gate_proj": "mlp.gate_proj", "blocks/mlp/up_proj": "mlp.up_proj",
-           "blocks/mlp/down_proj": "mlp.down_proj"}
-NORMS = {"blocks/attn_norm/scale": "input_layernorm.weight", "blocks/mlp_norm/scale": "post_attention_layernorm.weight"}
-TOP = {"embed/embedding": "model.embed_tokens.weight", "final_norm/scale": "model.norm.weight"}
+# The Hugging Face module of each parameter path's parent, from the loader's names ("{i}": the layer):
+# "blocks/attn/q_proj" -> "model.layers.{i}.self_attn.q_proj", whose quantized kernel is written as .qweight etc.
+MODULES = {path.rsplit("/", 1)[0]: name.rsplit(".", 1)[0] for path, name in hf.NAMES.items()}
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -108,13 +105,18 @@ def round_zeros(frozen: dict) -> dict:
   return jax.tree.map(snap, frozen, is_leaf=lambda x: isinstance(x, QTensor))
 
 
+def _is_block_linear(path: str) -> bool:
+  """Whether a stacked-layout path is the kernel of a block linear (every kernel under blocks/ is one)."""
+  return path.startswith("blocks/") and path.endswith("/kernel")
+
+
 def rounding_change(frozen: dict) -> float:
   """max |w_round - w| over the block linears: how far zeros="round" moves a weight, as a GPTQ reader dequantizes
   the export (w_round = scale * (q - z), z = clip(round(-offset / scale), 0, 2^k - 1)) against the tree's
   w = scale * q + offset. The codes cancel: w_round - w = -(scale * z + offset), one value per group."""
   worst = 0.0
   for path, leaf in tree_paths.flatten(llama.stack_blocks(frozen)):
-    if (path.rsplit("/", 1)[0] in LINEARS and isinstance(leaf, QTensor) and leaf.format == "int"
+    if (_is_block_linear(path) and isinstance(leaf, QTensor) and leaf.format == "int"
         and "offset" in leaf.arrays):
       zero = np.clip(np.round(np.asarray(offset_to_zero(leaf["scale"], leaf["offset"]))), 0, 2**leaf.bits - 1)
       change = np.asarray(leaf["scale"], np.float32) * zero + np.asarray(leaf["offset"], np.float32)
@@ -209,29 +211,26 @@ def export_gptq(frozen: dict, out_dir: str | Path, *, config: models.Config | No
   params = llama.stack_blocks(frozen)
   tensors, kinds, zero_zeros = {}, set(), 0
   for path, leaf in tree_paths.flatten(params):
-    module = path.rsplit("/", 1)[0]
-    if module in LINEARS and path.endswith("/kernel"):
+    if path not in hf.NAMES:
+      raise ValueError(f"{path}: not part of a LLaMA GPTQ checkpoint")
+    name = hf.NAMES[path]
+    if _is_block_linear(path):
       if not isinstance(leaf, QTensor):
         raise ValueError(f"{path} is a float kernel; GPTQ export needs every block linear quantized (int or gptq)")
       kinds.add((leaf.bits, leaf.group_size, leaf.shape[0]))
       for i in range(leaf["codes"].shape[0]):
         layer = jax.tree.map(lambda a: a[i], leaf)
-        for name, value in layer_tensors(layer, zeros).items():
-          tensors[f"model.layers.{i}.{LINEARS[module]}.{name}"] = value
+        for field, value in layer_tensors(layer, zeros).items():
+          tensors[f"{MODULES[path.rsplit('/', 1)[0]].format(i=i)}.{field}"] = value
         if zeros != "float":
           zero_zeros += int((np.asarray(integer_zeros(round_zeros({"k": layer})["k"])[0]) == 0).sum())
-    elif module in LINEARS and path.endswith("/bias"):
+    elif path.startswith("blocks/"):  # norms and biases, one tensor a layer
       for i in range(leaf.shape[0]):
-        tensors[f"model.layers.{i}.{LINEARS[module]}.bias"] = np.asarray(leaf[i])
-    elif path in NORMS:
-      for i in range(leaf.shape[0]):
-        tensors[f"model.layers.{i}.{NORMS[path]}"] = np.asarray(leaf[i])
-    elif path in TOP:  # a quantized token table (stored [D, V]) is written as the float table it holds
-      tensors[TOP[path]] = np.asarray(leaf.dequantize().T if isinstance(leaf, QTensor) else leaf)
-    elif path == "lm_head/kernel":
-      tensors["lm_head.weight"] = np.ascontiguousarray(np.asarray(leaf).T)
-    else:
-      raise ValueError(f"{path}: not part of a LLaMA GPTQ checkpoint")
+        tensors[name.format(i=i)] = np.asarray(leaf[i])
+    elif isinstance(leaf, QTensor):  # a quantized token table (stored [D, V]) is written as the float table it holds
+      tensors[name] = np.asarray(leaf.dequantize().T)
+    else:  # torch's weights are [out, in]
+      tensors[name] = np.asarray(leaf).T if path.endswith("/kernel") else np.asarray(leaf)
   # One bits and group size for all linears: g for every layer wider than g, -1 when every group is a whole input.
   partial = {g for _, g, n_in in kinds if g < n_in}
   group_size = -1 if not partial else max(partial)
@@ -289,35 +288,32 @@ def import_gptq(path: str | Path) -> tuple[dict, dict]:
   if bits not in GPTQ_BITS:
     raise ValueError(f"{path}: bits={bits} is not supported; allowed: {', '.join(map(str, GPTQ_BITS))}")
   tensors = load_file(str(path / WEIGHTS_FILE))
-  per_layer: dict[int, dict[str, dict[str, np.ndarray]]] = {}
+  names = {name: path for path, name in hf.NAMES.items() if not _is_block_linear(path)}
+  linears = {MODULES[path.rsplit("/", 1)[0]]: path.rsplit("/", 1)[0] for path in hf.NAMES if _is_block_linear(path)}
+  per_layer: dict[int, dict[str, np.ndarray]] = {}
   leaves = {}
-  by_name = {v: k for k, v in TOP.items()}
   for key, value in tensors.items():
     m = _LAYER_KEY.fullmatch(key)
     if m:
-      module, _, field = m.group(2).rpartition(".")
-      per_layer.setdefault(int(m.group(1)), {}).setdefault(module, {})[field] = value
-    elif key in by_name:
-      leaves[by_name[key]] = jnp.asarray(value)
-    elif key == "lm_head.weight":
-      leaves["lm_head/kernel"] = jnp.asarray(value.T)
+      per_layer.setdefault(int(m.group(1)), {})[f"model.layers.{{i}}.{m.group(2)}"] = value
+    elif key in names:
+      leaves[names[key]] = jnp.asarray(value.T if names[key].endswith("/kernel") else value)
     else:
       raise ValueError(f"{path}: unexpected tensor {key}")
-  modules = {v: k for k, v in LINEARS.items()}
-  norms = {v.rsplit(".", 1)[0]: k for k, v in NORMS.items()}
   blocks = []
   for i in range(len(per_layer)):
-    layer = {}
-    for module, fields in per_layer[i].items():
-      if module in modules:
-        n_in = fields["g_idx"].shape[0] if "g_idx" in fields else fields["qweight"].shape[0] * 32 // bits
-        layer[f"{modules[module]}/kernel"] = layer_from_tensors(fields, bits, group_size, n_in)
-        if "bias" in fields:
-          layer[f"{modules[module]}/bias"] = jnp.asarray(fields["bias"])
-      elif module in norms:
-        layer[norms[module]] = jnp.asarray(fields["weight"])
+    layer, quantized = {}, {}
+    for name, value in per_layer[i].items():
+      module, field = name.rsplit(".", 1)
+      if name in names:  # norms and biases
+        layer[names[name]] = jnp.asarray(value)
+      elif module in linears:
+        quantized.setdefault(module, {})[field] = value
       else:
-        raise ValueError(f"{path}: unexpected module model.layers.{i}.{module}")
+        raise ValueError(f"{path}: unexpected tensor {name.format(i=i)}")
+    for module, fields in quantized.items():
+      n_in = fields["g_idx"].shape[0] if "g_idx" in fields else fields["qweight"].shape[0] * 32 // bits
+      layer[f"{linears[module]}/kernel"] = layer_from_tensors(fields, bits, group_size, n_in)
     blocks.append(layer)
   for name in blocks[0]:
     leaves[name] = jax.tree.map(lambda *xs: jnp.stack(xs), *[b[name] for b in blocks])
