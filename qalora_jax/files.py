@@ -1,4 +1,8 @@
-"""Atomic file and directory writes: write beside the target, then rename into place."""
+"""Atomic file and directory writes: write beside the target, then rename into place.
+
+The temporary files and directories Python's tempfile makes are private (0600 / 0700); what replaces the target
+gets the mode a plain open() or mkdir() would give it under the process's umask (`umask_mode`).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def umask_mode(path: str | Path, directory: bool = False) -> None:
+  """Sets `path` to 0o666 (a file) or 0o777 (a directory) less the umask, as open() and mkdir() create them."""
+  os.chmod(path, (0o777 if directory else 0o666) & ~_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
   """Yields a temporary directory that replaces `target` when the block ends without error; on error the
@@ -21,6 +34,7 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
   target.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
   try:
+    umask_mode(tmp, directory=True)
     yield tmp
     if target.exists():
       old = target.with_name(f".{target.name}-old-{os.getpid()}")
@@ -45,6 +59,7 @@ def write_bytes(path: str | Path, data: bytes) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
   try:
+    umask_mode(tmp)
     with os.fdopen(fd, "wb") as f:
       f.write(data)
     os.replace(tmp, path)

@@ -154,6 +154,7 @@ def test_round_trip_from_a_gguf_source(tmp_path):
   assert {k: v for k, v in new.items() if k.startswith("tokenizer.")} == \
       {k: v for k, v in old.items() if k.startswith("tokenizer.")}
   assert back.tokenizer.encode(CORPUS[2]) == lm.tokenizer.encode(CORPUS[2])
+  assert out.stat().st_mode & 0o777 == src.stat().st_mode & 0o777  # as a plain open() makes it, not private
 
 
 def test_round_trip_from_a_hugging_face_directory(tmp_path):

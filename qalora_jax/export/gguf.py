@@ -47,6 +47,7 @@ import gguf
 import jax
 import numpy as np
 
+from qalora_jax.files import umask_mode
 from qalora_jax.models import gguf as gguf_io
 from qalora_jax.models.config import Config
 from qalora_jax.models.llama import unstack_blocks
@@ -328,6 +329,7 @@ def export_gguf(out: str | Path, config: Config, params: dict, tokenizer: Tokeni
   out.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}-", suffix=".tmp")
   os.close(fd)
+  umask_mode(tmp)
   writer = gguf.GGUFWriter(tmp, config.arch)
   try:
     own = (f"{config.arch}.", "general.architecture", "general.file_type", "general.quantization_version",
