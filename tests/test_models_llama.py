@@ -230,6 +230,10 @@ def test_quantize_params_errors():
     models.quantize_params(lm.params, [("final_norm/scale", quant.get("int"))])
   with pytest.raises(ValueError, match=r"rules\[0\]="):
     models.quantize_params(lm.params, [("blocks/.*", "int")])
+  frozen, _ = models.quantize_params(lm.params, quant.get("int", group_size=16))
+  with pytest.raises(ValueError, match=r"rule '.*' matches only weights that are quantized already, e.g. "
+                                       r"blocks/attn/q_proj/kernel \(int 4-bit, group 16\)"):
+    models.quantize_params(frozen, quant.get("int", bits=3, group_size=16))
 
 
 def test_token_nll_and_perplexity():

@@ -96,13 +96,17 @@ class QuantizationRules:
     self.stats = [dict(tensors=0, matrices=0, weights=0, bytes_before=0, bytes_after=0) for _ in self.rules]
     self.bytes_before = self.bytes_after = 0
     self.paths: dict[str, None] = {}  # in the order seen
+    self.kept: dict[int, str] = {}  # rule -> a quantized leaf it matched and kept as it is
 
   def __call__(self, path: str, leaf):
     """The leaf at `path` after the first matching rule (already-quantized leaves are kept as they are)."""
     first = path not in self.paths  # a loader passes a stacked leaf's layers one at a time
     self.paths[path] = None
-    k = None if isinstance(leaf, QTensor) else next((i for i, rx in enumerate(self.compiled) if rx.fullmatch(path)),
-                                                    None)
+    k = next((i for i, rx in enumerate(self.compiled) if rx.fullmatch(path)), None)
+    if isinstance(leaf, QTensor):
+      if k is not None:
+        self.kept.setdefault(k, f"{path} ({leaf.format} {leaf.bits}-bit, group {leaf.group_size})")
+      k = None
     out = leaf
     if k is not None:
       pattern, quantizer = self.rules[k]
@@ -125,7 +129,11 @@ class QuantizationRules:
 
   def summary(self) -> QuantizeSummary:
     """The statistics; a rule that matched no leaf is an error."""
-    for (pattern, _), s in zip(self.rules, self.stats):
+    for k, ((pattern, _), s) in enumerate(zip(self.rules, self.stats)):
+      if s["tensors"] == 0 and k in self.kept:
+        raise ValueError(f"rule {pattern!r} matches only weights that are quantized already, e.g. {self.kept[k]}; "
+                         f"allowed: a model whose matched weights are float (quantizing codes again is lossy: "
+                         f"dequantize them first if that is meant)")
       if s["tensors"] == 0:
         raise ValueError(f"rule {pattern!r} matches no parameter; paths look like: "
                          f"{', '.join(list(self.paths)[:4])}, ...")
