@@ -79,9 +79,6 @@ class Pow2IntQuantizer(quant.Quantizer):
     checks.check_choice("offset_dtype", self.offset_dtype, OFFSET_DTYPES)
     quant.groups.check_group_option(self.group_size)
 
-  def check_shape(self, shape):
-    quant.groups.check_group_size(self.group_size, shape[0])
-
   def _quantize(self, w):
     g = quant.groups.check_group_size(self.group_size, w.shape[0])
     codes, exponent, offset = _quantize(w, bits=self.bits, group_size=g, offset_dtype=jnp.dtype(self.offset_dtype))

@@ -277,9 +277,6 @@ class GPTQQuantizer(Quantizer):
                        "QTensor format and QA-LoRA's pooling cannot represent; allowed: act_order=False, or "
                        "act_order=True with static_groups=True")
 
-  def check_shape(self, shape):
-    check_group_size(self.group_size, shape[0])
-
   def _quantize(self, w):
     return self.quantize_with_hessian(w, jnp.eye(w.shape[0], dtype=jnp.float32))
 

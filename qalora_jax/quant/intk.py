@@ -102,9 +102,6 @@ class IntQuantizer(Quantizer):
     check_choice("symmetric", self.symmetric, (False, True))
     check_group_option(self.group_size)
 
-  def check_shape(self, shape):
-    check_group_size(self.group_size, shape[0])
-
   def _quantize(self, w):
     g = check_group_size(self.group_size, w.shape[0])
     codes, scale, offset = quantize_affine(

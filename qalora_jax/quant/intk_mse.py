@@ -127,9 +127,6 @@ class IntMSEQuantizer(Quantizer):
             and 0.0 < self.min_shrink < 1.0):
       raise ValueError(f"min_shrink={self.min_shrink!r} is not supported; allowed: a number in (0, 1)")
 
-  def check_shape(self, shape):
-    check_group_size(self.group_size, shape[0])
-
   def _quantize(self, w):
     g = check_group_size(self.group_size, w.shape[0])
     codes, scale, offset = quantize_mse(w, bits=self.bits, group_size=g, grid=int(self.grid),

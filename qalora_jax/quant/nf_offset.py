@@ -114,9 +114,6 @@ class NFOffsetQuantizer(Quantizer):
     check_choice("scale_dtype", self.scale_dtype, SCALE_DTYPES)
     check_group_option(self.group_size)
 
-  def check_shape(self, shape):
-    check_group_size(self.group_size, shape[0])
-
   def _quantize(self, w):
     g = check_group_size(self.group_size, w.shape[0])
     codes, scale, offset = quantize_nf_offset(w, bits=self.bits, group_size=g, scale_dtype=jnp.dtype(self.scale_dtype))

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qalora_jax.quant.groups import check_group_size
 from qalora_jax.quant.qtensor import QTensor
 
 _REGISTRY: dict[str, type[Quantizer]] = {}
@@ -65,7 +66,10 @@ class Quantizer:
     return self._quantize(jnp.asarray(w, jnp.float32))
 
   def check_shape(self, shape: tuple[int, int]) -> None:
-    """Raises ValueError if this quantizer cannot take a weight of this [in, out] shape."""
+    """Raises ValueError if this quantizer cannot take a weight of this [in, out] shape. By default a
+    `group_size` option must fit the input dimension (quant.groups.check_group_size)."""
+    if hasattr(self, "group_size"):
+      check_group_size(self.group_size, shape[0])
 
   def _quantize(self, w: jax.Array) -> QTensor:
     raise NotImplementedError
