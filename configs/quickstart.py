@@ -1,5 +1,5 @@
-"""The quickstart: QA-LoRA on SmolLM2-135M with an INT4 g32 base, r = 16, on Shakespeare (under 10 minutes
-on a 2-core CPU). Prints held-out perplexity before, after and merged, and a sample before and after.
+"""The quickstart: QA-LoRA on SmolLM2-135M with an INT4 g32 base, r = 16, on Shakespeare, 100 steps of 4 x 128
+tokens. Prints held-out perplexity before, after and merged, and a sample before and after.
 
     qalora train --config configs/quickstart.py --workdir runs/quickstart
 """
