@@ -62,11 +62,11 @@ def test_greedy_continuations_match_transformers(ours, theirs):
   prompts = ["The capital of France is", "Once upon a time, in a small village,",
              "<|im_start|>user\nWhat is 12 times 7?<|im_end|>\n<|im_start|>assistant\n"]
   ids = [ours.tokenizer.encode(p) for p in prompts]
-  got = models.generate_tokens(ours, ids, max_new_tokens=32)
+  got = models.generate_tokens(ours, ids, max_new_tokens=20)
   eos = ours.config.eos_ids[0]
   for prompt, new in zip(ids, got):
     with torch.no_grad():
-      want = theirs.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=eos,
+      want = theirs.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, eos_token_id=eos,
                              pad_token_id=eos)[0, len(prompt):].tolist()
     want = want[:want.index(eos)] if eos in want else want
     assert new == want
@@ -96,10 +96,10 @@ def _their_perplexity(model, ids, window):
 
 
 def test_perplexity_matches_transformers(ours, theirs, play):
-  ids = ours.tokenizer.encode(play)[:2048]
+  ids = ours.tokenizer.encode(play)[:1024]
   got = models.perplexity(ours, ids, window=512)
   want = _their_perplexity(theirs, ids, 512)
-  print(f"The Tempest, first 2048 tokens, 512-token windows: perplexity ours {got:.6f}, transformers {want:.6f}, "
+  print(f"The Tempest, first 1024 tokens, 512-token windows: perplexity ours {got:.6f}, transformers {want:.6f}, "
         f"relative difference {abs(got - want) / want:.1e}")
   assert abs(got - want) / want <= 1e-3
 
