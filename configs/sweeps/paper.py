@@ -104,6 +104,8 @@ def get_sweep(arg=None):
       + [[f"QA-LoRA {b}-bit g{small} r={rank}", "merged_ppl", f"QA-LoRA {b}-bit g{large} r={rank}", "merged_ppl"]
          for b in GROUP_BITS for small, large in zip(GROUPS, GROUPS[1:])],
   }
+  wall_times = {"title": "Wall time of each cell (this machine; other work shared its cores)", "file": "wall_times",
+                "rows": "name", "value": ["steps", "wall_s"]}
   plots = [
       {"file": "ppl_vs_bits.png", "title": "held-out perplexity vs bits (g32)", "xlabel": "bits",
        "ylabel": "perplexity (log scale)", "yscale": "log",
@@ -125,5 +127,5 @@ def get_sweep(arg=None):
       "config": "configs/quickstart.py",
       "overrides": {"steps": args["steps"], "optim.warmup_steps": 5, "checkpoint_every": 25, "sample_prompt": "",
                     "base.calibration": 32, "base.calibration_len": 512},
-      "seeds": list(range(args["seeds"])), "cells": cells, "tables": [table1, table5, table2, orderings], "plots": plots,
+      "seeds": list(range(args["seeds"])), "cells": cells, "tables": [table1, table5, table2, orderings, wall_times], "plots": plots,
   }
