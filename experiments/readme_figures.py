@@ -28,7 +28,7 @@ from qalora_jax.readme import Figure
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ["README.md"] + sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("experiments/*/README.md"))
-SWEEPS = ["experiments/paper", "experiments/paper_seeds", "experiments/quantizers"]  # sweeps whose tables.md a document shows
+SWEEPS = ["experiments/paper", "experiments/quantizers"]  # sweeps whose tables.md a document shows
 PERF = "experiments/perf/perf_vs_peers.jsonl"
 REPORT = "experiments/quantize_report/smollm2.jsonl"  # `qalora quantize-report --json` lines, commands included
 GPTQ = "experiments/quantize_report/gptq_vs_rtn.jsonl"  # experiments/gptq_report.py --out
@@ -196,8 +196,8 @@ FIGURES = [
            "| int | 2 | 32 | {} | {} | {} |\n| int | 2 | 64 | {} | {} | {} |\n| int | 2 | 128 | {} | {} | {} |\n"
            "| nf4 | 4 | 64 | {} | {} | {} |\n| nf4 + double quant | 4 | 64 | {} | {} | {} |\n"
            "| fp4 | 4 | 64 | {} | {} | {} |", REPORT, report_table),
-    # experiments/paper/README.md: the figures the 3-seed re-run leaves as they are (trainable parameters,
-    # storage, the float and RTN bases); the others are rewritten with it.
+    # experiments/paper/README.md: storage, trainable parameters, the float and RTN bases (seed-independent); the
+    # orderings are its generated orderings table.
     Figure("experiments/paper/README.md", "QA-LoRA's model is a pure INT4 tree of {} MB. QLoRA's needs its {} MB "
            "float merge", "experiments/paper",
            lambda c: (f"{c['QA-LoRA 4-bit g32']['merged_bytes'] / 1e6:.1f}",

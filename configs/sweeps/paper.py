@@ -102,7 +102,11 @@ def get_sweep(arg=None):
          ["LoRA", "ppl", "QLoRA", "ppl"],
          ["LoRA", "ppl", "QA-LoRA 4-bit g32", "merged_ppl"]]
       + [[f"QA-LoRA {b}-bit g{small} r={rank}", "merged_ppl", f"QA-LoRA {b}-bit g{large} r={rank}", "merged_ppl"]
-         for b in GROUP_BITS for small, large in zip(GROUPS, GROUPS[1:])],
+         for b in GROUP_BITS for small, large in zip(GROUPS, GROUPS[1:])]
+      # the worst tuned 4-bit models against the float model before tuning; QA-LoRA against its own GPTQ base
+      + [["QLoRA", requantized.format(4), "float base", "base_ppl"],
+         [f"QA-LoRA 4-bit g128 r={rank}", "merged_ppl", "float base", "base_ppl"]]
+      + [[f"QA-LoRA {b}-bit g32", "merged_ppl", f"QA-LoRA {b}-bit g32", "base_ppl"] for b in BITS],
   }
   wall_times = {"title": "Wall time of each cell (this machine; other work shared its cores)", "file": "wall_times",
                 "rows": "name", "value": ["steps", "wall_s"]}
