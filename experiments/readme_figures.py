@@ -213,8 +213,12 @@ FIGURES = [
     # experiments/quantizers/README.md: the bases without calibration (int, int-mse, nf-offset)
     Figure("experiments/quantizers/README.md", "their base is the float model itself ({})", "experiments/quantizers",
            cell("QA-LoRA int 4-bit", "base_ppl", ".3f")),
-    Figure("experiments/quantizers/README.md", "and the NF4 codebook ({}) move off the grid", "experiments/quantizers",
-           cell("QA-LoRA nf-offset 4-bit", "base_ppl", ".2f")),
+    Figure("experiments/quantizers/README.md", "GPTQ ({}) and the NF4 codebook ({}) move off the grid",
+           "experiments/quantizers", lambda c: (f"{c['QA-LoRA gptq 4-bit']['base_ppl']:.3f}",
+                                                f"{c['QA-LoRA nf-offset 4-bit']['base_ppl']:.2f}")),
+    Figure("experiments/quantizers/README.md", "`nf-offset` {}; GPTQ {}, calibrated on data",
+           "experiments/quantizers", lambda c: tuple(f"{c[f'QA-LoRA {q} 3-bit']['base_ppl']:.1f}"
+                                                     for q in ("nf-offset", "gptq"))),
     Figure("experiments/quantizers/README.md", "`int` {}; `int-mse` {}, because clipping the range per group removes "
            "a third of the loss; `nf-offset` {};", "experiments/quantizers",
            lambda c: tuple(f"{c[f'QA-LoRA {q} 3-bit']['base_ppl']:.1f}" for q in ("int", "int-mse", "nf-offset"))),
