@@ -298,11 +298,7 @@ def export_gguf(out: str | Path, config: Config, params: dict, tokenizer: Tokeni
 
   tensors, settings, rounded, notes = [], {}, {}, {}
   for name, path, leaf in _named_leaves(config, params):
-    n_heads = None
-    if config.arch == "llama" and "/q_proj/" in path:
-      n_heads = config.num_heads
-    elif config.arch == "llama" and "/k_proj/" in path:
-      n_heads = config.num_kv_heads
+    n_heads = gguf_io.rotary_heads(config, path)
     if isinstance(leaf, QTensor):
       qtype, data, dw = qtensor_blocks(leaf, n_heads, allow_rounding, where=f"{path} ({name})")
       settings[name] = {"bits": leaf.bits, "group_size": leaf.group_size,

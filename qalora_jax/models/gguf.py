@@ -101,6 +101,13 @@ def linear_kernels(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:
       yield t.name, tensor_to_numpy(t).T
 
 
+def rotary_heads(config: Config, path: str) -> int | None:
+  """The head count of the LLaMA q or k projection parameter at `path`, whose rows llama.cpp permutes; else None."""
+  if config.arch != "llama":
+    return None
+  return config.num_heads if "/q_proj/" in path else config.num_kv_heads if "/k_proj/" in path else None
+
+
 def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
   """Undoes llama.cpp's q/k permutation of a weight [n_heads * d, ...] (or bias [n_heads * d]).
 
@@ -214,13 +221,10 @@ the paths `keep` matches (re.fullmatch) are considered."""
       continue
     if any(t is None or t.tensor_type not in EXACT_TYPES for t in layers):
       continue
+    heads = rotary_heads(config, path)
     qts = []
     for t in layers:
-      data = np.asarray(t.data)
-      if config.arch == "llama" and "/q_proj/" in path:
-        data = unpermute_rows(data, config.num_heads)
-      elif config.arch == "llama" and "/k_proj/" in path:
-        data = unpermute_rows(data, config.num_kv_heads)
+      data = np.asarray(t.data) if heads is None else unpermute_rows(np.asarray(t.data), heads)
       qts.append(qtensor_from_blocks(t.tensor_type, data, where=t.name, **settings.get(t.name, {})))
     if len({qt.meta for qt in qts}) == 1:
       out[path] = qts
@@ -297,18 +301,15 @@ def load(path: str | Path, dtype="float32", param_dtype=np.float32, per_tensor=N
   meta = read_metadata(reader)
   config = config_from_metadata(meta, shapes, where=str(path)).replace(dtype=dtype, **config_overrides)
 
-  def transform(param_path, name, w):
-    if config.arch == "llama" and "/q_proj/" in param_path:
-      return unpermute_rows(w, config.num_heads)
-    if config.arch == "llama" and "/k_proj/" in param_path:
-      return unpermute_rows(w, config.num_kv_heads)
-    return w
-
   keep = ".*" if keep_quantized is True else keep_quantized
   quantized = _quantized_leaves(config, tensors, meta, keep) if keep else {}
   skipped = {NAMES[p].format(i=i) for p in quantized for i in range(config.num_layers)}
   pending = {p: iter(qts) for p, qts in quantized.items()}  # one QTensor a layer, in order
   float_per_tensor = per_tensor or (lambda p, w: jnp.asarray(w, param_dtype))
+
+  def transform(param_path, name, w):  # a kept QTensor's tensor is not read: nothing to permute
+    heads = None if name in skipped else rotary_heads(config, param_path)
+    return w if heads is None else unpermute_rows(w, heads)
 
   def read(name):  # a kept QTensor's tensor is not read as floats: `per_tensor_leaf` supplies the leaf
     return np.empty(0, np.float32) if name in skipped else tensor_to_numpy(tensors[name])
@@ -318,6 +319,5 @@ def load(path: str | Path, dtype="float32", param_dtype=np.float32, per_tensor=N
 
   params = assemble.assemble(
       config, NAMES, tensors, shape_of=lambda n: shapes[n], read=read, where=str(path),
-      transform=lambda p, n, w: w if n in skipped else transform(p, n, w), dtype=param_dtype,
-      ignore=lambda n: n == "rope_freqs.weight", per_tensor=per_tensor_leaf)
+      transform=transform, dtype=param_dtype, ignore=lambda n: n == "rope_freqs.weight", per_tensor=per_tensor_leaf)
   return config, params, from_gguf_metadata(meta)
