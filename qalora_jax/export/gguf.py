@@ -38,6 +38,7 @@ The file is written beside `out` under a temporary name and renamed into place: 
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import tempfile
@@ -190,7 +191,7 @@ def write_tokenizer(writer: gguf.GGUFWriter, tokenizer: Tokenizer) -> None:
     raise ValueError("tokenizer has no BPE merges, and a GGUF file cannot hold an empty tokenizer.ggml.merges "
                      "(llama.cpp requires the key); allowed: a byte-level BPE with merges")
   pre = _pre_name(spec.get("pre_tokenizer"))
-  ids = {token: i for token, i in model["vocab"].items()}
+  ids = dict(model["vocab"])
   types = {}
   for t in spec.get("added_tokens") or []:
     ids[t["content"]] = t["id"]
@@ -246,23 +247,18 @@ def _architecture_keys(writer: gguf.GGUFWriter, config: Config) -> None:
     writer.add_value_length(config.head_dim)
 
 
-def _named_leaves(config: Config, params: dict):
+def _named_leaves(params: dict):
   """Yields (GGUF tensor name, parameter path, leaf) for every parameter (blocks in the per-layer layout)."""
-  by_path = {p: n for p, n in gguf_io.NAMES.items()}
-  params = unstack_blocks(params)
-  for path, leaf in flatten(params):
+  for path, leaf in flatten(unstack_blocks(params)):
     if path.endswith("/adapter"):
       raise ValueError(f"params hold an adapter ({path}); allowed: a merged model (merge the adapters first)")
+    i, key = 0, path
     if path.startswith("blocks/"):
       _, i, rest = path.split("/", 2)
       key = f"blocks/{rest}"
-      if key not in by_path:
-        raise ValueError(f"parameter {path} has no GGUF tensor name")
-      yield by_path[key].format(i=int(i)), key, leaf
-    else:
-      if path not in by_path:
-        raise ValueError(f"parameter {path} has no GGUF tensor name")
-      yield by_path[path], path, leaf
+    if key not in gguf_io.NAMES:
+      raise ValueError(f"parameter {path} has no GGUF tensor name")
+    yield gguf_io.NAMES[key].format(i=int(i)), key, leaf
 
 
 def check_out(out: str | Path, overwrite: bool) -> None:
@@ -297,7 +293,7 @@ def export_gguf(out: str | Path, config: Config, params: dict, tokenizer: Tokeni
                      "tokenizer or the GGUF file it came from")
 
   tensors, settings, rounded, notes = [], {}, {}, {}
-  for name, path, leaf in _named_leaves(config, params):
+  for name, path, leaf in _named_leaves(params):
     n_heads = gguf_io.rotary_heads(config, path)
     if isinstance(leaf, QTensor):
       qtype, data, dw = qtensor_blocks(leaf, n_heads, allow_rounding, where=f"{path} ({name})")
@@ -353,8 +349,6 @@ def export_gguf(out: str | Path, config: Config, params: dict, tokenizer: Tokeni
     writer.close()
     Path(tmp).unlink(missing_ok=True)
     raise
-  types: dict[str, int] = {}
-  for _, _, qtype in tensors:
-    types[qtype.name] = types.get(qtype.name, 0) + 1
+  types = dict(collections.Counter(qtype.name for _, _, qtype in tensors))
   return {"out": str(out), "bytes": out.stat().st_size, "types": types,
           "max_abs_dw": max(rounded.values(), default=0.0), "rounded": rounded, "notes": notes}
