@@ -48,21 +48,29 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     raise
 
 
+@contextlib.contextmanager
+def atomic_file(target: str | Path) -> Iterator[Path]:
+  """Yields a temporary path beside `target` (same suffix) that replaces `target` when the block ends without
+  error; on error the temporary file is removed and `target` is untouched. Creates the directory."""
+  target = Path(target)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}-", suffix=target.suffix)
+  os.close(fd)
+  try:
+    umask_mode(tmp)
+    yield Path(tmp)
+    os.replace(tmp, target)
+  except BaseException:
+    Path(tmp).unlink(missing_ok=True)
+    raise
+
+
 def write_json(path: str | Path, obj: Any) -> None:
   """Writes JSON atomically (see `write_bytes`)."""
   write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:
-  """Writes bytes atomically (temporary file in the same directory, then rename); creates the directory."""
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-  try:
-    umask_mode(tmp)
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
+  """Writes bytes atomically (`atomic_file`)."""
+  with atomic_file(path) as tmp:
+    tmp.write_bytes(data)

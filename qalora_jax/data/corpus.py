@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from qalora_jax import assets, provenance
+from qalora_jax.files import atomic_file
 
 HELDOUT_PLAYS = ("romances/the-tempest",)
 # what the token cache depends on: this reader and the tokenizer's code
@@ -62,9 +63,7 @@ def tokenized_plays(corpus: str, tokenizer, log=provenance.notice) -> dict[str, 
     with np.load(cache, allow_pickle=False) as z:
       return {k.replace("__", "/"): z[k] for k in z.files}
   tokens = {name: np.asarray(tokenizer.encode(text), np.int32) for name, text in load_plays(root).items()}
-  cache.parent.mkdir(parents=True, exist_ok=True)
-  tmp = cache.with_name(f".{cache.name}.tmp.npz")
-  np.savez(tmp, **{name.replace("/", "__"): ids for name, ids in tokens.items()})
-  tmp.replace(cache)
+  with atomic_file(cache) as tmp:
+    np.savez(tmp, **{name.replace("/", "__"): ids for name, ids in tokens.items()})
   provenance.write_stamp(cache, version, corpus=str(root))
   return tokens

@@ -40,15 +40,13 @@ from __future__ import annotations
 
 import collections
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import gguf
 import jax
 import numpy as np
 
-from qalora_jax.files import umask_mode
+from qalora_jax.files import atomic_file
 from qalora_jax.models import gguf as gguf_io
 from qalora_jax.models.config import Config
 from qalora_jax.models.llama import unstack_blocks
@@ -318,37 +316,30 @@ def export_gguf(out: str | Path, config: Config, params: dict, tokenizer: Tokeni
   common = max(set(linear_types), key=linear_types.count) if linear_types else _T.F32
   file_type = file_types.get(common, gguf.LlamaFileType.ALL_F32)
 
-  out.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}-", suffix=".tmp")
-  os.close(fd)
-  umask_mode(tmp)
-  writer = gguf.GGUFWriter(tmp, config.arch)
-  try:
-    own = (f"{config.arch}.", "general.architecture", "general.file_type", "general.quantization_version",
-           gguf_io.QTENSORS_KEY)
-    if reader is not None:
-      for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key.startswith(own):
-          continue
-        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(key, field.contents(), field.types[0], sub)
-    else:
-      write_tokenizer(writer, tokenizer)
-    _architecture_keys(writer, config)
-    writer.add_file_type(file_type)
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    writer.add_string(gguf_io.QTENSORS_KEY, json.dumps(settings, sort_keys=True))
-    for name, data, qtype in tensors:
-      writer.add_tensor(name, data, raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    os.replace(tmp, out)
-  except BaseException:
-    writer.close()
-    Path(tmp).unlink(missing_ok=True)
-    raise
+  own = (f"{config.arch}.", "general.architecture", "general.file_type", "general.quantization_version",
+         gguf_io.QTENSORS_KEY)
+  with atomic_file(out) as tmp:
+    writer = gguf.GGUFWriter(tmp, config.arch)
+    try:
+      if reader is not None:
+        for key, field in reader.fields.items():
+          if key.startswith("GGUF.") or key.startswith(own):
+            continue
+          sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+          writer.add_key_value(key, field.contents(), field.types[0], sub)
+      else:
+        write_tokenizer(writer, tokenizer)
+      _architecture_keys(writer, config)
+      writer.add_file_type(file_type)
+      writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+      writer.add_string(gguf_io.QTENSORS_KEY, json.dumps(settings, sort_keys=True))
+      for name, data, qtype in tensors:
+        writer.add_tensor(name, data, raw_dtype=qtype)
+      writer.write_header_to_file()
+      writer.write_kv_data_to_file()
+      writer.write_tensors_to_file()
+    finally:
+      writer.close()
   types = dict(collections.Counter(qtype.name for _, _, qtype in tensors))
   return {"out": str(out), "bytes": out.stat().st_size, "types": types,
           "max_abs_dw": max(rounded.values(), default=0.0), "rounded": rounded, "notes": notes}

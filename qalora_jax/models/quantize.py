@@ -30,6 +30,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from qalora_jax.files import atomic_file
 from qalora_jax.tree_paths import flatten, unflatten
 from qalora_jax.quant import QMeta, QTensor, Quantizer, get, quantize_stacked
 
@@ -166,16 +167,13 @@ def save_quantized(path: str | Path, frozen: dict) -> None:
   """Writes the QTensor leaves of a frozen tree to one safetensors file, atomically: tensor "<path>/<array>"
   per QTensor array, and each QTensor's QMeta as JSON in the file's metadata. Float leaves are not saved:
   `load_quantized` takes them from the float parameters."""
-  path = Path(path)
   tensors, metas = {}, {}
   for p, leaf in flatten(frozen):
     if isinstance(leaf, QTensor):
       metas[p] = dataclasses.asdict(leaf.meta)
       tensors.update({f"{p}/{name}": np.asarray(a) for name, a in leaf.arrays.items()})
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp")
-  safetensors.numpy.save_file(tensors, str(tmp), metadata={"qtensors": json.dumps(metas)})
-  tmp.replace(path)
+  with atomic_file(path) as tmp:
+    safetensors.numpy.save_file(tensors, str(tmp), metadata={"qtensors": json.dumps(metas)})
 
 
 def load_quantized(path: str | Path, params: dict) -> dict:

@@ -14,6 +14,8 @@ import json
 import shutil
 from pathlib import Path
 
+from qalora_jax.files import write_bytes
+
 TENSORBOARD_DIR = "tensorboard"
 FINAL_KEYS = ("ppl", "merged_ppl")  # the last line of metrics.jsonl: the trained and the merged model
 
@@ -74,6 +76,4 @@ def truncate_metrics(path: Path, step: int) -> None:
   rewrites atomically."""
   keep = lambda record: record.get("step", 0) <= step and not set(FINAL_KEYS) & record.keys()  # noqa: E731
   lines = [line for line in path.read_text().splitlines() if keep(json.loads(line))]
-  tmp = path.with_name(f".{path.name}.tmp")
-  tmp.write_text("".join(line + "\n" for line in lines))
-  tmp.replace(path)
+  write_bytes(path, "".join(line + "\n" for line in lines).encode())
