@@ -53,6 +53,12 @@ def write_sweep(workdir, runs, tables_spec=(), plots=()):
   return workdir
 
 
+def load_records(workdir):
+  """(records, one per name with its seeds aggregated, failed runs, tables, plots), as `qalora table` reads them."""
+  finished, failed, tables_spec, plots = records_lib.read_sweep(workdir)
+  return records_lib.aggregate([(name, res) for name, _, res in finished]), failed, tables_spec, plots
+
+
 def seeded_runs(names=tuple(PPL)):
   runs = [("float base", None, result("float base", 0, 35.767, 0.0))]
   for name in names:
@@ -71,7 +77,7 @@ TABLES = [{"title": "merged", "rows": "name", "value": ["base_ppl", "merged_ppl"
 
 
 def test_seeds_aggregate_to_numpy_mean_std_and_n(tmp_path):
-  records, failed, _, _ = records_lib.load_records(write_sweep(tmp_path, seeded_runs()))
+  records, failed, _, _ = load_records(write_sweep(tmp_path, seeded_runs()))
   assert failed == [] and [r["name"] for r in records] == ["float base", *PPL]
   by_name = {r["name"]: r for r in records}
   for name, ppl in PPL.items():
@@ -127,7 +133,7 @@ def test_markdown_csv_and_plots_show_mean_std_n(tmp_path):
 
   for png in ("bits.png", "lines.png", "time.png"):
     assert (workdir / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-  records, _, _, plots = records_lib.load_records(workdir)
+  records, _, _, plots = load_records(workdir)
   for spec in plots:
     fig, ax = plt.subplots()
     plots_lib.draw(spec, records, ax)
@@ -147,7 +153,7 @@ def test_runs_of_one_cell_with_different_configs_are_an_error(tmp_path):
   runs[3][2]["config"]["adapter"]["rank"] = 8
   with pytest.raises(ValueError, match=r"cell 'LoRA': its runs differ in config fields other than seed "
                                        r"\(adapter.rank: 16, 8; steps: 50, 60\)"):
-    records_lib.load_records(write_sweep(tmp_path, runs))
+    load_records(write_sweep(tmp_path, runs))
 
 
 def test_mixed_code_versions_and_machines_warn_and_still_write(tmp_path):
@@ -195,7 +201,7 @@ def test_effective_rank_below_the_rank_is_noted(tmp_path):
   assert "| QA-LoRA g128 | " in text and " | 5 |" in text and "| QA-LoRA g64 | 29.000 (n=1) | 9 (n=1) |" in text
   assert ("Effective rank below the configured rank: QA-LoRA g128 (rank 16, 5 usable), "
           "QA-LoRA g64 (rank 16, 9 usable).") in text
-  assert "effective_rank.mlp/down_proj" in records_lib.load_records(tmp_path)[0][1]
+  assert "effective_rank.mlp/down_proj" in load_records(tmp_path)[0][1]
 
 
 def test_a_log_scaled_plot_of_unfinished_cells_is_drawn_empty(tmp_path):

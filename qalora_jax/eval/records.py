@@ -169,13 +169,6 @@ def read_sweep(workdir: str | Path) -> tuple[list[tuple[str, int | None, dict]],
   return finished, failed, sweep.get("tables", []), sweep.get("plots", [])
 
 
-def load_records(workdir: str | Path) -> tuple[list[dict], list[tuple[str, str]], list[dict], list[dict]]:
-  """(records of finished cells, one per name with its seeds aggregated, (label, error) of failed runs, the
-  sweep's tables, its plots)."""
-  finished, failed, tables, plots = read_sweep(workdir)
-  return aggregate([(name, result) for name, _, result in finished]), failed, tables, plots
-
-
 def _who(runs: list[tuple[str, int | None]]) -> str:
   """'LoRA (seeds 0, 1), QLoRA' from (name, seed) pairs."""
   seeds: dict[str, list] = {}

@@ -30,7 +30,6 @@ import dataclasses
 import io
 import math
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ from qalora_jax.eval.plots import default_plots, plot
 from qalora_jax.eval.records import (Stat, aggregate, check_fields, is_number, matches, mean_of, provenance_warnings,
                                      read_sweep)
 from qalora_jax.files import write_bytes
+from qalora_jax.provenance import notice
 
 NUMBER_FORMATS = {"trainable_params": ",.0f", "adapter_bytes": ",.0f", "frozen_bytes": ",.0f",
                   "merged_bytes": ",.0f", "steps": ".0f", "tokens_per_s": ".1f", "step_s": ".2f", "wall_s": ".0f",
@@ -250,12 +250,8 @@ def _csv_value(c: Value, spread: bool) -> list[str]:
   return [mean] + ([std, str(v.n)] if spread else [])
 
 
-def _stderr(message: str) -> None:
-  print(message, file=sys.stderr)
-
-
 def write(workdir: str | Path, tables: list[dict] | None = None, plots: list[dict] | None = None,
-          out: str | Path | None = None, log=_stderr) -> str:
+          out: str | Path | None = None, log=notice) -> str:
   """Writes tables.md, tables/<n>.csv and plots/*.png (under `out`, default the workdir); returns the
   Markdown. `tables`/`plots` default to the sweep file's, then to a summary table and the default plots.
   Provenance warnings (code versions, machines) go to `log` and under the tables."""
