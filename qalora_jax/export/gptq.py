@@ -201,11 +201,9 @@ def _hf_config(config: models.Config, quantize_config: dict) -> dict:
 
 
 def export_gptq(frozen: dict, out_dir: str | Path, *, config: models.Config | None = None, zeros: str = "int",
-                desc_act: bool = False, static_groups: bool = False, damp_percent: float = 0.01,
                 overwrite: bool = False) -> Path:
   """Writes the quantized block linears of `frozen` (plus norms, embeddings, head) as a GPTQ-layout directory,
-  atomically; returns its path. desc_act / static_groups / damp_percent are recorded in quantize_config.json
-  (the checkpoint layout is the same either way: act-order with static groups keeps contiguous groups)."""
+  atomically; returns its path."""
   if zeros not in ZERO_MODES:
     raise ValueError(f"zeros={zeros!r} is not supported; allowed: {', '.join(ZERO_MODES)}")
   params = llama.stack_blocks(frozen)
@@ -242,8 +240,8 @@ def export_gptq(frozen: dict, out_dir: str | Path, *, config: models.Config | No
   if zero_zeros:
     warnings.warn(f"{zero_zeros} integer zeros are 0: stored as {2**bits - 1} (zero - 1 mod 2^{bits}); "
                   f"AutoGPTQ's v1 kernels read them as {2**bits}")
-  quantize_config = {"bits": bits, "group_size": group_size, "desc_act": desc_act, "static_groups": static_groups,
-                     "sym": False, "true_sequential": True, "damp_percent": damp_percent, "quant_method": "gptq",
+  quantize_config = {"bits": bits, "group_size": group_size, "desc_act": False, "static_groups": False,
+                     "sym": False, "true_sequential": True, "damp_percent": 0.01, "quant_method": "gptq",
                      "checkpoint_format": "gptq_float_zeros" if zeros == "float" else "gptq",
                      "model_file_base_name": "model"}
   if zeros == "float":
