@@ -117,11 +117,6 @@ def damped_inverse_cholesky(h: jax.Array, damp: float) -> jax.Array:
   return u
 
 
-def effective_block(block_size: int, group_size: int) -> int:
-  """The column block actually used: a multiple of the group size (one group if groups are larger)."""
-  return group_size * max(1, block_size // group_size)
-
-
 @functools.partial(jax.jit, static_argnames=("bits", "group_size", "block_size", "scale_dtype", "static"))
 def _solve(w, u, static_scale, static_offset, group_of, *, bits, group_size, block_size, scale_dtype, static):
   """The column loop on W [in, out] (rows already permuted) with U [in, in]; returns (codes uint8 [in, out],
@@ -129,7 +124,7 @@ def _solve(w, u, static_scale, static_offset, group_of, *, bits, group_size, blo
   (static_scale, static_offset); otherwise groups are r // g, their grid set when the loop reaches them."""
   n_in, n_out = w.shape
   maxq = 2**bits - 1
-  bk = effective_block(block_size, group_size)
+  bk = group_size * max(1, block_size // group_size)  # the column block: whole groups (one if groups are larger)
   n_blocks = -(-n_in // bk)
   n_pad = n_blocks * bk
   w = jnp.pad(w, [(0, n_pad - n_in), (0, 0)])
