@@ -20,10 +20,7 @@ def pack_blocks(documents: Iterable[Sequence[int]], seq_len: int, eos_id: int) -
   """[n_blocks, seq_len + 1] int32 blocks of the documents' tokens, EOS between documents."""
   if seq_len < 1:
     raise ValueError(f"seq_len={seq_len} must be positive")
-  stream = []
-  for doc in documents:
-    stream.extend(doc)
-    stream.append(eos_id)
+  stream = [t for doc in documents for t in (*doc, eos_id)]
   n_blocks = len(stream) // (seq_len + 1)
   if n_blocks == 0:
     raise ValueError(f"the corpus has {len(stream)} tokens, fewer than one block of {seq_len + 1}")
@@ -44,8 +41,8 @@ def batch_indices(n_blocks: int, batch: int, seed: int, step: int) -> np.ndarray
 
 def batch_at(blocks: np.ndarray, batch: int, seed: int, step: int, mask: np.ndarray | None = None) -> dict:
   """{"inputs", "targets"[, "mask"]} [batch, seq_len] for training step `step`."""
-  rows = blocks[batch_indices(len(blocks), batch, seed, step)]
-  out = {"inputs": rows[:, :-1], "targets": rows[:, 1:]}
+  index = batch_indices(len(blocks), batch, seed, step)
+  out = {"inputs": blocks[index, :-1], "targets": blocks[index, 1:]}
   if mask is not None:
-    out["mask"] = mask[batch_indices(len(blocks), batch, seed, step)][:, 1:]
+    out["mask"] = mask[index, 1:]
   return out
