@@ -106,3 +106,17 @@ def test_rank_above_what_a_layer_can_use_warns_once():
 def test_unknown_method():
   with pytest.raises(ValueError, match="method='dora' is not supported; allowed: lora, qalora"):
     nn.add_adapters(tiny_frozen("lora"), "dora", rank=4, alpha=8, key=jax.random.PRNGKey(0))
+
+
+def test_a_layers_initial_adapter_depends_on_its_path_only():
+  """The same tree in another dict order (a calibrated base comes back from an NNX state in sorted order, the
+  loader's in the model's), or with other layers adapted, gives each layer the same initial adapter."""
+  frozen = tiny_frozen("lora")
+  reordered = {key: frozen[key] for key in reversed(list(frozen))}
+  key = jax.random.PRNGKey(3)
+  both = nn.add_adapters(frozen, "lora", rank=2, alpha=8, key=key, targets=".*")
+  for other in (nn.add_adapters(reordered, "lora", rank=2, alpha=8, key=key, targets=".*"),
+                nn.add_adapters(frozen, "lora", rank=2, alpha=8, key=key, targets="blocks/attn/q_proj")):
+    a = other["blocks"]["attn"]["q_proj"]["adapter"].a
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(both["blocks"]["attn"]["q_proj"]["adapter"].a))
+  assert not np.array_equal(both["lm_head"]["adapter"].a[..., :2, :], both["blocks"]["attn"]["q_proj"]["adapter"].a[0, :2])

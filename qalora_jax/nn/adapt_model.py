@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qalora_jax.nn.adapters import METHODS
+from qalora_jax.nn.adapters import METHODS, layer_key
 from qalora_jax.nn.calibrate import calibrate_sequential, call_model
 from qalora_jax.nn.merge import check_qalora_base, merge_adapter
 from qalora_jax.nn.modules import (AdapterParam, AxesLayout, EinsumLayout, Frozen, Linear, LowRankAdapter, adapted_layers,
@@ -229,14 +229,14 @@ def adapt(model: nnx.Module, rules: Rule | Iterable[Rule], *, key: jax.Array | N
       _set_kernel(linears[p], quantize_kernel(rule.quantizer, linears[p].kernel.get_value(), p))
 
   key = jax.random.PRNGKey(0) if key is None else key
-  for i, (p, rule) in enumerate(chosen.items()):
+  for p, rule in chosen.items():
     if rule.method is None:
       continue
     kernel = linears[p].kernel.get_value()
     if rule.method == "qalora":
       check_qalora_base(kernel, kernel.group_size, where=p)
     linears[p].adapter = LowRankAdapter.create(
-        jax.random.fold_in(key, i), rule.method, kernel, rank=rule.rank, alpha=rule.alpha, rslora=rule.rslora,
+        layer_key(key, p), rule.method, kernel, rank=rule.rank, alpha=rule.alpha, rslora=rule.rslora,
         dropout=rule.dropout, rngs=rngs)
   for p, linear in linears.items():
     _replace(model, layers[p][0], linear)

@@ -10,7 +10,7 @@ with s = alpha / r (rsLoRA: alpha / sqrt(r)) and B = 0 at initialisation (PEFT's
 
 This module is the one place that convention lives. Because pool(x) A B is constant inside a group, it
 folds into the base's per-group offsets (merge.py); PEFT's `use_qalora` pools with the mean times
-(in // g) instead, a different constant that peft_io.py converts.
+(in // g) instead, a different constant that export/peft.py converts.
 
 An `Adapter` is a pytree: `a` and `b` are its leaves (the trainable parameters), the kind, scale, group
 size and dropout rate are static metadata.
@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -101,6 +102,12 @@ def pool_groups(x: jax.Array, group_size: int) -> jax.Array:
 def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
   """s = alpha / r, or rsLoRA's alpha / sqrt(r)."""
   return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def layer_key(key: jax.Array, path: str) -> jax.Array:
+  """The initialisation key of the adapter at `path`: fold_in(key, crc32(path)). A layer's initial adapter
+  depends on the run's key and its own path only, not on the order of the tree or on which layers are adapted."""
+  return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
 
 def init_adapter(key: jax.Array, kind: str, n_in: int, n_out: int, rank: int, *, alpha: float,

@@ -21,7 +21,7 @@ from typing import Iterator
 import jax
 import jax.numpy as jnp
 
-from qalora_jax.nn.adapters import METHODS, Adapter, init_adapter
+from qalora_jax.nn.adapters import METHODS, Adapter, init_adapter, layer_key
 from qalora_jax.nn.merge import check_qalora_base, merge_adapter
 from qalora_jax.nn.modules import kernel_dims
 from qalora_jax.quant import QTensor, Quantizer
@@ -63,7 +63,7 @@ def add_adapters(frozen: dict, method: str, *, rank: int, alpha: float, key: jax
     raise ValueError(f"targets={targets!r} matches no linear layer; the layers are: {names}")
   adapters: dict = {}
   capped = []
-  for i, (path, layer) in enumerate(chosen):
+  for path, layer in chosen:
     lead, n_in, n_out = kernel_dims(layer["kernel"])
     group = 0
     if method == "qalora":
@@ -72,7 +72,7 @@ def add_adapters(frozen: dict, method: str, *, rank: int, alpha: float, key: jax
     usable = min(-(-n_in // group) if group else n_in, n_out)
     if rank > usable:
       capped.append(f"{path} (effective rank {usable})")
-    adapter = init_adapter(jax.random.fold_in(key, i), method, n_in, n_out, rank, alpha=alpha, rslora=rslora,
+    adapter = init_adapter(layer_key(key, path), method, n_in, n_out, rank, alpha=alpha, rslora=rslora,
                            group_size=group, dropout=dropout, lead=lead, dtype=dtype)
     set_path(adapters, path, {"adapter": adapter})
   if capped:
