@@ -30,6 +30,7 @@ from qalora_jax.nn.modules import adapted_layers
 from qalora_jax.nn.modules import kernel_dims
 from qalora_jax.nn.trees import adapter_layers, linear_layers
 from qalora_jax.nn.adapters import Adapter, AdapterMeta
+from qalora_jax.tree_paths import set_path
 
 # Our block paths -> PEFT module names.
 MODULES = {"blocks/attn/q_proj": "self_attn.q_proj", "blocks/attn/k_proj": "self_attn.k_proj",
@@ -157,9 +158,6 @@ def import_peft(adapter_dir: str | Path, frozen: dict, *, dtype=jnp.float32) -> 
                          f"the model's ({rank}, {a_in}) and ({n_out}, {rank})")
       a_list.append(a.T / _peft_a_factor(meta))
       b_list.append(b.T)
-    node = adapters
-    for key in path.split("/")[:-1]:
-      node = node.setdefault(key, {})
-    node[path.split("/")[-1]] = {"adapter": Adapter(jnp.asarray(np.stack(a_list), dtype),
-                                                    jnp.asarray(np.stack(b_list), dtype), meta)}
+    adapter = Adapter(jnp.asarray(np.stack(a_list), dtype), jnp.asarray(np.stack(b_list), dtype), meta)
+    set_path(adapters, f"{path}/adapter", adapter)
   return adapters
