@@ -94,13 +94,6 @@ def _open_locked(path: Path) -> int | None:
     os.close(fd)
 
 
-def _read_all(fd: int) -> bytes:
-  chunks = []
-  while chunk := os.pread(fd, 65536, sum(map(len, chunks))):
-    chunks.append(chunk)
-  return b"".join(chunks)
-
-
 @contextlib.contextmanager
 def _flock(workdir: Path, log) -> Iterator[None]:
   """The lock in this process: refuses (WorkdirBusy) while another process holds it, takes over a stale one."""
@@ -119,7 +112,7 @@ def _flock(workdir: Path, log) -> Iterator[None]:
   if fd is None:
     raise WorkdirBusy(busy_message(workdir))
   try:
-    left = _read_all(fd)
+    left = os.pread(fd, os.fstat(fd).st_size, 0)
     if left.strip():
       try:
         stale = json.loads(left)
