@@ -77,10 +77,6 @@ class Experiment:
     """The decoder with the given trainable state (and the run's frozen state)."""
     return nnx.merge(self.graphdef, trainable, self.frozen if frozen is None else frozen)
 
-  def combine(self, frozen: nnx.State, trainable: nnx.State) -> llama.Decoder:
-    """`model` in the argument order of train.make_train_step's `combine`."""
-    return nnx.merge(self.graphdef, trainable, frozen)
-
   @staticmethod
   def nll(model: llama.Decoder, tokens, targets, dropout_rng=None):
     """-log p(targets | tokens) [batch, seq], the head and softmax fused (what training uses)."""
@@ -88,7 +84,8 @@ class Experiment:
 
   def make_step(self):
     """(init, step) of train.make_train_step over this run's states."""
-    return make_train_step(self.nll, self.optimizer, self.cfg.optim.accum_steps, combine=self.combine)
+    return make_train_step(self.nll, self.optimizer, self.cfg.optim.accum_steps,
+                           combine=lambda frozen, trainable: self.model(trainable, frozen))
 
   def on_mesh(self, donate: bool):
     """(initial train state, frozen state, jitted step) on the mesh: the states placed as
