@@ -60,7 +60,5 @@ def windowed_perplexity(window_nll_fn: Callable, ids: Sequence[int], window: int
   if n == 0:
     raise ValueError(f"{len(ids)} tokens are fewer than one window; allowed: at least window={window} tokens")
   windows = ids[: n * window].reshape(n, window)
-  total = 0.0
-  for start in range(0, n, batch_size):
-    total += float(window_nll_fn(jnp.asarray(windows[start:start + batch_size])).sum())
+  total = sum(float(window_nll_fn(jnp.asarray(windows[s:s + batch_size])).sum()) for s in range(0, n, batch_size))
   return float(np.exp(total / (n * (window - 1))))
