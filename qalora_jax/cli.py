@@ -117,55 +117,39 @@ def _bench(args) -> int:
   return 0
 
 
-def _eval_params(args):
+def _model(args):
+  """(lm, params, info) of --model or --workdir (its adapters merged with --merged), as --matmul-dtype and
+  --embedding ask, both checked before anything is loaded: "int8" multiplies INT4/INT8 QTensors with int8
+  activations in the CPU kernel (a GGUF --model then keeps its Q4/Q8 blocks as QTensors, the weights llama.cpp
+  reads); --embedding int8 stores a float token table (and tied head) in 8-bit rows. info: a saved model's
+  (models.saved_info), or the run's step and config."""
+  from qalora_jax import models
   from qalora_jax.train import experiment
 
-  exp, trainable, step = experiment.restore(args.workdir, log=lambda m: print(m, file=sys.stderr))
-  return exp, (exp.merged(trainable) if args.merged else exp.params(trainable)), step
-
-
-def _check_matmuls(args) -> None:
-  """--matmul-dtype and --embedding, checked before anything is loaded."""
   allowed = ("float32", "bfloat16", "int8")
   if args.matmul_dtype not in (None, *allowed):
     raise ValueError(f"--matmul-dtype {args.matmul_dtype!r} is not supported; allowed: {', '.join(allowed)}")
   if args.embedding not in ("float", "int8"):
     raise ValueError(f"--embedding {args.embedding!r} is not supported; allowed: float, int8")
-
-
-def _with_matmuls(lm, params, args):
-  """(lm, params) as --matmul-dtype and --embedding ask: "int8" multiplies INT4/INT8 QTensors with int8
-  activations in the CPU kernel; --embedding int8 stores a float token table (and tied head) in 8-bit rows."""
-  from qalora_jax import models
-
-  params = lm.params if params is None else params
+  if args.workdir:
+    exp, trainable, step = experiment.restore(args.workdir, log=lambda m: print(m, file=sys.stderr))
+    lm, params = exp.lm, (exp.merged(trainable) if args.merged else exp.params(trainable))
+    info = {"step": step, "run_config": experiment.run_config(args.workdir)}
+  else:
+    lm = models.load(args.model, keep_quantized=args.matmul_dtype == "int8")
+    params, info = lm.params, models.saved_info(args.model) or {}
   if args.embedding == "int8":
     params = models.quantize.int8_table(params)
   if args.matmul_dtype is not None:
     lm = lm.replace(config=lm.config.replace(matmul_dtype=args.matmul_dtype))
-  return lm, params
-
-
-def _load_model(args):
-  """--model, its GGUF blocks kept as QTensors when the int8 path is asked for (the weights llama.cpp reads)."""
-  from qalora_jax import models
-
-  return models.load(args.model, keep_quantized=args.matmul_dtype == "int8")
+  return lm, params, info
 
 
 def _eval(args) -> int:
-  from qalora_jax import models
   from qalora_jax.train import experiment
 
-  _check_matmuls(args)
-  if args.model:  # any model; a merged directory counts as merged
-    lm = _load_model(args)
-    params, info = lm.params, models.saved_info(args.model) or {}
-    step, merged = info.get("step"), "step" in info
-  else:
-    exp, params, step = _eval_params(args)
-    lm, merged, info = exp.lm, args.merged, {"run_config": experiment.run_config(args.workdir)}
-  lm, params = _with_matmuls(lm, params, args)
+  lm, params, info = _model(args)
+  step, merged = info.get("step"), args.merged if args.workdir else "step" in info  # a merged directory is merged
   if args.mc:
     from qalora_jax.eval import multiple_choice
 
@@ -205,14 +189,7 @@ def _merge(args) -> int:
 def _generate(args) -> int:
   from qalora_jax import models
 
-  _check_matmuls(args)
-  if args.workdir:
-    exp, params, _ = _eval_params(args)
-    lm = exp.lm
-  else:
-    lm = _load_model(args)
-    params = None
-  lm, params = _with_matmuls(lm, params, args)
+  lm, params, _ = _model(args)
   for prompt in args.prompt:
     text = models.generate(lm, [prompt], args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                            seed=args.seed, params=params)[0]
