@@ -44,12 +44,8 @@ class ReportRow:
   seconds: float | None = None  # time to quantize the model, with calibration data only
 
   def to_json(self) -> dict[str, Any]:
-    out = {"quantizer": self.quantizer, "bits": self.bits, "group_size": self.group_size,
-           "bits_per_weight": self.bits_per_weight, "bytes": self.bytes,
-           "weight_rel_error": self.weight_rel_error, "options": self.options}
-    if self.output_rel_error is not None:
-      out.update(output_rel_error=self.output_rel_error, ppl=self.ppl, seconds=self.seconds)
-    return out
+    """The fields, those of calibration data only left out without it."""
+    return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
 def settings(quantizers: Sequence[str], bits: Sequence[int] | None, group_sizes: Sequence[int] | None,
