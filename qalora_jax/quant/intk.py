@@ -40,6 +40,18 @@ INT_BITS = (2, 3, 4, 5, 6, 7, 8)
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
 
 
+def affine_grid(lo, hi, maxq: int, scale_dtype):
+  """(scale, offset) of the range [lo, hi] in the storage dtype: scale = (hi - lo) / (2^k - 1), offset = lo."""
+  return ((hi - lo) / maxq).astype(scale_dtype), lo.astype(scale_dtype)
+
+
+def affine_codes(wg, scale, offset, maxq: int):
+  """(q, s, b) of grouped weights wg [groups, g, out] on the stored grid (scale, offset) [groups, out]:
+  q = clip(round((w - b) / s), 0, 2^k - 1) with s, b the grid in float32 [groups, 1, out]."""
+  s, b = scale.astype(jnp.float32)[:, None], offset.astype(jnp.float32)[:, None]
+  return jnp.clip(jnp.round((wg - b) / jnp.where(s == 0, 1.0, s)), 0, maxq), s, b
+
+
 @functools.partial(jax.jit, static_argnames=("bits", "group_size", "symmetric", "scale_dtype"))
 def quantize_affine(w, *, bits, group_size, symmetric, scale_dtype):
   """Returns (codes [in, out] uint8, scale [in/g, out], offset [in/g, out] or None)."""
@@ -52,11 +64,8 @@ def quantize_affine(w, *, bits, group_size, symmetric, scale_dtype):
     offset = None
   else:
     maxq = 2**bits - 1
-    lo, hi = wg.min(axis=1), wg.max(axis=1)
-    scale = ((hi - lo) / maxq).astype(scale_dtype)
-    offset = lo.astype(scale_dtype)
-    s, b = scale.astype(jnp.float32)[:, None], offset.astype(jnp.float32)[:, None]
-    q = jnp.clip(jnp.round((wg - b) / jnp.where(s == 0, 1.0, s)), 0, maxq)
+    scale, offset = affine_grid(wg.min(axis=1), wg.max(axis=1), maxq, scale_dtype)
+    q, _, _ = affine_codes(wg, scale, offset, maxq)
   return ungroup_rows(q.astype(jnp.uint8), w.shape[0]), scale, offset
 
 

@@ -40,25 +40,15 @@ import numpy as np
 
 from qalora_jax.checks import check_choice
 from qalora_jax.quant import packing
-from qalora_jax.quant.intk import INT_BITS, SCALE_DTYPES, dequantize_affine
+from qalora_jax.quant.intk import INT_BITS, SCALE_DTYPES, affine_codes, affine_grid, dequantize_affine
 from qalora_jax.quant.qtensor import QMeta, QTensor
 from qalora_jax.quant.groups import check_group_option, check_group_size, group_rows
 from qalora_jax.quant.registry import Quantizer, register
 
 
-def _stored_grid(lo, hi, maxq: int, scale_dtype):
-  """(scale, offset) of the range [lo, hi] in the storage dtype."""
-  return ((hi - lo) / maxq).astype(scale_dtype), lo.astype(scale_dtype)
-
-
-def _codes(wg, scale, offset, maxq: int):
-  s, b = scale.astype(jnp.float32)[:, None], offset.astype(jnp.float32)[:, None]
-  return jnp.clip(jnp.round((wg - b) / jnp.where(s == 0, 1.0, s)), 0, maxq), s, b
-
-
 def _group_error(wg, valid, scale, offset, maxq: int):
   """Squared error per group [groups, out] of the stored grid, over the real rows (`valid` [groups, g, 1])."""
-  q, s, b = _codes(wg, scale, offset, maxq)
+  q, s, b = affine_codes(wg, scale, offset, maxq)
   return jnp.sum(jnp.where(valid, jnp.square(q * s + b - wg), 0.0), axis=1)
 
 
@@ -73,7 +63,7 @@ def quantize_mse(w, *, bits, group_size, grid, min_shrink, scale_dtype):
   ones = jnp.ones_like(lo)
 
   def evaluate(a, c):
-    scale, offset = _stored_grid(lo + (1 - a) * half, hi - (1 - c) * half, maxq, scale_dtype)
+    scale, offset = affine_grid(lo + (1 - a) * half, hi - (1 - c) * half, maxq, scale_dtype)
     return _group_error(wg, valid, scale, offset, maxq)
 
   def search(end, state):
@@ -92,8 +82,8 @@ def quantize_mse(w, *, bits, group_size, grid, min_shrink, scale_dtype):
   for end in ("both", "lower", "upper"):
     state = search(end, state)
   _, a, c = state
-  scale, offset = _stored_grid(lo + (1 - a) * half, hi - (1 - c) * half, maxq, scale_dtype)
-  q, _, _ = _codes(wg, scale, offset, maxq)
+  scale, offset = affine_grid(lo + (1 - a) * half, hi - (1 - c) * half, maxq, scale_dtype)
+  q, _, _ = affine_codes(wg, scale, offset, maxq)
   codes = q.astype(jnp.uint8).reshape(-1, w.shape[1])[:w.shape[0]]
   return codes, scale, offset
 
