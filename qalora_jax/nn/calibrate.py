@@ -18,7 +18,6 @@ from flax import nnx
 from qalora_jax.nn.modules import Linear, adapted_layers
 
 
-
 def call_model(model, batch):
   """The default calibration forward pass: model(batch)."""
   return model(batch)
@@ -68,11 +67,6 @@ def _capturing(layers, fn):
       layer.capture = None
 
 
-def _gram(x: jax.Array) -> jax.Array:
-  x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-  return x.T @ x
-
-
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _group_grams(graphdef, group: tuple[str, ...], forward, state, batch) -> dict[str, tuple[jax.Array, jax.Array]]:
   """{path: (sum x x^T, number of inputs x)} of the inputs the layers of `group` receive in forward(model, batch), jitted: the trace
@@ -84,7 +78,8 @@ def _group_grams(graphdef, group: tuple[str, ...], forward, state, batch) -> dic
   def capture(layer, flat, x):
     p = members.get(id(layer))
     if p is not None and p not in grams:
-      grams[p] = (_gram(flat), jnp.asarray(flat.size // flat.shape[-1], jnp.float32))
+      x = flat.reshape(-1, flat.shape[-1]).astype(jnp.float32)
+      grams[p] = (x.T @ x, jnp.asarray(x.shape[0], jnp.float32))
       if len(grams) == len(members):
         raise _Done
 
