@@ -10,9 +10,9 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-
 from qalora_jax.eval.records import Stat, check_fields, matches, mean_of
 from qalora_jax.files import write_bytes
+
 
 def default_plots(records: list[dict]) -> list[dict]:
   """Perplexity vs bits and vs group size per method (where they vary), parameters and step time per cell."""
@@ -98,5 +98,3 @@ def plot(spec: dict, records: list[dict], path: Path) -> None:
   fig.savefig(buf, format="png")
   plt.close(fig)
   write_bytes(path, buf.getvalue())
-
-

@@ -215,5 +215,3 @@ def check_fields(records: list[dict], fields: list[str], what: str) -> None:
   for f in fields:
     if records and f not in known:
       raise ValueError(f"{what}={f!r} is not a field of the results; allowed: {', '.join(sorted(known))}")
-
-
