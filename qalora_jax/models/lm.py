@@ -116,7 +116,7 @@ def saved_info(model: str | Path) -> dict | None:
   return json.loads((path / SAVED_JSON).read_text())["info"]
 
 
-def _load_saved(path: Path, dtype, param_dtype, rules, config_overrides) -> LanguageModel:
+def _load_saved(path: Path, dtype, param_dtype, rules, config_overrides) -> tuple[Config, dict, Tokenizer]:
   spec = json.loads((path / SAVED_JSON).read_text())
   fields = dict(spec["config"])
   if fields.get("rope_scaling") is not None:
@@ -145,7 +145,7 @@ def _load_saved(path: Path, dtype, param_dtype, rules, config_overrides) -> Lang
   t = spec["tokenizer"]
   tokenizer = Tokenizer(tokenizers.Tokenizer.from_file(str(path / SAVED_TOKENIZER)), bos_id=t["bos_id"],
                         eos_ids=tuple(t["eos_ids"]), pad_id=t["pad_id"])
-  return LanguageModel(config, params, tokenizer)
+  return config, params, tokenizer
 
 
 def load(model: str | Path, dtype: str = "float32", param_dtype=np.float32, quantize=None,
@@ -160,11 +160,8 @@ def load(model: str | Path, dtype: str = "float32", param_dtype=np.float32, quan
   rules = None if quantize is None else QuantizationRules(quantize)
   per_tensor = None if rules is None else (lambda p, w: rules(p, jnp.asarray(w, param_dtype)))
   if path.is_dir() and (path / SAVED_JSON).is_file():
-    lm = _load_saved(path, dtype, param_dtype, rules, config_overrides)
-    if rules is not None:
-      rules.summary()
-    return lm
-  if path.is_dir():
+    config, params, tokenizer = _load_saved(path, dtype, param_dtype, rules, config_overrides)
+  elif path.is_dir():
     config, params, tokenizer = hf.load(path, dtype=dtype, param_dtype=param_dtype, per_tensor=per_tensor,
                                         **config_overrides)
   elif path.suffix == ".gguf":
