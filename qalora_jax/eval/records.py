@@ -173,12 +173,9 @@ def _who(runs: list[tuple[str, int | None]]) -> str:
   """'LoRA (seeds 0, 1), QLoRA' from (name, seed) pairs."""
   seeds: dict[str, list] = {}
   for name, seed in runs:
-    seeds.setdefault(name, []).append(seed)
-  parts = []
-  for name, ss in seeds.items():
-    ss = [s for s in ss if s is not None]
-    parts.append(name if not ss else f"{name} (seed{'s' if len(ss) > 1 else ''} {', '.join(map(str, ss))})")
-  return ", ".join(parts)
+    seeds.setdefault(name, []).extend([] if seed is None else [seed])
+  return ", ".join(name if not ss else f"{name} (seed{'s' if len(ss) > 1 else ''} {', '.join(map(str, ss))})"
+                   for name, ss in seeds.items())
 
 
 def provenance_warnings(finished: list[tuple[str, int | None, dict]]) -> list[str]:
