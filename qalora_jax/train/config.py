@@ -305,11 +305,9 @@ def validate(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDic
     raise ValueError(f"config.steps={config.steps} must be at least 0 (0: evaluate the base only)")
   for dotted in ("data.seq_len", "data.batch_size", "adapter.rank", "optim.accum_steps", "base.calibration",
                  "base.calibration_len"):
-    node = config
-    for key in dotted.split("."):
-      node = node[key]
-    if node < 1:
-      raise ValueError(f"config.{dotted}={node} must be at least 1")
+    section, key = dotted.split(".")
+    if config[section][key] < 1:
+      raise ValueError(f"config.{dotted}={config[section][key]} must be at least 1")
   for axis in ("data", "fsdp"):
     if config.mesh[axis] < 0:
       raise ValueError(f"config.mesh.{axis}={config.mesh[axis]} must be at least 0 (0: the devices the other "
