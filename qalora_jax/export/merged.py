@@ -82,9 +82,7 @@ def to_gptq(out, workdir=None, model=None, *, requantize: str | None = None, mer
             zeros: str = "int", overwrite: bool = False, log=print) -> dict:
   """The merged INT-k model as a GPTQ-layout directory (export.gptq). A LoRA run (float merged weights) is
   refused unless re-quantized, as is a quantizer whose tensors are not asymmetric INT-k with float16 scales.
-  zeros="round" moves each merged float zero to the nearest integer; the report gives what that costs:
-  max |dw| = max |scale * (q - z) - (scale * q + offset)| over the block linears, and the held-out perplexity
-  before and after."""
+  With zeros="round" the report gives what rounding the zeros costs (export.gptq.rounding_change, rounding_cost)."""
   if zeros not in gptq_export.ZERO_MODES:
     raise ValueError(f"--zeros {zeros!r} is not supported; allowed: {', '.join(gptq_export.ZERO_MODES)}")
   if merged != "exact":

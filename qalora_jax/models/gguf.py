@@ -16,13 +16,11 @@ Each row of a weight [out, in] is cut into blocks of 32 consecutive inputs; per 
     Q8_0  d: float16, qs: 32 int8                  w = d * q,        q in -128..127
 
 In Q4_0 and Q4_1, byte j of qs holds element j in its low nibble and element j + 16 in its high nibble.
-An `int` QTensor (w = scale * c + offset, or symmetric w = scale * (c - 2^(k-1))) with float16 scale and offset
-and a group size that is a multiple of 32 is such a block grid with each group's (scale, offset) repeated over
-its 32-blocks: asymmetric k <= 4 bits -> Q4_1 (q = c), symmetric k <= 4 -> Q4_0 (q = c - 2^(k-1) + 8),
-symmetric k <= 8 -> Q8_0 (q = c - 2^(k-1)). A file written by `qalora_jax.export.gguf` names each such
-tensor's bits, group size and symmetry in the metadata key QTENSORS_KEY (JSON), so `keep_quantized` restores
-the QTensor it was written from, bit for bit; without that key a block tensor reads as 4-bit (Q4_0, Q4_1) or
-8-bit (Q8_0), group 32.
+An `int` QTensor with float16 scale and offset and a group size that is a multiple of 32 is such a block grid
+(which type holds which setting, and how its codes shift: qalora_jax.export.gguf). A file that module writes
+names each such tensor's bits, group size and symmetry in the metadata key QTENSORS_KEY (JSON), so
+`keep_quantized` restores the QTensor it was written from, bit for bit; without that key a block tensor reads
+as 4-bit (Q4_0, Q4_1) or 8-bit (Q8_0), group 32.
 """
 
 from __future__ import annotations
