@@ -217,12 +217,7 @@ def override(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None
       raise ValueError(f"config.base.options={value!r}: expected a dict of quantizer options")
     config.base.options = ml_collections.ConfigDict(dict(value))
     return
-  if isinstance(value, (list, tuple)):
-    text = repr(tuple(value))
-  elif isinstance(value, bool):
-    text = str(value).lower()
-  else:
-    text = str(value)
+  text = repr(tuple(value)) if isinstance(value, (list, tuple)) else str(value)  # "True" reads as a bool too
   apply_override(config, f"config.{dotted}={text}")
 
 
