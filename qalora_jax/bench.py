@@ -164,11 +164,7 @@ def bench_decode(method: str = "qalora-merged", new_tokens: int = 64, prompt: in
                  embedding: str = "float") -> dict:
   from qalora_jax.models import generation, llama
 
-  if model == "tiny":
-    
-    lm = models.tiny_model()
-  else:
-    lm = models.load(model)
+  lm = models.tiny_model() if model == "tiny" else models.load(model)
   params = llama.unstack_blocks(decode_params(method, lm, embedding))
   # No early stop: every run makes exactly new_tokens.
   config = lm.config.replace(eos_ids=(), matmul_dtype=matmul_dtype)
