@@ -10,6 +10,7 @@ from safetensors.numpy import load_file
 
 from qalora_jax import nn, quant
 from qalora_jax.export import peft as peft_io
+from qalora_jax.models import llama
 
 
 def stacked_frozen(method, n_layers=2):
@@ -77,6 +78,9 @@ def test_import_rejects_mismatched_shapes(tmp_path):
     peft_io.import_peft(out, other)
   with pytest.raises(ValueError, match=r"blocks/attn/k_proj: adapter covers layers \[0, 1\]..., the model has 3"):
     peft_io.import_peft(out, stacked_frozen("lora", n_layers=3))
+  with pytest.raises(ValueError, match=r"blocks/attn/k_proj: the tree's blocks are per layer \(blocks/0/...\); import "
+                                       r"into the stacked tree"):
+    peft_io.import_peft(out, llama.unstack_blocks(frozen))
 
 
 def test_qalora_export_matches_peft_forward(tmp_path):

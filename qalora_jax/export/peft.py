@@ -142,7 +142,10 @@ def import_peft(adapter_dir: str | Path, frozen: dict, *, dtype=jnp.float32) -> 
   adapters: dict = {}
   for path, by_layer in sorted(found.items()):
     if path not in kernels:
-      raise ValueError(f"{path}: the adapter has weights for a layer the model does not have")
+      per_layer = any(re.match(r"blocks/\d+/", p) for p in kernels)
+      raise ValueError(f"{path}: " + ("the tree's blocks are per layer (blocks/0/...); import into the stacked tree "
+                                      "(models.llama.stack_blocks)" if per_layer else
+                                      "the adapter has weights for a layer the model does not have"))
     lead, n_in, n_out = kernel_dims(kernels[path]["kernel"])
     n_layers = lead[0] if lead else 1
     if sorted(by_layer) != list(range(n_layers)):
