@@ -162,12 +162,12 @@ def _decode_params(method: str, lm: models.LanguageModel) -> dict:
 def bench_decode(method: str = "qalora-merged", new_tokens: int = 64, prompt: int = 32,
                  model: str = "smollm2-135m", repeats: int = 5, matmul_dtype: str = "int8",
                  embedding: str = "float") -> dict:
-  from qalora_jax.models import generation, llama
+  from qalora_jax.models import generation
 
   lm = models.tiny_model() if model == "tiny" else models.load(model)
-  params = llama.unstack_blocks(decode_params(method, lm, embedding))
   # No early stop: every run makes exactly new_tokens.
   config = lm.config.replace(eos_ids=(), matmul_dtype=matmul_dtype)
+  params = generation.decoding_params(config, decode_params(method, lm, embedding))
   ids = np.random.default_rng(0).integers(3, config.vocab_size, (1, prompt)).astype(np.int32)
   mask = jnp.ones(ids.shape, bool)
 

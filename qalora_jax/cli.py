@@ -140,6 +140,10 @@ def _model(args):
     params, info = lm.params, models.saved_info(args.model) or {}
   if args.embedding == "int8":
     params = models.quantize.int8_table(params)
+  if args.matmul_dtype == "int8":
+    from qalora_jax.kernels import cpu_matmul
+
+    params = cpu_matmul.prepare(params)  # laid out for the kernel once, not in every call of the model
   if args.matmul_dtype is not None:
     lm = lm.replace(config=lm.config.replace(matmul_dtype=args.matmul_dtype))
   return lm, params, info

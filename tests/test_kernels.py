@@ -77,6 +77,26 @@ def test_cpu_kernel_matches_its_reference(options):
   assert float(jnp.abs(got - want).max()) < 0.02 * float(jnp.abs(want).max())
 
 
+@pytest.mark.parametrize("options", [{}, {"symmetric": True}, {"bits": 8, "group_size": 64}])
+def test_strips_hold_the_same_weight(options):
+  """The kernel's layout (16-column strips) loses nothing: it gives the QTensor back, any column of it, and the
+  same products as the QTensor laid out inside the call."""
+  qt = _int4(128, 80, **{"group_size": 32, **options})
+  st = cpu_matmul.strips(qt)
+  assert st.codes.shape == (80 // 16, qt["codes"].shape[0], 16) and st.scale.shape == (5, 128 // qt.group_size, 16)
+  np.testing.assert_array_equal(np.asarray(st.qtensor().dequantize()), np.asarray(qt.dequantize()))
+  index = jnp.asarray([0, 15, 16, 79, 3])
+  np.testing.assert_array_equal(np.asarray(st.columns(index).dequantize()), np.asarray(qt.dequantize())[:, index])
+  stacked = jax.tree.map(lambda a: jnp.stack([a, a + 1]), qt)  # leading axes (stacked layers) keep their place
+  np.testing.assert_array_equal(np.asarray(cpu_matmul.strips(stacked).codes[1]), np.asarray(st.codes + 1))
+  if not cpu_matmul.available():
+    pytest.skip("the CPU kernel does not build here")
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(5, 128)), jnp.float32)
+  np.testing.assert_array_equal(np.asarray(cpu_matmul.matmul(x, st)), np.asarray(cpu_matmul.matmul(x, qt)))
+  np.testing.assert_allclose(np.asarray(cpu_matmul.matmul(x, st)), np.asarray(cpu_matmul.reference(x, st)),
+                             rtol=1e-5, atol=1e-5)
+
+
 def test_cpu_kernel_in_the_model_and_its_fallbacks():
   from qalora_jax import models
   from qalora_jax.models import llama

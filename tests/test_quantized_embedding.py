@@ -1,5 +1,6 @@
 """A token table stored quantized ([D, V] QTensor): the lookup, the tied head, and decoding with it."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -104,6 +105,34 @@ def test_projections_sharing_an_input_run_as_one_kernel_call_with_equal_results(
   separate = models.apply(config, frozen, tokens)
   assert len(calls) == 7
   np.testing.assert_array_equal(fused, separate)
+
+
+def test_parameters_laid_out_for_the_kernel_decode_as_the_qtensors_do():
+  """decoding_params lays every QTensor the kernel reads (the INT4 linears and the 8-bit tied table) out in
+  strips, once; logits and generated tokens equal those of the QTensors laid out inside each call."""
+  if not cpu_matmul.available():
+    pytest.skip("the CPU kernel does not build here")
+  from qalora_jax.models import generation, llama
+
+  config = models.Config(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=16, max_seq_len=32, matmul_dtype="int8", eos_ids=())
+  params = llama.init_params(config, jax.random.PRNGKey(0), std=0.1)
+  frozen = models.quantize.int8_table(models.quantize_params(params, quant.get("int", bits=4, group_size=32))[0])
+  prepared = generation.decoding_params(config, frozen)
+  is_weight = lambda x: isinstance(x, (quant.QTensor, cpu_matmul.Strips))  # noqa: E731
+  weights = [leaf for leaf in jax.tree.leaves(prepared, is_leaf=is_weight) if is_weight(leaf)]
+  assert [type(w) for w in weights] == [cpu_matmul.Strips] * (1 + 7 * 2)  # the table and 7 linears a layer
+  again = generation.decoding_params(config, prepared)  # laid out already: kept as it is
+  assert all(a is b for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(prepared)))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 96, (2, 9)), jnp.int32)
+  np.testing.assert_array_equal(llama.apply(config, prepared, tokens),
+                                llama.apply(config, llama.unstack_blocks(frozen), tokens))
+  stacked = cpu_matmul.prepare(frozen)  # the scanned layout reads strips too
+  np.testing.assert_array_equal(llama.apply(config, stacked, tokens), llama.apply(config, frozen, tokens))
+  lm = models.LanguageModel(config, frozen)
+  prompts = [[5, 6, 7], [9, 10, 11, 12]]
+  assert (generation.generate_tokens(lm, prompts, 6, params=prepared)
+          == generation.generate_tokens(lm, prompts, 6, params=llama.unstack_blocks(frozen)))
 
 
 @pytest.mark.parametrize("command", ["eval", "generate"])

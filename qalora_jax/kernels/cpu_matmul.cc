@@ -2,15 +2,16 @@
 //
 // W[i, o] = scale[g, o] * q[i, o] + offset[g, o] for input i in group g; q is packed along the input axis, 8 four-bit
 // codes a uint32 word (code k of word j, input 8j + k, in bits [4k, 4k + 4)) or 4 eight-bit codes (input 4j + k in
-// byte k). Each row of x is quantized to int8 per group (x_i ~ a_g xq_i, a_g = max_{i in g} |x_i| / 127, the
-// llama.cpp Q8 scheme), so that
+// byte k). The arrays come in strips of 16 output columns (cpu_matmul.py's `Strips`): codes [out / 16, words, 16],
+// scale and offset [out / 16, groups, 16], so that one strip's codes are one contiguous run. Each row of x is
+// quantized to int8 per group (x_i ~ a_g xq_i, a_g = max_{i in g} |x_i| / 127, the llama.cpp Q8 scheme), so that
 //
 //   y_o = sum_g ( a_g scale[g, o] sum_{i in g} xq_i q[i, o] + offset[g, o] sum_{i in g} x_i )
 //
 // and the inner sums are AVX512-VNNI byte dot products, a [4 x u8] lane of codes against a broadcast [4 x s8] quad
 // of xq: for 4-bit codes the low nibbles of a word are the codes of the even inputs and the high nibbles those of
 // the odd inputs; 8-bit codes are the word's bytes. Rows go four at a time through one pass over the codes, and a
-// wide layer's columns are split in two halves, the second offered to XLA's intra-op thread pool.
+// wide layer's strips are split in two halves, the second offered to XLA's intra-op thread pool.
 #if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VNNI__)
 #error "needs AVX512F, AVX512BW and AVX512-VNNI"
 #endif
@@ -76,38 +77,44 @@ Quantized quantize_row(const float* x, int64_t n_in, int64_t group) {
   return q;
 }
 
-// y[r][c] for R rows and the columns c in [c0, c1) (multiples of 16): each word of codes is loaded once for
-// all R rows (prompt processing reads the weights once per R rows, not once per row).
+// y[r] for R rows and the 16-column strips [s0, s1): each strip's codes are one contiguous run (the strip
+// layout, codes [out / 16, words, 16], scale and offset [out / 16, groups, 16]), read once for all R rows
+// (prompt processing reads the weights once per R rows, not once per row); the strip's sums stay in registers
+// across its groups.
 template <typename S, int BITS, int R>
-void columns(const Quantized* const* q, const uint32_t* codes, const S* scale, const S* offset, float* const* y,
-             int64_t n_in, int64_t n_out, int64_t group, int64_t c0, int64_t c1) {
-  const int64_t n_groups = n_in / group, words = group / (32 / BITS);
+void strips(const Quantized* const* q, const uint32_t* codes, const S* scale, const S* offset, float* const* y,
+            int64_t n_in, int64_t group, int64_t s0, int64_t s1) {
+  const int64_t n_groups = n_in / group, group_words = group / (32 / BITS), words = n_in / (32 / BITS);
   const __m512i nibble = _mm512_set1_epi32(0x0F0F0F0F);
-  for (int r = 0; r < R; ++r) std::fill(y[r] + c0, y[r] + c1, 0.f);
-  for (int64_t g = 0; g < n_groups; ++g) {
-    for (int64_t c = c0; c < c1; c += 16) {  // 16 columns: the group's rows of words, the dot products in registers
-      __m512i dot[R];
-      for (int r = 0; r < R; ++r) dot[r] = _mm512_setzero_si512();
-      for (int64_t j = g * words; j < (g + 1) * words; ++j) {
-        const __m512i w = _mm512_loadu_si512(codes + j * n_out + c);
+  for (int64_t s = s0; s < s1; ++s) {
+    const uint32_t* w_s = codes + s * words * 16;
+    const S *scale_s = scale + s * n_groups * 16, *offset_s = offset + s * n_groups * 16;
+    __m512 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < n_groups; ++g) {
+      __m512i dot[R][2];  // two chains a row: even and odd inputs (4-bit), even and odd words (8-bit)
+      for (int r = 0; r < R; ++r) dot[r][0] = dot[r][1] = _mm512_setzero_si512();
+      for (int64_t j = g * group_words; j < (g + 1) * group_words; ++j) {
+        const __m512i w = _mm512_loadu_si512(w_s + j * 16);
         if (BITS == 4) {
           const __m512i lo = _mm512_and_si512(w, nibble), hi = _mm512_and_si512(_mm512_srli_epi32(w, 4), nibble);
           for (int r = 0; r < R; ++r) {
-            dot[r] = _mm512_dpbusd_epi32(dot[r], lo, _mm512_set1_epi32(q[r]->lo[j]));
-            dot[r] = _mm512_dpbusd_epi32(dot[r], hi, _mm512_set1_epi32(q[r]->hi[j]));
+            dot[r][0] = _mm512_dpbusd_epi32(dot[r][0], lo, _mm512_set1_epi32(q[r]->lo[j]));
+            dot[r][1] = _mm512_dpbusd_epi32(dot[r][1], hi, _mm512_set1_epi32(q[r]->hi[j]));
           }
         } else {
-          for (int r = 0; r < R; ++r) dot[r] = _mm512_dpbusd_epi32(dot[r], w, _mm512_set1_epi32(q[r]->lo[j]));
+          for (int r = 0; r < R; ++r)
+            dot[r][j & 1] = _mm512_dpbusd_epi32(dot[r][j & 1], w, _mm512_set1_epi32(q[r]->lo[j]));
         }
       }
-      const __m512 sc = load16(scale + g * n_out + c), of = load16(offset + g * n_out + c);
+      const __m512 sc = load16(scale_s + g * 16), of = load16(offset_s + g * 16);
       for (int r = 0; r < R; ++r) {
-        __m512 acc = _mm512_loadu_ps(y[r] + c);
-        acc = _mm512_fmadd_ps(_mm512_mul_ps(sc, _mm512_set1_ps(q[r]->step[g])), _mm512_cvtepi32_ps(dot[r]), acc);
-        acc = _mm512_fmadd_ps(of, _mm512_set1_ps(q[r]->sum[g]), acc);
-        _mm512_storeu_ps(y[r] + c, acc);
+        const __m512 dots = _mm512_cvtepi32_ps(_mm512_add_epi32(dot[r][0], dot[r][1]));
+        acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(sc, _mm512_set1_ps(q[r]->step[g])), dots, acc[r]);
+        acc[r] = _mm512_fmadd_ps(of, _mm512_set1_ps(q[r]->sum[g]), acc[r]);
       }
     }
+    for (int r = 0; r < R; ++r) _mm512_storeu_ps(y[r] + s * 16, acc[r]);
   }
 }
 
@@ -143,7 +150,7 @@ void matmul(ffi::ThreadPool& pool, const float* x, const uint32_t* c, const S* s
   q.reserve(rows);
   for (int64_t r = 0; r < rows; ++r) q.push_back(quantize_row<BITS>(x + r * n_in, n_in, group));
   // Split only wide layers: a small one is not worth a task.
-  const int64_t half = n_in * n_out >= (1 << 18) && pool.num_threads() > 1 ? 16 * (n_out / 32) : 0;
+  const int64_t n_strips = n_out / 16, half = n_in * n_out >= (1 << 18) && pool.num_threads() > 1 ? n_strips / 2 : 0;
   for (int64_t r0 = 0; r0 < rows; r0 += ROWS) {
     const Quantized* qs[ROWS];
     float* ys[ROWS];
@@ -151,15 +158,15 @@ void matmul(ffi::ThreadPool& pool, const float* x, const uint32_t* c, const S* s
     for (int r = 0; r < n; ++r) qs[r] = &q[r0 + r], ys[r] = y + (r0 + r) * n_out;
     auto run = [=](int64_t a, int64_t b) {
       if (n == ROWS) {
-        columns<S, BITS, ROWS>(qs, c, s, o, ys, n_in, n_out, group, a, b);
+        strips<S, BITS, ROWS>(qs, c, s, o, ys, n_in, group, a, b);
       } else {
-        for (int r = 0; r < n; ++r) columns<S, BITS, 1>(qs + r, c, s, o, ys + r, n_in, n_out, group, a, b);
+        for (int r = 0; r < n; ++r) strips<S, BITS, 1>(qs + r, c, s, o, ys + r, n_in, group, a, b);
       }
     };
     if (half) {
-      both(pool, [&] { run(0, half); }, [run, half, n_out] { run(half, n_out); });
+      both(pool, [&] { run(0, half); }, [run, half, n_strips] { run(half, n_strips); });
     } else {
-      run(0, n_out);
+      run(0, n_strips);
     }
   }
 }
@@ -169,12 +176,12 @@ ffi::Error IntMatmulQ8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
                        ffi::Buffer<T> scale, ffi::Buffer<T> offset, ffi::ResultBuffer<ffi::F32> y, int64_t group,
                        int64_t bits) {
   const auto xd = x.dimensions(), cd = codes.dimensions();
-  if (xd.size() != 2 || cd.size() != 2) return ffi::Error::InvalidArgument("x and codes must be 2-D");
+  if (xd.size() != 2 || cd.size() != 3) return ffi::Error::InvalidArgument("x must be 2-D and codes 3-D");
   if (bits != 4 && bits != 8) return ffi::Error::InvalidArgument("bits must be 4 or 8");
-  const int64_t rows = xd[0], n_in = xd[1], n_out = cd[1], per_word = 32 / bits;
-  if (group % per_word || n_in % group || cd[0] * per_word != n_in || n_out % 16)
-    return ffi::Error::InvalidArgument("needs whole words a group, in % group == 0, codes [in / (32 / bits), out], "
-                                       "out % 16 == 0");
+  const int64_t rows = xd[0], n_in = xd[1], n_out = cd[0] * 16, per_word = 32 / bits;
+  if (group % per_word || n_in % group || cd[1] * per_word != n_in || cd[2] != 16)
+    return ffi::Error::InvalidArgument("needs whole words a group, in % group == 0, codes [out / 16, in / (32 / bits), "
+                                       "16]");
   const S* s = reinterpret_cast<const S*>(scale.typed_data());
   const S* o = reinterpret_cast<const S*>(offset.typed_data());
   if (bits == 4) {

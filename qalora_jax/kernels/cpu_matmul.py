@@ -13,6 +13,11 @@ over the codes (a prompt reads the weights once per four tokens), and a wide lay
 halves, the second on XLA's own intra-op thread pool. It is what `matmul_dtype="int8"` selects
 (models.Config); `reference` is the same arithmetic in plain JAX, which the tests hold the kernel to.
 
+The kernel reads the weights in strips of 16 output columns (`Strips`), each strip's codes one contiguous run
+of memory, which streams at close to the machine's bandwidth where the [in / 8, out] rows of a QTensor, read
+16 columns at a time, do not. `prepare` lays a whole parameter tree out so, once, when a model is loaded for
+decoding; a QTensor handed to `matmul` as it is gets laid out inside the computation, on every call.
+
 The C++ source is compiled on first use with the system C++ compiler ($CXX, else g++) for this machine
 (-march=native) and cached under the asset cache, keyed on the source, the compiler and its flags, the JAX and
 jaxlib versions and the CPU's model and instruction flags (a cache carried to another CPU is never loaded
@@ -23,6 +28,7 @@ False and callers fall back to float matmuls.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import os
@@ -38,7 +44,7 @@ import jaxlib
 import numpy as np
 
 from qalora_jax import hardware
-from qalora_jax.quant import QTensor, packing
+from qalora_jax.quant import QMeta, QTensor, packing
 
 SOURCE = Path(__file__).with_name("cpu_matmul.cc")
 TARGETS = {np.dtype(np.float32): "qalora_cpu_matmul_f32", np.dtype(np.float16): "qalora_cpu_matmul_f16"}
@@ -91,18 +97,86 @@ def available() -> bool:
   return True
 
 
-def shape_ok(qt: QTensor) -> bool:
-  """Whether `qt` has the layout the kernel reads: a 2-D INT4 or INT8 "int" tensor whose groups are whole words
-  and divide `in`, and `out` a multiple of 16."""
-  if not (isinstance(qt, QTensor) and qt.format == "int" and qt.bits in (4, 8) and qt["codes"].ndim == 2):
+@jax.tree_util.register_pytree_with_keys_class
+@dataclasses.dataclass(frozen=True)
+class Strips:
+  """An INT4 or INT8 "int" QTensor laid out for the kernel: 16 output columns a strip, codes
+  [..., out / 16, in / (32 / bits), 16], scale and offset [..., out / 16, groups, 16] (a symmetric tensor's
+  offset -2^(k-1) scale written out), `meta` the QTensor's. `qtensor()` gives the QTensor back."""
+
+  codes: jax.Array
+  scale: jax.Array
+  offset: jax.Array
+  meta: QMeta
+
+  def tree_flatten_with_keys(self):
+    keys = (jax.tree_util.GetAttrKey("codes"), jax.tree_util.GetAttrKey("scale"), jax.tree_util.GetAttrKey("offset"))
+    return list(zip(keys, (self.codes, self.scale, self.offset))), self.meta
+
+  @classmethod
+  def tree_unflatten(cls, meta, leaves):
+    return cls(*leaves, meta)
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return self.meta.shape
+
+  @property
+  def nbytes(self) -> int:
+    return sum(int(a.size) * jnp.dtype(a.dtype).itemsize for a in (self.codes, self.scale, self.offset))
+
+  def qtensor(self) -> QTensor:
+    """The same weight as a QTensor ([..., rows, out] arrays)."""
+    arrays = {"codes": self.codes, "scale": self.scale, "offset": self.offset}
+    return QTensor({k: _unstrip(a) for k, a in arrays.items()}, self.meta)
+
+  def columns(self, index: jax.Array) -> QTensor:
+    """Columns `index` [n] of the weight as a QTensor of shape [in, n] (a quantized token table's rows)."""
+    arrays = {"codes": self.codes, "scale": self.scale, "offset": self.offset}
+    return QTensor({k: a[index // 16, :, index % 16].T for k, a in arrays.items()},
+                   dataclasses.replace(self.meta, shape=(self.shape[0], index.size)))
+
+
+def _strip(a: jax.Array) -> jax.Array:
+  """[..., n, out] -> [..., out / 16, n, 16]."""
+  return jnp.swapaxes(a.reshape(*a.shape[:-1], a.shape[-1] // 16, 16), -3, -2)
+
+
+def _unstrip(a: jax.Array) -> jax.Array:
+  """[..., out / 16, n, 16] -> [..., n, out]."""
+  a = jnp.swapaxes(a, -3, -2)
+  return a.reshape(*a.shape[:-2], a.shape[-2] * 16)
+
+
+def strips(qt: QTensor) -> Strips:
+  """`qt` (`shape_ok`) in the kernel's layout."""
+  scale, offset = _scales(qt)
+  return Strips(_strip(qt["codes"]), _strip(scale), _strip(offset), qt.meta)
+
+
+def prepare(tree):
+  """`tree` with every QTensor the kernel reads (`shape_ok`) as `Strips`, where the kernel runs (else as it
+  is). Decoding calls this once per model, so that no call of the model lays its weights out again."""
+  if not available():
+    return tree
+  return jax.tree.map(lambda leaf: strips(leaf) if shape_ok(leaf) else leaf, tree,
+                      is_leaf=lambda leaf: isinstance(leaf, QTensor))
+
+
+def shape_ok(qt) -> bool:
+  """Whether the kernel reads `qt`: an INT4 or INT8 "int" QTensor whose groups are whole words and divide `in`,
+  and `out` a multiple of 16 (with any leading axes, e.g. stacked layers)."""
+  if not (isinstance(qt, QTensor) and qt.format == "int" and qt.bits in (4, 8)):
     return False
   n_in, n_out = qt.shape
   return qt.group_size % (32 // qt.bits) == 0 and n_in % qt.group_size == 0 and n_out % 16 == 0
 
 
 def supports(kernel) -> bool:
-  """Whether `matmul(x, kernel)` runs the kernel (else use float matmuls)."""
-  return shape_ok(kernel) and available()
+  """Whether `matmul(x, kernel)` runs the kernel (else use float matmuls): a 2-D weight it reads."""
+  if isinstance(kernel, Strips):
+    return kernel.codes.ndim == 3 and available()
+  return shape_ok(kernel) and kernel["codes"].ndim == 2 and available()
 
 
 def _scales(qt: QTensor):
@@ -113,19 +187,20 @@ def _scales(qt: QTensor):
   return scale.astype(dtype), offset.astype(dtype)
 
 
-def matmul(x: jax.Array, qt: QTensor) -> jax.Array:
-  """x W~ [..., out] in x.dtype (the kernel: see the module docstring)."""
-  n_in, n_out = qt.shape
+def matmul(x: jax.Array, w: Strips | QTensor) -> jax.Array:
+  """x W~ [..., out] in x.dtype (the kernel: see the module docstring); a QTensor is laid out first."""
+  w = w if isinstance(w, Strips) else strips(w)
+  n_in, n_out = w.shape
   rows = x.reshape(-1, n_in).astype(jnp.float32)
-  scale, offset = _scales(qt)
-  call = jax.ffi.ffi_call(TARGETS[np.dtype(scale.dtype)], jax.ShapeDtypeStruct((rows.shape[0], n_out), jnp.float32),
+  call = jax.ffi.ffi_call(TARGETS[np.dtype(w.scale.dtype)], jax.ShapeDtypeStruct((rows.shape[0], n_out), jnp.float32),
                           vmap_method="sequential")
-  y = call(rows, qt["codes"], scale, offset, group=np.int64(qt.group_size), bits=np.int64(qt.bits))
+  y = call(rows, w.codes, w.scale, w.offset, group=np.int64(w.meta.group_size), bits=np.int64(w.meta.bits))
   return y.reshape(x.shape[:-1] + (n_out,)).astype(x.dtype)
 
 
-def reference(x: jax.Array, qt: QTensor) -> jax.Array:
+def reference(x: jax.Array, qt: QTensor | Strips) -> jax.Array:
   """The kernel's arithmetic in plain JAX (float32): int8 activations per group, then the formula above."""
+  qt = qt.qtensor() if isinstance(qt, Strips) else qt
   n_in, n_out = qt.shape
   g = qt.group_size
   xg = x.astype(jnp.float32).reshape(x.shape[:-1] + (n_in // g, g))

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qalora_jax.kernels import cpu_matmul
 from qalora_jax.models import llama
 from qalora_jax.models.config import Config
 
@@ -83,11 +84,19 @@ def sample(config: Config, params: dict, tokens: jax.Array, prompt_mask: jax.Arr
   return state[5], state[7]
 
 
+def decoding_params(config: Config, params: dict) -> dict:
+  """`params` as decoding reads them: per layer (faster at batch 1 than a scan), and with matmul_dtype "int8"
+  the quantized weights laid out for the CPU kernel (kernels.cpu_matmul.prepare). A copy, made once per model;
+  `generate_tokens` takes its result as it is."""
+  params = llama.unstack_blocks(params)
+  return cpu_matmul.prepare(params) if config.matmul_dtype == "int8" else params
+
+
 def generate_tokens(lm, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
                     top_p: float = 1.0, seed: int = 0, params: dict | None = None) -> list[list[int]]:
   """The new token ids after each prompt (a list of token ids), the end-of-sequence token excluded.
-  temperature=0 decodes greedily; `params` defaults to lm.params. Decoding runs on the per-layer parameter
-  layout, faster at batch 1 than a scan (a stacked tree is unstacked for the call: a transient copy)."""
+  temperature=0 decodes greedily; `params` defaults to lm.params, and is read as `decoding_params` makes it
+  (a copy for the call, unless already made)."""
   config = lm.config
   if not prompts:
     return []
@@ -109,7 +118,7 @@ def generate_tokens(lm, prompts: Sequence[Sequence[int]], max_new_tokens: int, t
   for i, prompt in enumerate(prompts):
     tokens[i, width - len(prompt):] = prompt
     mask[i, width - len(prompt):] = True
-  params = llama.unstack_blocks(lm.params if params is None else params)
+  params = decoding_params(config, lm.params if params is None else params)
   out, lengths = sample(config, params, jnp.asarray(tokens), jnp.asarray(mask),
                         jax.random.PRNGKey(seed), jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
                         max_new_tokens=max_new_tokens, greedy=temperature == 0)

@@ -12,6 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from qalora_jax.kernels import cpu_matmul
 from qalora_jax.nn.linear import base_matmul, linear, materialize, operand_dtype
 from qalora_jax.quant import QTensor
 
@@ -65,7 +66,7 @@ def swiglu(x: jax.Array, p: dict, dropout_rng: jax.Array | None = None, matmul_d
 def head_logits(x: jax.Array, weight, vocab_first: bool, matmul_dtype: str | None = None) -> jax.Array:
   """Logits in float32: x E^T for a vocab-first table E [V, D] (tied embeddings), else x W for W [D, V] (with
   matmul_dtype "int8", a quantized W goes through `base_matmul` to the CPU kernel)."""
-  if isinstance(weight, QTensor) and matmul_dtype == "int8" and not vocab_first:
+  if isinstance(weight, (QTensor, cpu_matmul.Strips)) and matmul_dtype == "int8" and not vocab_first:
     return base_matmul(x.astype(jnp.float32), weight, matmul_dtype)
   w = materialize(weight, operand_dtype(matmul_dtype, x.dtype))
   spec = "...d,vd->...v" if vocab_first else "...d,dv->...v"

@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from qalora_jax.kernels import cpu_matmul
 from qalora_jax.models import layers
 from qalora_jax.models.attention import REMAT_SAVED, Mask, attention
 from qalora_jax.models.config import Config, rope_frequencies
@@ -171,6 +172,9 @@ class Embedding(nnx.Module):
 
   def __call__(self, tokens: jax.Array, dtype) -> jax.Array:
     table = self.embedding.get_value()
+    if isinstance(table, cpu_matmul.Strips):  # laid out for decoding: dequantize only the tokens' columns
+      flat = tokens.reshape(-1)
+      return table.columns(flat).dequantize(jnp.float32).T.reshape(*tokens.shape, table.shape[0]).astype(dtype)
     if isinstance(table, QTensor):
       vocab = table.shape[1]
       if not all(a.ndim and a.shape[-1] == vocab for a in table.arrays.values()):
@@ -250,7 +254,7 @@ class Decoder(nnx.Module):
     """(the output head's weight, whether it is vocab-first [V, D])."""
     if self.config.tie_embeddings:
       table = self.embed.embedding.get_value()
-      return table, not isinstance(table, QTensor)  # a quantized table is stored [D, V]
+      return table, not isinstance(table, (QTensor, cpu_matmul.Strips))  # a quantized table is stored [D, V]
     return self.lm_head.kernel.get_value(), False
 
   def features(self, tokens, positions, key_mask, cache=None, index=0, dropout_rng=None):

@@ -18,7 +18,9 @@ from qalora_jax.quant import QTensor
 
 
 def materialize(kernel, dtype) -> jax.Array:
-  """A kernel as a float array of `dtype`: a QTensor is dequantized, a float array is cast."""
+  """A kernel as a float array of `dtype`: a QTensor (or cpu_matmul.Strips) is dequantized, a float array is cast."""
+  if isinstance(kernel, cpu_matmul.Strips):
+    kernel = kernel.qtensor()
   if isinstance(kernel, QTensor):
     return kernel.dequantize(dtype)
   return jnp.asarray(kernel).astype(dtype)
@@ -53,7 +55,7 @@ def base_matmul(x: jax.Array, kernel, matmul_dtype=None) -> jax.Array:
 
 
 def _base_matmul_fwd(x, kernel, matmul_dtype):
-  frozen = isinstance(kernel, QTensor)
+  frozen = isinstance(kernel, (QTensor, cpu_matmul.Strips))
   return base_matmul(x, kernel, matmul_dtype), (None if frozen else x, kernel)
 
 
