@@ -123,3 +123,21 @@ def _all_eqns(eqn):
       inner = getattr(sub, "jaxpr", sub)
       for e in getattr(inner, "eqns", []):
         yield from _all_eqns(e)
+
+
+@pytest.mark.parametrize("index,window", [(0, None), (9, None), (23, 6)])
+def test_the_cpu_decoding_attention_equals_the_dense_form(index, window):
+  """With a traced index (decoding with a cache), `attention` reads the cache in the CPU kernel; it equals the
+  dense form, rows that see no key at all (here batch row 1) included."""
+  from qalora_jax.kernels import cpu_attention
+
+  rng = np.random.default_rng(3)
+  q, k, v = _inputs(rng, 2, 2, 24, 6, 2, 16)
+  key_mask = jnp.asarray(rng.random((2, 24)) > 0.25).at[1].set(False)
+  if not cpu_attention.supports(q, k, v):
+    pytest.skip("the CPU kernels do not build here")
+  got = jax.jit(lambda i: attn.attention(q, k, v, attn.Mask(key_mask, i, window)))(jnp.int32(index))
+  want = attn.dense_attention(q, k, v, attn.Mask(key_mask, index, window))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+  assert "qalora_cpu_attention" in jax.jit(lambda i: attn.attention(q, k, v, attn.Mask(key_mask, i))).lower(
+      jnp.int32(index)).as_text()

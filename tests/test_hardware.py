@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from qalora_jax import hardware
-from qalora_jax.kernels import cpu_matmul
+from qalora_jax.kernels import cpu_library
 
 
 def test_cpu_flags_are_the_ones_proc_cpuinfo_lists():
@@ -20,9 +20,9 @@ def test_cpu_flags_are_the_ones_proc_cpuinfo_lists():
 
 
 def test_the_kernel_cache_differs_between_cpus(monkeypatch):
-  if not cpu_matmul.shutil.which("g++"):
+  if not cpu_library.shutil.which("g++"):
     pytest.skip("no C++ compiler")
-  here = cpu_matmul._build()[1]
+  here = cpu_library._build()[1]
   monkeypatch.setattr(hardware, "cpu", lambda: {"model": "Another CPU", "cores": 2, "flags": ["avx2"]})
-  assert cpu_matmul._build()[1] != here
-  assert cpu_matmul._build()[1].parent == here.parent
+  assert cpu_library._build()[1] != here
+  assert cpu_library._build()[1].parent == here.parent

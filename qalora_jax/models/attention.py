@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from qalora_jax.kernels import cpu_attention
+
 BLOCK = 256
 # What a rematerialised block keeps of its attention: the output and the softmax statistics (t x heads x (d + 1)
 # floats a layer), all its backward pass needs beside q, k, v, which cost one matmul each to make again.
@@ -72,10 +74,14 @@ class Mask(NamedTuple):
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, block: int | None = None) -> jax.Array:
   """q [b, t, heads, d], k and v [b, S, kv_heads, d] -> [b, t, heads, d]; each KV head serves heads / kv_heads
   query heads. Blocked (`block`, default BLOCK) when the sequence spans more than one block and the index is
-  static, else dense."""
+  static; with a traced index (decoding with a cache) the CPU kernel where it runs (kernels.cpu_attention, not
+  differentiable); else dense."""
   block = BLOCK if block is None else block
-  if isinstance(mask.index, int) and max(q.shape[1], k.shape[1]) > block:
-    return blocked_attention(q, k, v, mask.key_mask, mask.index, mask.window, block)
+  if isinstance(mask.index, int):
+    if max(q.shape[1], k.shape[1]) > block:
+      return blocked_attention(q, k, v, mask.key_mask, mask.index, mask.window, block)
+  elif cpu_attention.supports(q, k, v):
+    return cpu_attention.attention(q, k, v, mask.key_mask, mask.index, mask.window)
   return dense_attention(q, k, v, mask)
 
 
