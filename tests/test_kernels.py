@@ -97,6 +97,21 @@ def test_strips_hold_the_same_weight(options):
                              rtol=1e-5, atol=1e-5)
 
 
+def test_one_call_multiplies_several_weights_as_separate_calls_do():
+  """matmul_shared: weights of several widths (the call's strips split between threads across them) give what
+  their own calls give; weights of another group size or `in` are not taken together."""
+  if not cpu_matmul.available():
+    pytest.skip("the CPU kernel does not build here")
+  weights = [_int4(256, 48, 32, seed=1), cpu_matmul.strips(_int4(256, 1040, 32, seed=2)), _int4(256, 16, 32, seed=3)]
+  x = jnp.asarray(np.random.default_rng(4).normal(size=(6, 256)), jnp.float32)
+  got = jax.jit(cpu_matmul.matmul_shared)(x, weights)
+  for y, w in zip(got, weights):
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(cpu_matmul.matmul(x, w)))
+  assert cpu_matmul.compatible(weights)
+  assert not cpu_matmul.compatible([weights[0], _int4(256, 48, 64)])
+  assert not cpu_matmul.compatible([weights[0], _int4(128, 48, 32)])
+
+
 def test_cpu_kernel_in_the_model_and_its_fallbacks():
   from qalora_jax import models
   from qalora_jax.models import llama

@@ -83,19 +83,19 @@ def test_smollm2s_q8_0_table_is_kept_exactly(smollm2_gguf):
 
 
 def test_projections_sharing_an_input_run_as_one_kernel_call_with_equal_results(tiny, monkeypatch):
-  """With int8 matmuls, q/k/v (and gate/up) of an INT4 model go through one CPU kernel call on their codes
-  concatenated along the outputs; each output column is computed as in its own call, so nothing changes."""
+  """With int8 matmuls, q/k/v (and gate/up) of an INT4 model go through one CPU kernel call (x quantized once);
+  each output column is computed as in its own call, so nothing changes."""
   if not cpu_matmul.available():
     pytest.skip("the CPU kernel does not build here")
   frozen, _ = models.quantize_params(tiny.params, quant.get("int", bits=4, group_size=32))
   config = tiny.config.replace(matmul_dtype="int8")
   tokens = jnp.asarray(np.random.default_rng(5).integers(0, 258, (2, 12)), jnp.int32)
   calls = []
-  real = cpu_matmul.matmul
-  monkeypatch.setattr(cpu_matmul, "matmul", lambda x, qt: calls.append(qt.shape) or real(x, qt))
+  real = cpu_matmul.matmul_shared
+  monkeypatch.setattr(cpu_matmul, "matmul_shared", lambda x, ws: calls.append([w.shape for w in ws]) or real(x, ws))
   fused = models.apply(config, frozen, tokens)
   d, f, q, kv = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size
-  assert calls == [(d, q + 2 * kv), (q, d), (d, 2 * f), (f, d)]  # one scanned block traced once
+  assert calls == [[(d, q), (d, kv), (d, kv)], [(q, d)], [(d, f), (d, f)], [(f, d)]]  # one block traced once
   from qalora_jax.nn import modules
   monkeypatch.setattr(modules, "shared_input",
                       lambda x, layers, rngs: [layer(x, dropout_rng=r) for layer, r in zip(layers, rngs)])
@@ -103,7 +103,7 @@ def test_projections_sharing_an_input_run_as_one_kernel_call_with_equal_results(
   monkeypatch.setattr(llama, "shared_input", modules.shared_input)
   calls.clear()
   separate = models.apply(config, frozen, tokens)
-  assert len(calls) == 7
+  assert len(calls) == 7 and all(len(ws) == 1 for ws in calls)
   np.testing.assert_array_equal(fused, separate)
 
 

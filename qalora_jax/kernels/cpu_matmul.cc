@@ -143,24 +143,41 @@ void both(ffi::ThreadPool& pool, F first, G second) {
 
 constexpr int ROWS = 4;  // rows that share one pass over the weights
 
+// One weight of a call and its output: strips [first, first + n) of the call's strips.
+template <typename S>
+struct Weight {
+  const uint32_t* codes;
+  const S *scale, *offset;
+  float* y;
+  int64_t first, n;
+};
+
+// y_w = x W_w for every weight w of the call (weights that read the same x, such as q/k/v: x is quantized
+// once). The strips of all weights are split in two halves, the second offered to XLA's thread pool.
 template <typename S, int BITS>
-void matmul(ffi::ThreadPool& pool, const float* x, const uint32_t* c, const S* s, const S* o, float* y, int64_t rows,
-            int64_t n_in, int64_t n_out, int64_t group) {
+void matmul(ffi::ThreadPool& pool, const float* x, const std::vector<Weight<S>>& weights, int64_t rows,
+            int64_t n_in, int64_t group) {
   std::vector<Quantized> q;
   q.reserve(rows);
   for (int64_t r = 0; r < rows; ++r) q.push_back(quantize_row<BITS>(x + r * n_in, n_in, group));
-  // Split only wide layers: a small one is not worth a task.
-  const int64_t n_strips = n_out / 16, half = n_in * n_out >= (1 << 18) && pool.num_threads() > 1 ? n_strips / 2 : 0;
+  const int64_t n_strips = weights.back().first + weights.back().n;
+  // Split only wide calls: a small one is not worth a task.
+  const int64_t half = n_in * n_strips * 16 >= (1 << 18) && pool.num_threads() > 1 ? n_strips / 2 : 0;
   for (int64_t r0 = 0; r0 < rows; r0 += ROWS) {
     const Quantized* qs[ROWS];
-    float* ys[ROWS];
     const int n = static_cast<int>(std::min<int64_t>(ROWS, rows - r0));
-    for (int r = 0; r < n; ++r) qs[r] = &q[r0 + r], ys[r] = y + (r0 + r) * n_out;
-    auto run = [=](int64_t a, int64_t b) {
-      if (n == ROWS) {
-        strips<S, BITS, ROWS>(qs, c, s, o, ys, n_in, group, a, b);
-      } else {
-        for (int r = 0; r < n; ++r) strips<S, BITS, 1>(qs + r, c, s, o, ys + r, n_in, group, a, b);
+    for (int r = 0; r < n; ++r) qs[r] = &q[r0 + r];
+    auto run = [=, &weights](int64_t a, int64_t b) {  // the call's strips [a, b)
+      for (const Weight<S>& w : weights) {
+        const int64_t lo = std::max(a, w.first) - w.first, hi = std::min(b, w.first + w.n) - w.first;
+        if (lo >= hi) continue;
+        float* ys[ROWS];
+        for (int r = 0; r < n; ++r) ys[r] = w.y + (r0 + r) * w.n * 16;
+        if (n == ROWS) {
+          strips<S, BITS, ROWS>(qs, w.codes, w.scale, w.offset, ys, n_in, group, lo, hi);
+        } else {
+          for (int r = 0; r < n; ++r) strips<S, BITS, 1>(qs + r, w.codes, w.scale, w.offset, ys + r, n_in, group, lo, hi);
+        }
       }
     };
     if (half) {
@@ -171,23 +188,37 @@ void matmul(ffi::ThreadPool& pool, const float* x, const uint32_t* c, const S* s
   }
 }
 
+// x [rows, in] and, for each weight, its codes [out / 16, in / (32 / bits), 16], scale and offset [out / 16,
+// groups, 16] (the remaining arguments, three a weight); one result [rows, out] a weight.
 template <ffi::DataType T, typename S>
-ffi::Error IntMatmulQ8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U32> codes,
-                       ffi::Buffer<T> scale, ffi::Buffer<T> offset, ffi::ResultBuffer<ffi::F32> y, int64_t group,
-                       int64_t bits) {
-  const auto xd = x.dimensions(), cd = codes.dimensions();
-  if (xd.size() != 2 || cd.size() != 3) return ffi::Error::InvalidArgument("x must be 2-D and codes 3-D");
+ffi::Error IntMatmulQ8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args,
+                       ffi::RemainingRets rets, int64_t group, int64_t bits) {
+  const auto xd = x.dimensions();
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("x must be 2-D");
   if (bits != 4 && bits != 8) return ffi::Error::InvalidArgument("bits must be 4 or 8");
-  const int64_t rows = xd[0], n_in = xd[1], n_out = cd[0] * 16, per_word = 32 / bits;
-  if (group % per_word || n_in % group || cd[1] * per_word != n_in || cd[2] != 16)
-    return ffi::Error::InvalidArgument("needs whole words a group, in % group == 0, codes [out / 16, in / (32 / bits), "
-                                       "16]");
-  const S* s = reinterpret_cast<const S*>(scale.typed_data());
-  const S* o = reinterpret_cast<const S*>(offset.typed_data());
+  const int64_t rows = xd[0], n_in = xd[1], per_word = 32 / bits;
+  if (group % per_word || n_in % group) return ffi::Error::InvalidArgument("needs whole words a group, in % group == 0");
+  if (args.size() == 0 || args.size() != 3 * rets.size())
+    return ffi::Error::InvalidArgument("needs codes, scale and offset for each result");
+  std::vector<Weight<S>> weights;
+  int64_t first = 0;
+  for (size_t i = 0; i < rets.size(); ++i) {
+    auto codes = args.get<ffi::Buffer<ffi::U32>>(3 * i);
+    auto scale = args.get<ffi::Buffer<T>>(3 * i + 1);
+    auto offset = args.get<ffi::Buffer<T>>(3 * i + 2);
+    auto y = rets.get<ffi::Buffer<ffi::F32>>(i);
+    if (!codes || !scale || !offset || !y) return ffi::Error::InvalidArgument("a weight's arrays have the wrong type");
+    const auto cd = codes->dimensions();
+    if (cd.size() != 3 || cd[1] * per_word != n_in || cd[2] != 16)
+      return ffi::Error::InvalidArgument("codes must be [out / 16, in / (32 / bits), 16]");
+    weights.push_back({codes->typed_data(), reinterpret_cast<const S*>(scale->typed_data()),
+                       reinterpret_cast<const S*>(offset->typed_data()), (*y)->typed_data(), first, cd[0]});
+    first += cd[0];
+  }
   if (bits == 4) {
-    matmul<S, 4>(pool, x.typed_data(), codes.typed_data(), s, o, y->typed_data(), rows, n_in, n_out, group);
+    matmul<S, 4>(pool, x.typed_data(), weights, rows, n_in, group);
   } else {
-    matmul<S, 8>(pool, x.typed_data(), codes.typed_data(), s, o, y->typed_data(), rows, n_in, n_out, group);
+    matmul<S, 8>(pool, x.typed_data(), weights, rows, n_in, group);
   }
   return ffi::Error::Success();
 }
@@ -195,8 +226,8 @@ ffi::Error IntMatmulQ8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
 }  // namespace
 
 #define QALORA_BIND(T)                                                                                         \
-  ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::U32>>().Arg<       \
-      ffi::Buffer<T>>().Arg<ffi::Buffer<T>>().Ret<ffi::Buffer<ffi::F32>>().Attr<int64_t>("group").Attr<int64_t>("bits")
+  ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().RemainingArgs().RemainingRets().Attr<   \
+      int64_t>("group").Attr<int64_t>("bits")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(qalora_cpu_matmul_f32, (IntMatmulQ8<ffi::F32, float>), QALORA_BIND(ffi::F32));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(qalora_cpu_matmul_f16, (IntMatmulQ8<ffi::F16, uint16_t>), QALORA_BIND(ffi::F16));

@@ -128,13 +128,27 @@ def _scales(qt: QTensor):
 
 def matmul(x: jax.Array, w: Strips | QTensor) -> jax.Array:
   """x W~ [..., out] in x.dtype (the kernel: see the module docstring); a QTensor is laid out first."""
-  w = w if isinstance(w, Strips) else strips(w)
-  n_in, n_out = w.shape
+  return matmul_shared(x, [w])[0]
+
+
+def compatible(weights) -> bool:
+  """Whether `matmul_shared` takes these weights in one call: equal `in`, bits, group size and scale dtype."""
+  weights = [w if isinstance(w, Strips) else strips(w) for w in weights]
+  return len({(w.shape[0], w.meta.bits, w.meta.group_size, np.dtype(w.scale.dtype)) for w in weights}) == 1
+
+
+def matmul_shared(x: jax.Array, weights) -> list[jax.Array]:
+  """[x W~ for W in weights] in one kernel call (weights that read the same x, such as q/k/v or gate/up): x is
+  quantized once, and the call's strips are shared between the threads. The weights must be `compatible`."""
+  weights = [w if isinstance(w, Strips) else strips(w) for w in weights]
+  n_in, meta = weights[0].shape[0], weights[0].meta
   rows = x.reshape(-1, n_in).astype(jnp.float32)
-  call = jax.ffi.ffi_call(TARGETS[np.dtype(w.scale.dtype)], jax.ShapeDtypeStruct((rows.shape[0], n_out), jnp.float32),
+  call = jax.ffi.ffi_call(TARGETS[np.dtype(weights[0].scale.dtype)],
+                          [jax.ShapeDtypeStruct((rows.shape[0], w.shape[1]), jnp.float32) for w in weights],
                           vmap_method="sequential")
-  y = call(rows, w.codes, w.scale, w.offset, group=np.int64(w.meta.group_size), bits=np.int64(w.meta.bits))
-  return y.reshape(x.shape[:-1] + (n_out,)).astype(x.dtype)
+  ys = call(rows, *[a for w in weights for a in (w.codes, w.scale, w.offset)], group=np.int64(meta.group_size),
+            bits=np.int64(meta.bits))
+  return [y.reshape(x.shape[:-1] + (w.shape[1],)).astype(x.dtype) for y, w in zip(ys, weights)]
 
 
 def reference(x: jax.Array, qt: QTensor | Strips) -> jax.Array:

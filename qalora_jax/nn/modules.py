@@ -23,7 +23,6 @@ the dequantization; one forward for every method.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 from typing import Callable
 
@@ -234,29 +233,16 @@ class Linear(nnx.Module):
 
 def shared_input(x: jax.Array, layers: list[Linear], rngs: list) -> list[jax.Array]:
   """[layer(x) for layer in layers]: Linears that read the same x (q/k/v, gate/up). With matmul_dtype "int8" and
-  INT4/INT8 bases of one format and no adapters, their codes are concatenated along the outputs (the strips of a
-  cpu_matmul.Strips) and multiplied in one CPU kernel call (the concatenation depends on the weights only, so
-  XLA hoists it out of a decoding loop): one pass over x's quantization and one call instead of several."""
+  INT4/INT8 bases the kernel takes together and no adapters, one CPU kernel call multiplies them all
+  (kernels.cpu_matmul.matmul_shared): x is quantized once, and the call's columns are shared between threads."""
   from qalora_jax.kernels import cpu_matmul
 
   kernels = [layer.kernel.get_value() for layer in layers]
   fusable = all(layer.matmul_dtype == "int8" and layer.adapter is None and layer.layout is None
                 and layer.capture is None and cpu_matmul.supports(k) for layer, k in zip(layers, kernels))
-
-  def signature(k):  # all but the width
-    leaves = jax.tree_util.tree_leaves_with_path(k)
-    return type(k), dataclasses.replace(k.meta, shape=(k.shape[0], 0)), tuple((str(p), a.dtype) for p, a in leaves)
-
-  if not fusable or len({signature(k) for k in kernels}) != 1:
+  if not fusable or not cpu_matmul.compatible(kernels):
     return [layer(x, dropout_rng=rng) for layer, rng in zip(layers, rngs)]
-  widths = [k.shape[1] for k in kernels]
-  meta = dataclasses.replace(kernels[0].meta, shape=(kernels[0].shape[0], sum(widths)))
-  axis = 0 if isinstance(kernels[0], cpu_matmul.Strips) else -1  # strips of 16 columns, or columns
-  leaves = [jnp.concatenate(parts, axis=axis) for parts in zip(*map(jax.tree.leaves, kernels))]
-  fused = jax.tree.unflatten(jax.tree.structure(kernels[0]), leaves)
-  fused = dataclasses.replace(fused, meta=meta)
-  y = cpu_matmul.matmul(x, fused)
-  outs = jnp.split(y, list(itertools.accumulate(widths))[:-1], axis=-1)
+  outs = cpu_matmul.matmul_shared(x, kernels)
   return [out if layer.bias is None else out + layer.bias.get_value().astype(out.dtype)
           for layer, out in zip(layers, outs)]
 
