@@ -176,7 +176,8 @@ void matmul(ffi::ThreadPool& pool, const float* x, const std::vector<Weight<S>>&
         if (n == ROWS) {
           strips<S, BITS, ROWS>(qs, w.codes, w.scale, w.offset, ys, n_in, group, lo, hi);
         } else {
-          for (int r = 0; r < n; ++r) strips<S, BITS, 1>(qs + r, w.codes, w.scale, w.offset, ys + r, n_in, group, lo, hi);
+          for (int r = 0; r < n; ++r)
+            strips<S, BITS, 1>(qs + r, w.codes, w.scale, w.offset, ys + r, n_in, group, lo, hi);
         }
       }
     };
@@ -197,7 +198,8 @@ ffi::Error IntMatmulQ8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Remai
   if (xd.size() != 2) return ffi::Error::InvalidArgument("x must be 2-D");
   if (bits != 4 && bits != 8) return ffi::Error::InvalidArgument("bits must be 4 or 8");
   const int64_t rows = xd[0], n_in = xd[1], per_word = 32 / bits;
-  if (group % per_word || n_in % group) return ffi::Error::InvalidArgument("needs whole words a group, in % group == 0");
+  if (group % per_word || n_in % group)
+    return ffi::Error::InvalidArgument("needs whole words a group, in % group == 0");
   if (args.size() == 0 || args.size() != 3 * rets.size())
     return ffi::Error::InvalidArgument("needs codes, scale and offset for each result");
   std::vector<Weight<S>> weights;
