@@ -136,6 +136,13 @@ def test_choose_tokens_top_p_support():
   assert picks == {0, 1, 2, 3}
 
 
+def test_greedy_tokens_are_numpys_argmax_ties_included():
+  rng = np.random.default_rng(0)
+  logits = rng.integers(0, 5, size=(64, 37)).astype(np.float32)  # many ties: the first maximum wins
+  np.testing.assert_array_equal(np.asarray(generation.first_max(jnp.asarray(logits))), logits.argmax(-1))
+  assert generation.first_max(jnp.full((1, 7), jnp.nan)).tolist() == [6]  # still a token id
+
+
 def test_generation_errors():
   lm = _lm()
   with pytest.raises(ValueError, match=r"prompt 1 has 60 tokens, which with max_new_tokens=8 exceeds the context "
