@@ -9,8 +9,9 @@ max |x_i| / 127 over the group, the llama.cpp Q8 scheme), and
     y_o = sum_g ( a_g scale[g, o] sum_{i in g} xq_i q[i, o] + offset[g, o] sum_{i in g} x_i )
 
 the inner sums being AVX512-VNNI byte dot products (cpu_matmul.cc); rows go four at a time through one pass
-over the codes (a prompt reads the weights once per four tokens), and a wide layer's columns are computed in two
-halves, the second on XLA's own intra-op thread pool. It is what `matmul_dtype="int8"` selects
+over the codes (a prompt reads the weights once per four tokens), one call may multiply several weights that
+read the same x (`matmul_shared`), and a wide call's columns are computed in two halves, the second on XLA's
+own intra-op thread pool. It is what `matmul_dtype="int8"` selects
 (models.Config); `reference` is the same arithmetic in plain JAX, which the tests hold the kernel to.
 
 The kernel reads the weights in strips of 16 output columns (`Strips`), each strip's codes one contiguous run
@@ -59,10 +60,6 @@ class Strips:
   @property
   def shape(self) -> tuple[int, int]:
     return self.meta.shape
-
-  @property
-  def nbytes(self) -> int:
-    return sum(int(a.size) * jnp.dtype(a.dtype).itemsize for a in (self.codes, self.scale, self.offset))
 
   def qtensor(self) -> QTensor:
     """The same weight as a QTensor ([..., rows, out] arrays)."""
