@@ -120,6 +120,7 @@ def bench_train(method: str = "qalora", batch: int = 4, seq: int = 128, model: s
   t0 = time.perf_counter()
   compiled = jax.jit(step, donate_argnums=0).lower(state, exp.frozen, data, key).compile()
   compile_s = time.perf_counter() - t0
+  hardware.trim_heap()  # as the training loop does after compiling
   flops = train_flops_per_token(exp.lm.config, seq) * batch * seq
   box = [state]
 
