@@ -148,10 +148,10 @@ def test_qalora_on_tunix_llama3_trains_and_merges_exactly(smollm2, tunix_model, 
 
   batch = jnp.asarray(text_tokens[:2 * 65].reshape(2, 65))
   losses = []
-  for _ in range(20):
+  for _ in range(8):
     adapters, opt_state, loss = step(adapters, opt_state, rest, batch)
     losses.append(float(loss))
-  print(f"tunix Llama3 + QA-LoRA INT4 g32, 20 steps on one batch: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+  print(f"tunix Llama3 + QA-LoRA INT4 g32, 8 steps on one batch: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
   assert losses[-1] < losses[0] - 0.5
 
   nnx.update(model, adapters)
