@@ -50,8 +50,7 @@ class Strips:
   meta: QMeta
 
   def tree_flatten_with_keys(self):
-    keys = (jax.tree_util.GetAttrKey("codes"), jax.tree_util.GetAttrKey("scale"), jax.tree_util.GetAttrKey("offset"))
-    return list(zip(keys, (self.codes, self.scale, self.offset))), self.meta
+    return [(jax.tree_util.GetAttrKey(k), a) for k, a in self.arrays.items()], self.meta
 
   @classmethod
   def tree_unflatten(cls, meta, leaves):
@@ -61,15 +60,17 @@ class Strips:
   def shape(self) -> tuple[int, int]:
     return self.meta.shape
 
+  @property
+  def arrays(self) -> dict[str, jax.Array]:
+    return {"codes": self.codes, "scale": self.scale, "offset": self.offset}
+
   def qtensor(self) -> QTensor:
     """The same weight as a QTensor ([..., rows, out] arrays)."""
-    arrays = {"codes": self.codes, "scale": self.scale, "offset": self.offset}
-    return QTensor({k: _unstrip(a) for k, a in arrays.items()}, self.meta)
+    return QTensor({k: _unstrip(a) for k, a in self.arrays.items()}, self.meta)
 
   def columns(self, index: jax.Array) -> QTensor:
     """Columns `index` [n] of the weight as a QTensor of shape [in, n] (a quantized token table's rows)."""
-    arrays = {"codes": self.codes, "scale": self.scale, "offset": self.offset}
-    return QTensor({k: a[index // 16, :, index % 16].T for k, a in arrays.items()},
+    return QTensor({k: a[index // 16, :, index % 16].T for k, a in self.arrays.items()},
                    dataclasses.replace(self.meta, shape=(self.shape[0], index.size)))
 
 

@@ -172,19 +172,20 @@ class Embedding(nnx.Module):
 
   def __call__(self, tokens: jax.Array, dtype) -> jax.Array:
     table = self.embedding.get_value()
-    if isinstance(table, cpu_matmul.Strips):  # laid out for decoding: dequantize only the tokens' columns
-      flat = tokens.reshape(-1)
-      return table.columns(flat).dequantize(jnp.float32).T.reshape(*tokens.shape, table.shape[0]).astype(dtype)
-    if isinstance(table, QTensor):
+    flat = tokens.reshape(-1)
+    if isinstance(table, cpu_matmul.Strips):  # laid out for decoding
+      columns = table.columns(flat)
+    elif isinstance(table, QTensor):
       vocab = table.shape[1]
       if not all(a.ndim and a.shape[-1] == vocab for a in table.arrays.values()):
         # a format with arrays across columns (double quantization's absmax blocks): the whole table
         return jnp.take(table.dequantize(jnp.float32).T, tokens, axis=0).astype(dtype)
-      flat = tokens.reshape(-1)  # every array has a vocab axis: dequantize only the tokens' columns
       columns = QTensor({k: jnp.take(a, flat, axis=-1) for k, a in table.arrays.items()},
                         dataclasses.replace(table.meta, shape=(table.shape[0], flat.size)))
-      return columns.dequantize(jnp.float32).T.reshape(*tokens.shape, table.shape[0]).astype(dtype)
-    return jnp.take(table, tokens, axis=0).astype(dtype)
+    else:
+      return jnp.take(table, tokens, axis=0).astype(dtype)
+    # a quantized table: only the tokens' columns are dequantized
+    return columns.dequantize(jnp.float32).T.reshape(*tokens.shape, table.shape[0]).astype(dtype)
 
 
 class Attention(nnx.Module):
