@@ -264,7 +264,7 @@ def test_gptq_on_two_smollm2_blocks_beats_round_to_nearest():
   lm = models.load("smollm2-135m")
   config = lm.config.replace(num_layers=2)
   params = {**lm.params, "blocks": jax.tree.map(lambda a: a[:2], lm.params["blocks"])}
-  tokens = calibration.calibration_tokens(lm, n_segments=4, seq_len=512)
+  tokens = calibration.calibration_tokens(lm, n_segments=6, seq_len=256)  # the fewest the widest layer allows
   errors = {name: calibration.quantize_model(config, params, tokens, quant.get(name, bits=3, group_size=128),
                                              progress=False)[1].output_rel_error for name in ("int", "gptq")}
   assert errors["gptq"] < 0.7 * errors["int"]

@@ -28,10 +28,8 @@ def ours(gguf_path):
 
 
 @pytest.fixture(scope="module")
-def theirs(gguf_path):
-  model = transformers.AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
-                                                            dtype=torch.float32)
-  return model.eval()
+def theirs(smollm2_transformers):
+  return smollm2_transformers
 
 
 @pytest.fixture(scope="module")
