@@ -67,7 +67,7 @@ def test_cpu_kernel_matches_its_reference(options):
   n_in, n_out = options.pop("n_in"), options.pop("n_out")
   qt = _int4(n_in, n_out, **options)
   assert cpu_matmul.supports(qt)
-  # 6 rows: one tile of four through a shared pass over the codes, then two single rows
+  # 6 rows: a tile of four through a shared pass over the codes, then two single rows
   x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 3, n_in)), jnp.float32)
   got = jax.jit(cpu_matmul.matmul)(x, qt)
   assert got.shape == (2, 3, n_out)
@@ -75,6 +75,22 @@ def test_cpu_kernel_matches_its_reference(options):
   # and the int8 activations cost little against the float product
   want = x @ qt.dequantize()
   assert float(jnp.abs(got - want).max()) < 0.02 * float(jnp.abs(want).max())
+
+
+@pytest.mark.parametrize("options", [{"group_size": 32}, {"group_size": 8}, {"bits": 8, "group_size": 64}])
+def test_a_prompts_rows_are_each_what_they_are_alone(options):
+  """29 rows (three tiles of eight, one of four, one single; a wide weight, so the strips and the quantization
+  are split between threads): each row's product is bit for bit the row's own, and the reference's. Groups of
+  8 inputs take the quantization's scalar path, the others its 16-lane one."""
+  if not cpu_matmul.available():
+    pytest.skip("the CPU kernel does not build here")
+  qt = _int4(256, 1040, **options)
+  x = jnp.asarray(np.random.default_rng(5).normal(size=(29, 256)), jnp.float32)
+  got = np.asarray(jax.jit(cpu_matmul.matmul)(x, qt))
+  one = jax.jit(cpu_matmul.matmul)
+  for r in range(29):
+    np.testing.assert_array_equal(got[r], np.asarray(one(x[r:r + 1], qt))[0])
+  np.testing.assert_allclose(got, np.asarray(cpu_matmul.reference(x, qt)), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("options", [{}, {"symmetric": True}, {"bits": 8, "group_size": 64}])

@@ -10,8 +10,9 @@
 //
 // and the inner sums are AVX512-VNNI byte dot products, a [4 x u8] lane of codes against a broadcast [4 x s8] quad
 // of xq: for 4-bit codes the low nibbles of a word are the codes of the even inputs and the high nibbles those of
-// the odd inputs; 8-bit codes are the word's bytes. Rows go four at a time through one pass over the codes, and a
-// wide layer's strips are split in two halves, the second offered to XLA's intra-op thread pool.
+// the odd inputs; 8-bit codes are the word's bytes. Rows go eight at a time through one pass over the codes, and a
+// wide layer's strips (or a long prompt's) are split in two halves, the second offered to XLA's intra-op thread
+// pool.
 #if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VNNI__)
 #error "needs AVX512F, AVX512BW and AVX512-VNNI"
 #endif
@@ -37,53 +38,94 @@ inline __m512 load16(const uint16_t* p) {  // 16 float16 values
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
-// One row of x quantized to int8 per group: for each packed word the int8 quads its codes meet (4-bit: the
-// even and the odd inputs of the word, the order the codes' low and high nibbles hold them; 8-bit: the word's
-// four inputs, in `lo`), the steps a_g and the float sums of each group.
+// Rows of x quantized to int8 per group, each in one buffer: for row r and packed word j the int8 quad its codes
+// meet, lo[r * words + j] (4-bit: the word's even inputs, the order the codes' low nibbles hold them; 8-bit: its
+// four inputs) and hi (4-bit: the odd inputs, the high nibbles'); the steps a_g and the float sums of each group,
+// step and sum [r * groups + g].
 struct Quantized {
+  int64_t words, groups;
   std::vector<int32_t> lo, hi;
   std::vector<float> step, sum;
 };
 
+// One row's pointers into a Quantized.
+struct Row {
+  const int32_t *lo, *hi;
+  const float *step, *sum;
+};
+
+// Rows [r0, r1) of x [rows, n_in] into q. A group of a multiple of 16 inputs goes 16 lanes at a time; the
+// rounding is the same as the scalar path's (nearest, ties to even).
 template <int BITS>
-Quantized quantize_row(const float* x, int64_t n_in, int64_t group) {
+void quantize_rows(const float* x, int64_t n_in, int64_t group, int64_t r0, int64_t r1, Quantized& q) {
   constexpr int per_word = 32 / BITS;
-  const int64_t n_groups = n_in / group, words = group / per_word;
-  Quantized q{std::vector<int32_t>(n_in / per_word), std::vector<int32_t>(BITS == 4 ? n_in / per_word : 0),
-              std::vector<float>(n_groups), std::vector<float>(n_groups)};
-  for (int64_t g = 0; g < n_groups; ++g) {
-    float amax = 0.f, sum = 0.f;
-    for (int64_t i = g * group; i < (g + 1) * group; ++i) {
-      amax = std::max(amax, std::fabs(x[i]));
-      sum += x[i];
-    }
-    const float inv = amax > 0.f ? 127.f / amax : 0.f;
-    q.step[g] = amax / 127.f;
-    q.sum[g] = sum;
-    for (int64_t j = g * words; j < (g + 1) * words; ++j) {
-      int8_t a[4], b[4];
-      for (int k = 0; k < 4; ++k) {
-        if (BITS == 4) {
-          a[k] = static_cast<int8_t>(std::nearbyint(x[8 * j + 2 * k] * inv));
-          b[k] = static_cast<int8_t>(std::nearbyint(x[8 * j + 2 * k + 1] * inv));
-        } else {
-          a[k] = static_cast<int8_t>(std::nearbyint(x[4 * j + k] * inv));
+  const int64_t n_groups = n_in / group, group_words = group / per_word;
+  const __m128i evens_odds = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* xr = x + r * n_in;
+    int32_t *lo = q.lo.data() + r * q.words, *hi = BITS == 4 ? q.hi.data() + r * q.words : nullptr;
+    for (int64_t g = 0; g < n_groups; ++g) {
+      const float* xg = xr + g * group;
+      float amax = 0.f, sum = 0.f;
+      if (group % 16 == 0) {
+        __m512 vmax = _mm512_setzero_ps(), vsum = _mm512_setzero_ps();
+        for (int64_t i = 0; i < group; i += 16) {
+          const __m512 v = _mm512_loadu_ps(xg + i);
+          vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
+          vsum = _mm512_add_ps(vsum, v);
+        }
+        amax = _mm512_reduce_max_ps(vmax);
+        sum = _mm512_reduce_add_ps(vsum);
+      } else {
+        for (int64_t i = 0; i < group; ++i) {
+          amax = std::max(amax, std::fabs(xg[i]));
+          sum += xg[i];
         }
       }
-      std::memcpy(&q.lo[j], a, 4);
-      if (BITS == 4) std::memcpy(&q.hi[j], b, 4);
+      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      q.step[r * n_groups + g] = amax / 127.f;
+      q.sum[r * n_groups + g] = sum;
+      const int64_t w0 = g * group_words;
+      if (group % 16 == 0) {
+        for (int64_t i = 0; i < group; i += 16) {
+          const __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xg + i), _mm512_set1_ps(inv)));
+          __m128i b = _mm512_cvtepi32_epi8(qi);  // |qi| <= 127: no truncation
+          if (BITS == 4) {
+            b = _mm_shuffle_epi8(b, evens_odds);  // the 8 even inputs (two words' lo), then the 8 odd ones
+            _mm_storel_epi64(reinterpret_cast<__m128i*>(lo + w0 + i / 8), b);
+            _mm_storel_epi64(reinterpret_cast<__m128i*>(hi + w0 + i / 8), _mm_unpackhi_epi64(b, b));
+          } else {
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + w0 + i / 4), b);
+          }
+        }
+      } else {
+        for (int64_t j = 0; j < group_words; ++j) {
+          int8_t a[4], b[4];
+          for (int k = 0; k < 4; ++k) {
+            if (BITS == 4) {
+              a[k] = static_cast<int8_t>(std::nearbyint(xg[8 * j + 2 * k] * inv));
+              b[k] = static_cast<int8_t>(std::nearbyint(xg[8 * j + 2 * k + 1] * inv));
+            } else {
+              a[k] = static_cast<int8_t>(std::nearbyint(xg[4 * j + k] * inv));
+            }
+          }
+          std::memcpy(&lo[w0 + j], a, 4);
+          if (BITS == 4) std::memcpy(&hi[w0 + j], b, 4);
+        }
+      }
     }
   }
-  return q;
 }
 
 // y[r] for R rows and the 16-column strips [s0, s1): each strip's codes are one contiguous run (the strip
-// layout, codes [out / 16, words, 16], scale and offset [out / 16, groups, 16]), read once for all R rows
-// (prompt processing reads the weights once per R rows, not once per row); the strip's sums stay in registers
-// across its groups.
+// layout, codes [out / 16, words, 16], scale and offset [out / 16, groups, 16]), read once for all R rows; the
+// strip's sums stay in registers across its groups. C dot-product chains a row: two for few rows (even and odd
+// inputs, or words), so that one row alone does not wait on one chain; one for many, whose rows are chains
+// enough.
 template <typename S, int BITS, int R>
-void strips(const Quantized* const* q, const uint32_t* codes, const S* scale, const S* offset, float* const* y,
-            int64_t n_in, int64_t group, int64_t s0, int64_t s1) {
+void strips(const Row* q, const uint32_t* codes, const S* scale, const S* offset, float* const* y, int64_t n_in,
+            int64_t group, int64_t s0, int64_t s1) {
+  constexpr int C = R >= 8 ? 1 : 2;
   const int64_t n_groups = n_in / group, group_words = group / (32 / BITS), words = n_in / (32 / BITS);
   const __m512i nibble = _mm512_set1_epi32(0x0F0F0F0F);
   for (int64_t s = s0; s < s1; ++s) {
@@ -92,26 +134,27 @@ void strips(const Quantized* const* q, const uint32_t* codes, const S* scale, co
     __m512 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
     for (int64_t g = 0; g < n_groups; ++g) {
-      __m512i dot[R][2];  // two chains a row: even and odd inputs (4-bit), even and odd words (8-bit)
-      for (int r = 0; r < R; ++r) dot[r][0] = dot[r][1] = _mm512_setzero_si512();
+      __m512i dot[R][C];
+      for (int r = 0; r < R; ++r)
+        for (int c = 0; c < C; ++c) dot[r][c] = _mm512_setzero_si512();
       for (int64_t j = g * group_words; j < (g + 1) * group_words; ++j) {
         const __m512i w = _mm512_loadu_si512(w_s + j * 16);
         if (BITS == 4) {
           const __m512i lo = _mm512_and_si512(w, nibble), hi = _mm512_and_si512(_mm512_srli_epi32(w, 4), nibble);
           for (int r = 0; r < R; ++r) {
-            dot[r][0] = _mm512_dpbusd_epi32(dot[r][0], lo, _mm512_set1_epi32(q[r]->lo[j]));
-            dot[r][1] = _mm512_dpbusd_epi32(dot[r][1], hi, _mm512_set1_epi32(q[r]->hi[j]));
+            dot[r][0] = _mm512_dpbusd_epi32(dot[r][0], lo, _mm512_set1_epi32(q[r].lo[j]));
+            dot[r][C - 1] = _mm512_dpbusd_epi32(dot[r][C - 1], hi, _mm512_set1_epi32(q[r].hi[j]));
           }
         } else {
           for (int r = 0; r < R; ++r)
-            dot[r][j & 1] = _mm512_dpbusd_epi32(dot[r][j & 1], w, _mm512_set1_epi32(q[r]->lo[j]));
+            dot[r][j % C] = _mm512_dpbusd_epi32(dot[r][j % C], w, _mm512_set1_epi32(q[r].lo[j]));
         }
       }
       const __m512 sc = load16(scale_s + g * 16), of = load16(offset_s + g * 16);
       for (int r = 0; r < R; ++r) {
-        const __m512 dots = _mm512_cvtepi32_ps(_mm512_add_epi32(dot[r][0], dot[r][1]));
-        acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(sc, _mm512_set1_ps(q[r]->step[g])), dots, acc[r]);
-        acc[r] = _mm512_fmadd_ps(of, _mm512_set1_ps(q[r]->sum[g]), acc[r]);
+        const __m512i d = C == 1 ? dot[r][0] : _mm512_add_epi32(dot[r][0], dot[r][C - 1]);
+        acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(sc, _mm512_set1_ps(q[r].step[g])), _mm512_cvtepi32_ps(d), acc[r]);
+        acc[r] = _mm512_fmadd_ps(of, _mm512_set1_ps(q[r].sum[g]), acc[r]);
       }
     }
     for (int r = 0; r < R; ++r) _mm512_storeu_ps(y[r] + s * 16, acc[r]);
@@ -141,8 +184,6 @@ void both(ffi::ThreadPool& pool, F first, G second) {
   }
 }
 
-constexpr int ROWS = 4;  // rows that share one pass over the weights
-
 // One weight of a call and its output: strips [first, first + n) of the call's strips.
 template <typename S>
 struct Weight {
@@ -152,40 +193,58 @@ struct Weight {
   int64_t first, n;
 };
 
+// The call's strips [a, b) for rows [r0, r0 + R).
+template <typename S, int BITS, int R>
+void tile(const std::vector<Weight<S>>& weights, const Row* q, int64_t r0, int64_t n_in, int64_t group, int64_t a,
+          int64_t b) {
+  for (const Weight<S>& w : weights) {
+    const int64_t lo = std::max(a, w.first) - w.first, hi = std::min(b, w.first + w.n) - w.first;
+    if (lo >= hi) continue;
+    float* ys[R];
+    for (int r = 0; r < R; ++r) ys[r] = w.y + (r0 + r) * w.n * 16;
+    strips<S, BITS, R>(q + r0, w.codes, w.scale, w.offset, ys, n_in, group, lo, hi);
+  }
+}
+
 // y_w = x W_w for every weight w of the call (weights that read the same x, such as q/k/v: x is quantized
-// once). The strips of all weights are split in two halves, the second offered to XLA's thread pool.
+// once). The rows go eight, then four, then one at a time through each pass over a run of strips small enough
+// to stay in the L1 cache. A wide call's strips, or a long prompt's, are split in two halves, the second
+// offered to XLA's thread pool (a prompt's quantization too).
 template <typename S, int BITS>
 void matmul(ffi::ThreadPool& pool, const float* x, const std::vector<Weight<S>>& weights, int64_t rows,
             int64_t n_in, int64_t group) {
-  std::vector<Quantized> q;
-  q.reserve(rows);
-  for (int64_t r = 0; r < rows; ++r) q.push_back(quantize_row<BITS>(x + r * n_in, n_in, group));
+  constexpr int per_word = 32 / BITS;
+  const int64_t words = n_in / per_word, groups = n_in / group;
+  const bool threads = pool.num_threads() > 1;
+  Quantized q{words, groups, std::vector<int32_t>(rows * words), std::vector<int32_t>(BITS == 4 ? rows * words : 0),
+              std::vector<float>(rows * groups), std::vector<float>(rows * groups)};
+  if (threads && rows >= 16) {
+    both(pool, [&] { quantize_rows<BITS>(x, n_in, group, 0, rows / 2, q); },
+         [&] { quantize_rows<BITS>(x, n_in, group, rows / 2, rows, q); });
+  } else {
+    quantize_rows<BITS>(x, n_in, group, 0, rows, q);
+  }
+  std::vector<Row> row(rows);
+  for (int64_t r = 0; r < rows; ++r)
+    row[r] = {q.lo.data() + r * words, BITS == 4 ? q.hi.data() + r * words : nullptr, q.step.data() + r * groups,
+              q.sum.data() + r * groups};
   const int64_t n_strips = weights.back().first + weights.back().n;
-  // Split only wide calls: a small one is not worth a task.
-  const int64_t half = n_in * n_strips * 16 >= (1 << 18) && pool.num_threads() > 1 ? n_strips / 2 : 0;
-  for (int64_t r0 = 0; r0 < rows; r0 += ROWS) {
-    const Quantized* qs[ROWS];
-    const int n = static_cast<int>(std::min<int64_t>(ROWS, rows - r0));
-    for (int r = 0; r < n; ++r) qs[r] = &q[r0 + r];
-    auto run = [=, &weights](int64_t a, int64_t b) {  // the call's strips [a, b)
-      for (const Weight<S>& w : weights) {
-        const int64_t lo = std::max(a, w.first) - w.first, hi = std::min(b, w.first + w.n) - w.first;
-        if (lo >= hi) continue;
-        float* ys[ROWS];
-        for (int r = 0; r < n; ++r) ys[r] = w.y + (r0 + r) * w.n * 16;
-        if (n == ROWS) {
-          strips<S, BITS, ROWS>(qs, w.codes, w.scale, w.offset, ys, n_in, group, lo, hi);
-        } else {
-          for (int r = 0; r < n; ++r)
-            strips<S, BITS, 1>(qs + r, w.codes, w.scale, w.offset, ys + r, n_in, group, lo, hi);
-        }
-      }
-    };
-    if (half) {
-      both(pool, [&] { run(0, half); }, [run, half, n_strips] { run(half, n_strips); });
-    } else {
-      run(0, n_strips);
+  const int64_t run = std::max<int64_t>(1, 16384 / (words * 64));  // strips whose codes fit in 16 KB
+  auto part = [&](int64_t a, int64_t b) {  // the call's strips [a, b), all rows
+    for (int64_t s = a; s < b; s += run) {
+      const int64_t e = std::min(b, s + run);
+      int64_t r0 = 0;
+      for (; r0 + 8 <= rows; r0 += 8) tile<S, BITS, 8>(weights, row.data(), r0, n_in, group, s, e);
+      for (; r0 + 4 <= rows; r0 += 4) tile<S, BITS, 4>(weights, row.data(), r0, n_in, group, s, e);
+      for (; r0 < rows; ++r0) tile<S, BITS, 1>(weights, row.data(), r0, n_in, group, s, e);
     }
+  };
+  // Split only calls worth a task: a wide weight, or many rows.
+  if (threads && rows * n_in * n_strips * 16 >= (1 << 18)) {
+    const int64_t half = n_strips / 2;
+    both(pool, [&] { part(0, half); }, [&] { part(half, n_strips); });
+  } else {
+    part(0, n_strips);
   }
 }
 

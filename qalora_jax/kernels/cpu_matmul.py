@@ -8,10 +8,10 @@ max |x_i| / 127 over the group, the llama.cpp Q8 scheme), and
 
     y_o = sum_g ( a_g scale[g, o] sum_{i in g} xq_i q[i, o] + offset[g, o] sum_{i in g} x_i )
 
-the inner sums being AVX512-VNNI byte dot products (cpu_matmul.cc); rows go four at a time through one pass
-over the codes (a prompt reads the weights once per four tokens), one call may multiply several weights that
-read the same x (`matmul_shared`), and a wide call's columns are computed in two halves, the second on XLA's
-own intra-op thread pool. It is what `matmul_dtype="int8"` selects
+the inner sums being AVX512-VNNI byte dot products (cpu_matmul.cc); rows go eight at a time through one pass
+over the codes (a prompt reads the weights once per eight tokens, from the L1 cache), one call may multiply
+several weights that read the same x (`matmul_shared`), and a wide call's columns, or a long prompt's, are
+computed in two halves, the second on XLA's own intra-op thread pool. It is what `matmul_dtype="int8"` selects
 (models.Config); `reference` is the same arithmetic in plain JAX, which the tests hold the kernel to.
 
 The kernel reads the weights in strips of 16 output columns (`Strips`), each strip's codes one contiguous run
