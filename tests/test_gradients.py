@@ -69,7 +69,8 @@ def test_head_nll_matches_logits_then_softmax(vocab_first, quantized):
   g = _normal(2, (3, 7))
 
   def fused(x, w):
-    return (layers.head_nll(x, w, targets, vocab_first=vocab_first, chunk=8) * g).sum()  # 21 positions: 8+8+5
+    # 21 positions: 8 + 8 + 5; 97 tokens: 40 + 40 + 17, the logsumexp accumulated over the three
+    return (layers.head_nll(x, w, targets, vocab_first=vocab_first, chunk=8, vocab_chunk=40) * g).sum()
 
   def plain(x, w):
     return (metrics.token_nll(layers.head_logits(x, w, vocab_first), targets) * g).sum()

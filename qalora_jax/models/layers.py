@@ -74,18 +74,20 @@ def head_logits(x: jax.Array, weight, vocab_first: bool, matmul_dtype: str | Non
 
 
 def head_nll(x: jax.Array, weight, targets: jax.Array, *, vocab_first: bool, matmul_dtype: str | None = None,
-             chunk: int = 256) -> jax.Array:
+             chunk: int = 512, vocab_chunk: int = 8192) -> jax.Array:
   """-log softmax(logits)[target] per position (float32), the output head and the softmax fused:
 
       nll_t = logsumexp_v(z_t) - z_t[y_t],   z_t = head_logits(x_t),   dnll_t / dz_t = softmax(z_t) - onehot(y_t)
 
-  x [..., D], targets [...] -> [...]. The logits are made `chunk` positions at a time, in the forward pass and
-  again in the backward pass, so the [positions, V] logits (and their gradient) are never whole: only x and
-  the logsumexp are kept. The head's own gradient is computed for a float weight (for a QTensor, none).
+  x [..., D], targets [...] -> [...]. The logits are made `chunk` positions and `vocab_chunk` tokens of the
+  vocabulary at a time, in the forward pass (the logsumexp accumulated online over the vocabulary's chunks)
+  and again in the backward pass, so the [positions, V] logits (and their gradient) are never whole: only x
+  and the logsumexp are kept. A weight the int8 kernel reads is not split over the vocabulary. The head's own
+  gradient is computed for a float weight (for a QTensor, none).
   """
   lead = targets.shape
   nll = _head_nll(x.reshape(-1, x.shape[-1]), weight, targets.reshape(-1).astype(jnp.int32), vocab_first,
-                  matmul_dtype, chunk)
+                  matmul_dtype, chunk, vocab_chunk)
   return nll.reshape(lead)
 
 
@@ -93,38 +95,62 @@ def _chunks(n: int, chunk: int):
   return [slice(start, min(start + chunk, n)) for start in range(0, n, chunk)]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _head_nll(x, weight, targets, vocab_first, matmul_dtype, chunk):
-  return _head_nll_fwd(x, weight, targets, vocab_first, matmul_dtype, chunk)[0]
+def _vocab_chunks(w, vocab_first: bool, vocab_chunk: int):
+  """[(start, the weight's columns for tokens [start, start + n))]: slices of a float weight, or the whole of a
+  quantized one."""
+  if not isinstance(w, jax.Array):
+    return [(0, w)]
+  vocab = w.shape[0] if vocab_first else w.shape[1]
+  return [(c.start, w[c] if vocab_first else w[:, c]) for c in _chunks(vocab, vocab_chunk)]
 
 
-def _head_nll_fwd(x, weight, targets, vocab_first, matmul_dtype, chunk):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _head_nll(x, weight, targets, vocab_first, matmul_dtype, chunk, vocab_chunk):
+  return _head_nll_fwd(x, weight, targets, vocab_first, matmul_dtype, chunk, vocab_chunk)[0]
+
+
+def _head_nll_fwd(x, weight, targets, vocab_first, matmul_dtype, chunk, vocab_chunk):
   nll, lse = [], []
   w = weight if matmul_dtype == "int8" else materialize(weight, operand_dtype(matmul_dtype, x.dtype))  # once
   for c in _chunks(x.shape[0], chunk):
-    z = head_logits(x[c], w, vocab_first, matmul_dtype)
-    logz = jax.nn.logsumexp(z, axis=-1)
-    picked = jnp.take_along_axis(z, targets[c, None], axis=-1)[:, 0]
+    m = total = picked = None
+    for start, w_v in _vocab_chunks(w, vocab_first, vocab_chunk):
+      z = head_logits(x[c], w_v, vocab_first, matmul_dtype)
+      top = z.max(axis=-1) if m is None else jnp.maximum(m, z.max(axis=-1))
+      part = jnp.exp(z - top[:, None]).sum(axis=-1)
+      total = part if total is None else total * jnp.exp(m - top) + part
+      m = top
+      local = targets[c] - start
+      inside = (local >= 0) & (local < z.shape[-1])
+      here = jnp.where(inside, jnp.take_along_axis(z, jnp.clip(local, 0, z.shape[-1] - 1)[:, None], axis=-1)[:, 0],
+                       0.0)
+      picked = here if picked is None else picked + here
+    logz = m + jnp.log(total)
     nll.append(logz - picked)
     lse.append(logz)
   return jnp.concatenate(nll), (x, weight, targets, jnp.concatenate(lse))
 
 
-def _head_nll_bwd(vocab_first, matmul_dtype, chunk, residuals, g):
+def _head_nll_bwd(vocab_first, matmul_dtype, chunk, vocab_chunk, residuals, g):
   x, weight, targets, lse = residuals
   w = materialize(weight, operand_dtype(matmul_dtype, x.dtype))
-  dx, dw = [], None
+  pieces = _vocab_chunks(w, vocab_first, vocab_chunk)
+  dx, dw = [], [None] * len(pieces)
   for c in _chunks(x.shape[0], chunk):
-    z = head_logits(x[c], w, vocab_first, w.dtype)
-    onehot = jnp.arange(z.shape[-1])[None, :] == targets[c, None]
-    dz = ((jnp.exp(z - lse[c, None]) - onehot) * g[c, None]).astype(w.dtype)
-    dx.append(jnp.einsum("cv,vd->cd" if vocab_first else "cv,dv->cd", dz, w, preferred_element_type=x.dtype))
-    if not isinstance(weight, QTensor):
-      xc = x[c].astype(w.dtype)
-      part = jnp.einsum("cv,cd->vd" if vocab_first else "cd,cv->dv", *((dz, xc) if vocab_first else (xc, dz)),
-                        preferred_element_type=jnp.float32)
-      dw = part if dw is None else dw + part
-  dweight = None if dw is None else dw.astype(weight.dtype)
+    dx_c = None
+    for i, (start, w_v) in enumerate(pieces):
+      z = head_logits(x[c], w_v, vocab_first, w.dtype)
+      onehot = (start + jnp.arange(z.shape[-1]))[None, :] == targets[c, None]
+      dz = ((jnp.exp(z - lse[c, None]) - onehot) * g[c, None]).astype(w.dtype)
+      part = jnp.einsum("cv,vd->cd" if vocab_first else "cv,dv->cd", dz, w_v, preferred_element_type=x.dtype)
+      dx_c = part if dx_c is None else dx_c + part
+      if not isinstance(weight, QTensor):
+        xc = x[c].astype(w.dtype)
+        part = jnp.einsum("cv,cd->vd" if vocab_first else "cd,cv->dv", *((dz, xc) if vocab_first else (xc, dz)),
+                          preferred_element_type=jnp.float32)
+        dw[i] = part if dw[i] is None else dw[i] + part
+    dx.append(dx_c)
+  dweight = None if dw[0] is None else jnp.concatenate(dw, axis=0 if vocab_first else 1).astype(weight.dtype)
   return jnp.concatenate(dx), dweight, None
 
 

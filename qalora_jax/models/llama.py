@@ -320,7 +320,7 @@ class Decoder(nnx.Module):
     tokens, positions, key_mask = _inputs(self.config, tokens, positions, padding_mask)
     return self.forward(tokens, positions, key_mask, dropout_rng=dropout_rng)[0]
 
-  def nll(self, tokens, targets, padding_mask=None, dropout_rng=None, chunk: int = 256) -> jax.Array:
+  def nll(self, tokens, targets, padding_mask=None, dropout_rng=None, chunk: int = 512) -> jax.Array:
     """-log p(targets | tokens) [batch, seq] (float32), the head and the softmax fused; see `nll`."""
     tokens, positions, key_mask = _inputs(self.config, tokens, None, padding_mask)
     x, _ = self.features(tokens, positions, key_mask, dropout_rng=dropout_rng)
@@ -412,7 +412,7 @@ apply_jit = jax.jit(apply, static_argnums=0)
 
 
 def nll(config: Config, params: dict, tokens: jax.Array, targets: jax.Array, padding_mask: jax.Array | None = None,
-        dropout_rng: jax.Array | None = None, chunk: int = 256) -> jax.Array:
+        dropout_rng: jax.Array | None = None, chunk: int = 512) -> jax.Array:
   """-log p(targets | tokens) [batch, seq] (float32): what `apply`'s logits give, with the head and the
   softmax fused (`layers.head_nll`), so the [batch, seq, vocab] logits are never whole. Training and
   perplexity use this."""
