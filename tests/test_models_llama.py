@@ -272,3 +272,26 @@ def test_adapters_plug_into_the_model():
     grads = jax.grad(loss)(adapters)
     b_grad = grads["blocks"]["attn"]["q_proj"]["adapter"].b
     assert b_grad.shape[0] == 3 and float(jnp.abs(b_grad).max()) > 0
+
+
+def test_leaves_written_to_safetensors_load_back_bit_for_bit(tmp_path):
+  """models.quantize.save_leaves / load_leaves (cached bases and saved model directories): QTensors of several
+  formats and scale dtypes, and plain arrays, come back with their dtypes, values and QMeta."""
+  from qalora_jax.models.quantize import load_leaves, save_leaves
+
+  w = np.random.default_rng(0).normal(size=(64, 32)).astype(np.float32)
+  leaves = {"a/int4": quant.get("int", bits=4, group_size=32, scale_dtype="bfloat16").quantize(w),
+            "a/nf4": quant.get("nf4", block_size=64, double_quant=True).quantize(w),
+            "b/float": jnp.asarray(w, jnp.bfloat16), "b/ids": jnp.arange(5, dtype=jnp.int32)}
+  save_leaves(tmp_path / "leaves.safetensors", leaves)
+  back = load_leaves(tmp_path / "leaves.safetensors")
+  assert sorted(back) == sorted(leaves)
+  for p, leaf in leaves.items():
+    if isinstance(leaf, quant.QTensor):
+      assert back[p].meta == leaf.meta and sorted(back[p].arrays) == sorted(leaf.arrays)
+      pairs = [(back[p][k], a) for k, a in leaf.arrays.items()]
+    else:
+      pairs = [(back[p], leaf)]
+    for got, want in pairs:
+      assert got.dtype == want.dtype
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

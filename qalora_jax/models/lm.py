@@ -19,17 +19,15 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors
-import safetensors.flax
 import tokenizers
 
 from qalora_jax import assets, tree_paths
 from qalora_jax.files import atomic_dir, write_json
 from qalora_jax.models import gguf, hf, llama
 from qalora_jax.models.config import Config, RopeScaling
-from qalora_jax.models.quantize import QuantizationRules
+from qalora_jax.models.quantize import QuantizationRules, load_leaves, save_leaves
 from qalora_jax.models.tokenizer import Tokenizer
-from qalora_jax.quant import QMeta, QTensor
+from qalora_jax.quant import QTensor
 
 # A saved model directory (`save`): these three files.
 SAVED_JSON = "qalora_model.json"
@@ -82,24 +80,17 @@ def resolve(model: str | Path) -> Path:
 def save(lm: LanguageModel, out: str | Path, info: dict | None = None, overwrite: bool = False) -> Path:
   """Writes `lm` as a model directory that `load` reads back, atomically:
 
-    model.safetensors   every parameter leaf: a float leaf as tensor "<path>", a QTensor as its arrays
-                        "<path>/<array>" with its QMeta in the file's metadata ("qtensors", JSON)
+    model.safetensors   every parameter leaf (models.quantize.save_leaves): a float leaf as tensor "<path>", a
+                        QTensor as its arrays "<path>/<array>" with its QMeta in the file's metadata
     qalora_model.json   {"config": the Config's fields, "tokenizer": special ids, "info": `info`}
     tokenizer.json      the tokenizer (`tokenizers` JSON)
 
   The arrays are written as they are (dtype included), so QTensors load back bit for bit."""
   if lm.tokenizer is None:
     raise ValueError("lm.tokenizer=None: a saved model directory holds its tokenizer; allowed: a model with one")
-  tensors, metas = {}, {}
-  for path, leaf in tree_paths.flatten(lm.params):
-    if isinstance(leaf, QTensor):
-      metas[path] = dataclasses.asdict(leaf.meta)
-      tensors.update({f"{path}/{name}": jnp.asarray(a) for name, a in leaf.arrays.items()})
-    else:
-      tensors[path] = jnp.asarray(leaf)
   tok = lm.tokenizer
   with atomic_dir(out, overwrite=overwrite) as tmp:
-    safetensors.flax.save_file(tensors, str(tmp / SAVED_WEIGHTS), metadata={"qtensors": json.dumps(metas)})
+    save_leaves(tmp / SAVED_WEIGHTS, dict(tree_paths.flatten(lm.params)))
     (tmp / SAVED_TOKENIZER).write_text(tok.backend.to_str())
     write_json(tmp / SAVED_JSON, {
         "config": dataclasses.asdict(lm.config),
@@ -125,18 +116,8 @@ def _load_saved(path: Path, dtype, param_dtype, rules, config_overrides) -> tupl
   saved = Config(**fields)
   # Run-time settings start from the defaults, as for any other model; the layout follows scan_layers.
   config = saved.replace(dtype=dtype, matmul_dtype=None, remat=False, scan_layers=True).replace(**config_overrides)
-  with safetensors.safe_open(str(path / SAVED_WEIGHTS), "flax") as f:
-    metas = json.loads(f.metadata()["qtensors"])
-    arrays = {name: f.get_tensor(name) for name in f.keys()}
-  leaves = {}
-  for p, m in metas.items():
-    meta = QMeta(m["format"], tuple(m["shape"]), m["bits"], m["group_size"], tuple(tuple(o) for o in m["options"]))
-    prefix = f"{p}/"
-    leaves[p] = QTensor({k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}, meta)
-  owned = {f"{p}/{name}" for p, leaf in leaves.items() for name in leaf.arrays}
-  for name, a in arrays.items():
-    if name not in owned:
-      leaves[name] = a.astype(param_dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+  leaves = {p: a if isinstance(a, QTensor) or not jnp.issubdtype(a.dtype, jnp.floating) else a.astype(param_dtype)
+            for p, a in load_leaves(path / SAVED_WEIGHTS).items()}
   params = llama.stack_blocks(tree_paths.unflatten(leaves))
   if rules is not None:  # on the stacked layout, whose paths the rules name
     params = tree_paths.unflatten({p: rules(p, leaf) for p, leaf in tree_paths.flatten(params)})

@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 import jax.numpy as jnp
 import numpy as np
 import safetensors
-import safetensors.numpy
+import safetensors.flax
 
 from qalora_jax.files import atomic_file
 from qalora_jax.tree_paths import flatten, unflatten
@@ -163,29 +163,47 @@ def int8_table(params: dict) -> dict:
   return quantize_params(params, [(EMBEDDING, get("int", bits=8, group_size=32))])[0]
 
 
-def save_quantized(path: str | Path, frozen: dict) -> None:
-  """Writes the QTensor leaves of a frozen tree to one safetensors file, atomically: tensor "<path>/<array>"
-  per QTensor array, and each QTensor's QMeta as JSON in the file's metadata. Float leaves are not saved:
-  `load_quantized` takes them from the float parameters."""
+def save_leaves(file: str | Path, leaves: dict) -> None:
+  """Writes flat {path: leaf} to the safetensors file `file`: a QTensor as tensors "<path>/<array>" (its arrays
+  as they are, dtype included, so that it loads back bit for bit) with its QMeta in the file's metadata
+  ("qtensors", JSON), any other leaf as tensor "<path>". `load_leaves` reads it back."""
   tensors, metas = {}, {}
-  for p, leaf in flatten(frozen):
+  for p, leaf in leaves.items():
     if isinstance(leaf, QTensor):
       metas[p] = dataclasses.asdict(leaf.meta)
-      tensors.update({f"{p}/{name}": np.asarray(a) for name, a in leaf.arrays.items()})
+      tensors.update({f"{p}/{name}": jnp.asarray(a) for name, a in leaf.arrays.items()})
+    else:
+      tensors[p] = jnp.asarray(leaf)
+  safetensors.flax.save_file(tensors, str(file), metadata={"qtensors": json.dumps(metas)})
+
+
+def load_leaves(file: str | Path) -> dict:
+  """{path: QTensor or array} of a file `save_leaves` wrote."""
+  with safetensors.safe_open(str(file), "flax") as f:
+    metas = json.loads(f.metadata()["qtensors"])
+    arrays = {name: f.get_tensor(name) for name in f.keys()}
+  leaves = {}
+  for p, m in metas.items():
+    meta = QMeta(m["format"], tuple(m["shape"]), m["bits"], m["group_size"], tuple(tuple(o) for o in m["options"]))
+    prefix = f"{p}/"
+    leaves[p] = QTensor({k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}, meta)
+  owned = {f"{p}/{name}" for p, leaf in leaves.items() for name in leaf.arrays}
+  leaves.update({name: a for name, a in arrays.items() if name not in owned})
+  return leaves
+
+
+def save_quantized(path: str | Path, frozen: dict) -> None:
+  """Writes the QTensor leaves of a frozen tree to one safetensors file (`save_leaves`), atomically. Float
+  leaves are not saved: `load_quantized` takes them from the float parameters."""
   with atomic_file(path) as tmp:
-    safetensors.numpy.save_file(tensors, str(tmp), metadata={"qtensors": json.dumps(metas)})
+    save_leaves(tmp, {p: leaf for p, leaf in flatten(frozen) if isinstance(leaf, QTensor)})
 
 
 def load_quantized(path: str | Path, params: dict) -> dict:
   """The frozen tree: `params` with the QTensors of a `save_quantized` file in place of their float leaves."""
-  with safetensors.safe_open(str(path), "numpy") as f:
-    metas = json.loads(f.metadata()["qtensors"])
-    arrays = {name: f.get_tensor(name) for name in f.keys()}
   leaves = dict(flatten(params))
-  for p, m in metas.items():
+  for p, qt in load_leaves(path).items():
     if p not in leaves:
       raise ValueError(f"{path}: quantized leaf {p} is not a parameter of this model")
-    meta = QMeta(m["format"], tuple(m["shape"]), m["bits"], m["group_size"], tuple(tuple(o) for o in m["options"]))
-    prefix = f"{p}/"
-    leaves[p] = QTensor({k[len(prefix):]: jnp.asarray(v) for k, v in arrays.items() if k.startswith(prefix)}, meta)
+    leaves[p] = qt
   return unflatten(leaves)
