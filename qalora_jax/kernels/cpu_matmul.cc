@@ -83,8 +83,8 @@ void quantize_rows(const float* x, int64_t n_in, int64_t group, int64_t r0, int6
         }
       }
       const float inv = amax > 0.f ? 127.f / amax : 0.f;
-      q.step[r * n_groups + g] = amax / 127.f;
-      q.sum[r * n_groups + g] = sum;
+      q.step[r * q.groups + g] = amax / 127.f;
+      q.sum[r * q.groups + g] = sum;
       const int64_t w0 = g * group_words;
       if (group % 16 == 0) {
         for (int64_t i = 0; i < group; i += 16) {
