@@ -6,7 +6,7 @@ program once.
 
 The tests' programs are compiled with LLVM's optimizations off (`--xla_backend_optimization_level=0`, appended to
 any XLA_FLAGS given): on tiny models compiling is most of a test's time, and this cuts the suite's by about a
-sixth. XLA's HLO passes are the same as at the default level (only the machine code is less optimized); the
+tenth. XLA's HLO passes are the same as at the default level (only the machine code is less optimized); the
 benchmarks and experiments compile as users do.
 """
 
