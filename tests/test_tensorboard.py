@@ -55,3 +55,26 @@ def test_events_match_metrics_jsonl_and_the_switch_turns_them_off(tmp_path):
   cfg.steps, cfg.tensorboard = 0, False  # the base evaluated only
   loop.run(cfg, tmp_path / "off", progress=False, log=quiet)
   assert (tmp_path / "off" / "result.json").exists() and not (tmp_path / "off" / metrics_log.TENSORBOARD_DIR).exists()
+
+
+def test_event_files_written_directly_read_back_in_tensorboard(tmp_path):
+  """train.tensorboard_events: CRC-32C's check value, TensorBoard's own masked CRC on random bytes, and a file of
+  scalar events read back by EventAccumulator."""
+  from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+  from qalora_jax.train import tensorboard_events
+
+  assert tensorboard_events.crc32c(b"123456789") == 0xE3069283
+  rng = np.random.default_rng(0)
+  for n in (0, 1, 7, 100):
+    data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+    assert tensorboard_events._masked_crc(data) == masked_crc32c(data)
+  writer = tensorboard_events.EventWriter(tmp_path / "events")
+  writer.add_scalars(3, {"loss": 1.5, "eval/ppl": 40.25})
+  writer.add_scalars(300, {"loss": 0.125})
+  writer.close()
+  events = EventAccumulator(str(tmp_path / "events"), size_guidance={"scalars": 0})
+  events.Reload()
+  assert sorted(events.Tags()["scalars"]) == ["eval/ppl", "loss"]
+  assert [(e.step, e.value) for e in events.Scalars("loss")] == [(3, 1.5), (300, 0.125)]
+  assert [(e.step, e.value) for e in events.Scalars("eval/ppl")] == [(3, 40.25)]

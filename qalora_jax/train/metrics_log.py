@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from qalora_jax.files import write_bytes
+from qalora_jax.train.tensorboard_events import EventWriter
 
 TENSORBOARD_DIR = "tensorboard"
 FINAL_KEYS = ("ppl", "merged_ppl")  # the last line of metrics.jsonl: the trained and the merged model
@@ -22,7 +23,7 @@ FINAL_KEYS = ("ppl", "merged_ppl")  # the last line of metrics.jsonl: the traine
 
 class MetricsLog:
   """metrics.jsonl, one JSON line per record ({"step": s, name: value, ...}), mirrored as TensorBoard events
-  in WORKDIR/tensorboard/ (tensorboardX): each name a scalar tag with the record's step.
+  in WORKDIR/tensorboard/ (train.tensorboard_events): each name a scalar tag with the record's step.
 
   The events are a copy of metrics.jsonl: opening the log removes the events directory and writes the lines
   already in metrics.jsonl anew (a resumed run's lines, truncated to its checkpoint), so the events hold each
@@ -36,18 +37,14 @@ class MetricsLog:
     self.file = open(self.path, "a") if write else None
     self.events = None
     if write and tensorboard:
-      from tensorboardX import SummaryWriter
-
       events_dir = Path(workdir) / TENSORBOARD_DIR
       shutil.rmtree(events_dir, ignore_errors=True)
-      self.events = SummaryWriter(str(events_dir), flush_secs=10)
+      self.events = EventWriter(events_dir)
       for line in self.path.read_text().splitlines():
         self._add_events(json.loads(line))
 
   def _add_events(self, record: dict) -> None:
-    for name, value in record.items():
-      if name != "step":
-        self.events.add_scalar(name, value, global_step=record["step"])
+    self.events.add_scalars(record["step"], {name: value for name, value in record.items() if name != "step"})
 
   def write(self, record: dict) -> None:
     """Appends `record` (a "step" and scalars) to metrics.jsonl and to the events."""
