@@ -141,3 +141,59 @@ def test_the_cpu_decoding_attention_equals_the_dense_form(index, window):
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
   assert "qalora_cpu_attention" in jax.jit(lambda i: attn.attention(q, k, v, attn.Mask(key_mask, i))).lower(
       jnp.int32(index)).as_text()
+
+
+@pytest.mark.parametrize("b,t,s,heads,kv_heads,d,index,window,left_pad", [
+    (2, 13, 13, 4, 2, 16, 0, None, 0),     # t * group not a multiple of the kernel's 6-row tile
+    (1, 300, 300, 9, 3, 64, 0, 50, 0),     # SmolLM2's heads; sliding window; both threads
+    (2, 20, 40, 4, 2, 32, 7, None, 3),     # a prompt at slot 7 of a 40-slot cache, left padding
+    (1, 37, 37, 6, 3, 80, 0, None, 5),     # a head size of five 16-lane registers (64 + 16)
+    (4, 128, 128, 9, 3, 64, 0, None, 0),   # the benchmark's batch
+])
+def test_the_cpu_sequence_attention_equals_the_dense_form_forward_and_gradients(b, t, s, heads, kv_heads, d, index,
+                                                                                 window, left_pad):
+  """With a static index, `attention` runs the training kernel where it builds: its output and its gradients
+  with respect to q, k and v equal the dense form's within float32 rounding. Rows that see no key (left padding)
+  get zeros and pass no gradient on."""
+  from qalora_jax.kernels import cpu_attention
+
+  rng = np.random.default_rng(t + d)
+  q, k, v = _inputs(rng, b, t, s, heads, kv_heads, d)
+  if not cpu_attention.supports_sequence(q, k, v):
+    pytest.skip("the CPU kernels do not build here")
+  key_mask = jnp.asarray(np.arange(s)[None, :] >= np.array([[left_pad]] + [[0]] * (b - 1)))
+  mask = attn.Mask(key_mask, index, window)
+  seen = mask.dense(t).any(-1)[:, :, None, None]
+  weights = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+
+  def loss(fn):
+    return lambda q, k, v: jnp.sum(jnp.where(seen, fn(q, k, v), 0.0) * weights)
+
+  kernel = lambda q, k, v: attn.attention(q, k, v, mask)  # noqa: E731
+  dense = lambda q, k, v: attn.dense_attention(q, k, v, mask)  # noqa: E731
+  assert "qalora_cpu_attention_fwd" in jax.jit(kernel).lower(q, k, v).as_text()
+  got = jax.jit(kernel)(q, k, v)
+  np.testing.assert_allclose(np.where(seen, got, 0), np.where(seen, dense(q, k, v), 0), atol=2e-6)
+  np.testing.assert_array_equal(np.where(seen, 0, got), 0)
+  grads = jax.jit(jax.grad(loss(kernel), (0, 1, 2)))(q, k, v)
+  for got, want in zip(grads, jax.grad(loss(dense), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(got, want, atol=2e-5 * float(jnp.max(jnp.abs(want))))
+
+
+def test_a_rematerialised_block_keeps_the_cpu_kernels_output():
+  """The sequence kernel names its output and log-sum-exp as REMAT_SAVED: the gradient of a checkpointed block
+  runs its forward pass once, not again in the backward pass."""
+  from qalora_jax.kernels import cpu_attention
+
+  q, k, v = _inputs(np.random.default_rng(5), 1, 64, 64, 4, 2, 16)
+  if not cpu_attention.supports_sequence(q, k, v):
+    pytest.skip("the CPU kernels do not build here")
+  mask = attn.Mask(jnp.ones((1, 64), bool))
+  block = lambda q, k, v: jnp.sum(jnp.sin(attn.attention(2 * q, 2 * k, 2 * v, mask)))  # noqa: E731
+
+  def calls(policy):
+    text = jax.jit(jax.value_and_grad(jax.checkpoint(block, policy=policy), (0, 1, 2))).lower(q, k, v).as_text()
+    return text.count("qalora_cpu_attention_fwd"), text.count("qalora_cpu_attention_bwd")
+
+  assert calls(jax.checkpoint_policies.save_only_these_names(*attn.REMAT_SAVED)) == (1, 1)
+  assert calls(None) == (2, 1)

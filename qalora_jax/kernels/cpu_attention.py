@@ -1,22 +1,39 @@
-"""Decoding attention on the CPU: softmax(q k^T / sqrt(d) + mask) v for a few queries against a KV cache,
-read as it lies ([b, S, K, d]) by a C++ kernel (cpu_attention.cc).
+"""Attention on the CPU, softmax(q k^T / sqrt(d) + mask) v, by C++ kernels (cpu_attention.cc) that read q, k, v
+as they lie ([b, t, h, d] and [b, S, K, d]; query head n reads KV head n / (h / K)), in float32, the mask as
+models.attention.Mask describes it (key_mask, the slot `index` of query 0, a window):
 
-A decoding step's attention is tiny (one query a head), and XLA's CPU backend spends most of its time on it
-copying each layer's cache into the layout its dot wants, at every step. The kernel reads the cache where it
-is: for each query head n (KV head n / (h / K)) and each key slot j the query sees,
+- `attention`: decoding, a few queries against a KV cache. A decoding step's attention is tiny (one query a
+  head), and XLA's CPU backend spends most of its time on it copying each layer's cache into the layout its dot
+  wants, at every step. The kernel reads the cache where it is: for each query head n and each key slot j the
+  query sees,
 
-    s_j = q_n . k_j / sqrt(d),   out_n = sum_j exp(s_j - max s) v_j / sum_j exp(s_j - max s)
+      s_j = q_n . k_j / sqrt(d),   out_n = sum_j exp(s_j - max s) v_j / sum_j exp(s_j - max s)
 
-in float32, the mask as models.attention.Mask describes it (key_mask, the causal slot `index`, a window).
-models.attention uses it for a traced `index` (decoding with a cache) where `supports` holds; the tests hold
-it to `attention.dense_attention`.
+- `sequence_attention`: training and prompts, the whole sequence, differentiable. The FlashAttention recipe
+  (Dao et al. 2022) on the CPU: a tile of six query rows at a time makes its scores against the keys it may
+  see, [6, keys], its softmax and its output, and keeps the log-sum-exp; the backward pass makes the tile's
+  probabilities again from it,
+
+      p = exp(s - lse),   ds = p (dout v^T - rowsum(dout * out)) / sqrt(d),
+      dq = ds k,   dk = sum over tiles of ds^T q,   dv = sum over tiles of p^T dout
+
+  so neither pass holds a [t, S] score matrix, and keys a tile cannot see are never visited. XLA runs
+  attention's small batched dots ([6 G, 64] x [64, keys] per head, G query heads a KV head) and the layout
+  copies around them at a fraction of its matmul rate; the kernel's tiles run at most of the FMA units'.
+
+models.attention uses them where `supports` / `supports_sequence` hold; the tests hold them to
+`attention.dense_attention`.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jax.ad_checkpoint import checkpoint_name
 
 from qalora_jax.kernels.cpu_library import available
 
@@ -32,3 +49,42 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, ind
   call = jax.ffi.ffi_call("qalora_cpu_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32),
                           vmap_method="sequential")
   return call(q, k, v, key_mask.astype(bool), jnp.asarray(index, jnp.int32), window=np.int64(window or 0))
+
+
+def supports_sequence(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
+  """Whether `sequence_attention` runs the kernel: float32 operands, a head size that is a multiple of 16 (its
+  512-bit lanes), and the kernels build here."""
+  return supports(q, k, v) and q.shape[-1] % 16 == 0
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def sequence_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, index: int = 0,
+                       window: int | None = None) -> jax.Array:
+  """q [b, t, h, d], k and v [b, S, K, d], key_mask [b, S] bool, `index` (a Python int) the slot of query 0 ->
+  [b, t, h, d]. A query that sees no key gets zeros."""
+  return _forward(q, k, v, key_mask, index, window)[0]
+
+
+def _forward(q, k, v, key_mask, index, window):
+  if not available():
+    raise RuntimeError("the CPU kernels are unavailable here; check supports_sequence before calling")
+  b, t, h, _ = q.shape
+  call = jax.ffi.ffi_call("qalora_cpu_attention_fwd", (jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                                                       jax.ShapeDtypeStruct((b, t, h), jnp.float32)),
+                          vmap_method="sequential")
+  out, lse = call(q, k, v, key_mask.astype(bool), index=np.int64(index), window=np.int64(window or 0))
+  # Named, so that a rematerialised block keeps them (models.attention.REMAT_SAVED), not the attention's inputs.
+  out, lse = checkpoint_name(out, "attention_out"), checkpoint_name(lse, "attention_lse")
+  return out, (q, k, v, key_mask, out, lse)
+
+
+def _backward(index, window, residuals, dout):
+  q, k, v, key_mask, out, lse = residuals
+  call = jax.ffi.ffi_call("qalora_cpu_attention_bwd", tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32)
+                                                            for x in (q, k, v)), vmap_method="sequential")
+  dq, dk, dv = call(q, k, v, key_mask.astype(bool), out, lse, dout.astype(jnp.float32), index=np.int64(index),
+                    window=np.int64(window or 0))
+  return dq, dk, dv, None
+
+
+sequence_attention.defvjp(_forward, _backward)

@@ -26,7 +26,9 @@ import jaxlib
 from qalora_jax import hardware
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_matmul.cc", "cpu_attention.cc"))
-TARGETS = ("qalora_cpu_matmul_f32", "qalora_cpu_matmul_f16", "qalora_cpu_attention")
+HEADERS = (Path(__file__).with_name("cpu_threads.h"),)
+TARGETS = ("qalora_cpu_matmul_f32", "qalora_cpu_matmul_f16", "qalora_cpu_attention", "qalora_cpu_attention_fwd",
+           "qalora_cpu_attention_bwd")
 
 
 def _build() -> tuple[list[str], Path]:
@@ -39,7 +41,7 @@ def _build() -> tuple[list[str], Path]:
     raise RuntimeError("no C++ compiler (set CXX or install g++)")
   flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-I", jax.ffi.include_dir()]
   machine = hardware.cpu()
-  key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + " ".join(
+  key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES + HEADERS) + " ".join(
       [cxx, *flags, jax.__version__, jaxlib.__version__, machine["model"], *machine["flags"]]).encode()).hexdigest()
   return [cxx, *flags, *map(str, SOURCES)], assets.cache_dir() / "kernels" / f"cpu_kernels-{key[:16]}.so"
 

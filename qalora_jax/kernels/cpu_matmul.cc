@@ -20,16 +20,16 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <memory>
 #include <vector>
 
+#include "cpu_threads.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using qalora::both;
 
 namespace {
 
@@ -158,29 +158,6 @@ void strips(const Row* q, const uint32_t* codes, const S* scale, const S* offset
       }
     }
     for (int r = 0; r < R; ++r) _mm512_storeu_ps(y[r] + s * 16, acc[r]);
-  }
-}
-
-// Runs first() here and offers second() to XLA's thread pool; whichever thread claims second() first runs it.
-// The caller claims it itself if no pool thread has by the time first() is done, so a busy pool cannot
-// deadlock the call.
-template <typename F, typename G>
-void both(ffi::ThreadPool& pool, F first, G second) {
-  struct Claim {
-    std::atomic<bool> taken{false}, done{false};
-  };
-  auto claim = std::make_shared<Claim>();
-  pool.Schedule([claim, second]() {
-    if (!claim->taken.exchange(true)) {
-      second();
-      claim->done.store(true, std::memory_order_release);
-    }
-  });
-  first();
-  if (!claim->taken.exchange(true)) {
-    second();
-  } else {
-    while (!claim->done.load(std::memory_order_acquire)) _mm_pause();
   }
 }
 

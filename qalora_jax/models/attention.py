@@ -73,11 +73,14 @@ class Mask(NamedTuple):
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, block: int | None = None) -> jax.Array:
   """q [b, t, heads, d], k and v [b, S, kv_heads, d] -> [b, t, heads, d]; each KV head serves heads / kv_heads
-  query heads. Blocked (`block`, default BLOCK) when the sequence spans more than one block and the index is
-  static; with a traced index (decoding with a cache) the CPU kernel where it runs (kernels.cpu_attention, not
-  differentiable); else dense."""
+  query heads. Where the CPU kernels run (kernels.cpu_attention, float32): with a static index (training,
+  prompts) the differentiable sequence kernel, with a traced one (decoding with a cache) the decoding kernel
+  (not differentiable). Else blocked (`block`, default BLOCK) when the sequence spans more than one block and the
+  index is static, and dense otherwise."""
   block = BLOCK if block is None else block
   if isinstance(mask.index, int):
+    if cpu_attention.supports_sequence(q, k, v):
+      return cpu_attention.sequence_attention(q, k, v, mask.key_mask, mask.index, mask.window)
     if max(q.shape[1], k.shape[1]) > block:
       return blocked_attention(q, k, v, mask.key_mask, mask.index, mask.window, block)
   elif cpu_attention.supports(q, k, v):
