@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+from qalora_jax import hardware
 
 
 def _fetch(args) -> int:
@@ -16,8 +19,6 @@ def _fetch(args) -> int:
 
 
 def _quantize_report(args) -> int:
-  import os
-
   # Before numpy / jax load OpenBLAS: its threads (LAPACK behind GPTQ's Cholesky) spin-wait on a shared CPU.
   os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
   from qalora_jax import assets, quant
@@ -58,8 +59,6 @@ def _train(args) -> int:
 
 
 def _sweep(args) -> int:
-  import os
-
   os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # GPTQ bases: as in _quantize_report
   from qalora_jax.train import sweep
 
@@ -383,6 +382,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+  """The command line (argv None: sys.argv, after re-starting the process once with glibc's large blocks in
+  huge pages, hardware.huge_page_environment; a training step runs about 20% faster so)."""
+  if argv is None:
+    environ = hardware.huge_page_environment(dict(os.environ))
+    if environ is not None:
+      sys.stdout.flush(), sys.stderr.flush()
+      os.execve(sys.executable, sys.orig_argv, environ)
   parser = build_parser()
   args, extra = parser.parse_known_args(argv)
   overrides = [a for a in extra if a.startswith("--config.")]

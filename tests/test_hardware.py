@@ -51,3 +51,49 @@ def test_trim_heap_gives_freed_heap_pages_back():
   hardware.trim_heap()
   assert resident() - start < 20e6
   libc.free(sentinel)
+
+
+def test_huge_page_environment_adds_glibcs_tunable_once():
+  environ = {"PATH": "/bin"}
+  if hardware.huge_page_environment(environ) is None:
+    pytest.skip("no glibc >= 2.35 with transparent huge pages here")
+  assert hardware.huge_page_environment(environ) == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+  other = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
+  assert hardware.huge_page_environment(other)["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+  assert hardware.huge_page_environment(hardware.huge_page_environment(other)) is None  # set already: no loop
+  assert hardware.huge_page_environment({**environ, "QALORA_HUGE_PAGES": "0"}) is None
+
+
+RESTARTED = """
+import ctypes, os, sys
+from qalora_jax import cli
+if "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", ""):
+  libc = ctypes.CDLL("libc.so.6")
+  libc.malloc.restype = ctypes.c_void_p
+  huge = lambda: int(next(ln for ln in open("/proc/self/smaps_rollup") if ln.startswith("AnonHugePages")).split()[1])
+  before = huge()
+  block = libc.malloc(64 << 20)
+  ctypes.memset(block, 1, 64 << 20)
+  print("huge KB", huge() - before)
+  sys.exit(0)
+sys.exit(cli.main())
+"""
+
+
+def test_the_command_line_restarts_itself_so_that_large_blocks_lie_in_huge_pages():
+  """`qalora` (cli.main with no argv) re-starts its process once with the tunable; there, a 64 MB block from
+  malloc, touched, is backed by 2 MB pages. QALORA_HUGE_PAGES=0 keeps the process as it is."""
+  import os
+  import subprocess
+  import sys
+
+  environ = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "QALORA_HUGE_PAGES")}
+  if hardware.huge_page_environment(environ) is None or not Path("/proc/self/smaps_rollup").exists():
+    pytest.skip("no glibc >= 2.35 with transparent huge pages here")
+  run = lambda env: subprocess.run([sys.executable, "-c", RESTARTED, "--help"], env=env, capture_output=True,  # noqa: E731
+                                   text=True, timeout=60)
+  restarted = run(environ)
+  assert restarted.returncode == 0, restarted.stderr
+  assert int(restarted.stdout.split("huge KB")[1]) >= 32 << 10
+  kept = run({**environ, "QALORA_HUGE_PAGES": "0"})
+  assert kept.returncode == 0 and "huge KB" not in kept.stdout and "usage: qalora" in kept.stdout
