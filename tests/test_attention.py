@@ -81,12 +81,19 @@ def test_causal_skipping_visits_the_lower_triangle_of_blocks():
   assert windowed.visible(256, 512, 0, 256)           # query 256 sees keys 157..256
 
 
-def test_model_logits_and_cached_prefill_equal_the_dense_attention(tiny, monkeypatch):
-  """A 300-token pass runs blocked (three 128-blocks); replacing the attention by the dense form changes nothing,
-  with or without a KV cache."""
+@pytest.mark.parametrize("form", ["cpu kernel", "blocked"])
+def test_model_logits_and_cached_prefill_equal_the_dense_attention(tiny, monkeypatch, form):
+  """A 300-token pass runs the CPU sequence kernel where it builds, or blocked (three 128-blocks); replacing the
+  attention by the dense form changes nothing, with or without a KV cache."""
+  from qalora_jax.kernels import cpu_attention
+
   config, params = tiny.config, tiny.params
   tokens = jnp.asarray(np.random.default_rng(3).integers(0, config.vocab_size, (2, 300)), jnp.int32)
   monkeypatch.setattr(attn, "BLOCK", 128)
+  if form == "blocked":
+    monkeypatch.setattr(cpu_attention, "supports_sequence", lambda q, k, v: False)
+  elif not cpu_attention.supports_sequence(*(jnp.zeros((1, 1, 1, config.head_dim)),) * 3):
+    pytest.skip("the CPU kernels do not build here")
   blocked = models.apply(config, params, tokens)
   cache = llama.init_cache(config, 2, 320)
   key_mask = jnp.zeros((2, 320), bool).at[:, :300].set(True)
