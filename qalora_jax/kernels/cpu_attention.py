@@ -32,7 +32,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from jax.ad_checkpoint import checkpoint_name
 
 from qalora_jax.kernels.cpu_library import available
