@@ -85,7 +85,6 @@ ffi::Error CpuAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::B
   return ffi::Error::Success();
 }
 
-
 // ---- Training: the whole sequence, forward and backward (the FlashAttention recipe, one row tile at a time) ----
 //
 // Each (batch row, KV head) is a unit whose query rows are the (position, head) pairs of its h / K query heads.
@@ -104,8 +103,9 @@ constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
 inline __m512 fmadd(__m512 a, __m512 b, float c) { return _mm512_fmadd_ps(a, b, _mm512_set1_ps(c)); }
 
-// exp(x) in 16 lanes, 0 where x < -87 (e^-87 is below float32's smallest normal): x = n ln 2 + r, |r| <= ln(2) / 2,
-// exp(r) = 1 + r + r^2 P(r) (the Cephes expf polynomial), 2^n by vscalefps.
+// exp(x) in 16 lanes, 0 where x < -87 (e^-87 = 1.6e-38, at the end of float32's normal range; the kernel's
+// arguments, s - max s and s - lse, are <= 0): x = n ln 2 + r, |r| <= ln(2) / 2, exp(r) = 1 + r + r^2 P(r)
+// (the Cephes expf polynomial), 2^n by vscalefps.
 inline __m512 exp16(__m512 x) {
   const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_GE_OQ);
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
