@@ -126,29 +126,37 @@ inline __m512 exp16(__m512 x) {
 // The lanes of the first min(n, 16) entries (none for n <= 0).
 inline __mmask16 tail(int64_t n) { return n >= 16 ? 0xffff : n <= 0 ? 0 : static_cast<__mmask16>((1u << n) - 1); }
 
-// s[r, j] = scale * rows[r] . xt[:, k0 + j] + bias[k0 + j] for j < n (rounded up to 32), xt [d, ld] transposed keys
-// (or values), zero-padded 32 columns past the last key; bias null for none.
-void products(const float* const* rows, const float* xt, int64_t ld, int64_t d, int64_t k0, int64_t n, float scale,
-              const float* bias, float* s, int64_t lds) {
-  for (int64_t j = 0; j < n; j += 32) {
-    __m512 acc[R][2];
-    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-    const float* col = xt + k0 + j;
-    for (int64_t e = 0; e < d; ++e) {
-      const __m512 x0 = _mm512_loadu_ps(col + e * ld), x1 = _mm512_loadu_ps(col + e * ld + 16);
-      for (int r = 0; r < R; ++r) {
-        const __m512 a = _mm512_set1_ps(rows[r][e]);
-        acc[r][0] = _mm512_fmadd_ps(a, x0, acc[r][0]);
-        acc[r][1] = _mm512_fmadd_ps(a, x1, acc[r][1]);
-      }
-    }
-    const __m512 sc = _mm512_set1_ps(scale);
-    for (int half = 0; half < 2; ++half) {
-      const __m512 b = bias ? _mm512_maskz_loadu_ps(tail(n - j - 16 * half), bias + k0 + j + 16 * half)
-                            : _mm512_setzero_ps();
-      for (int r = 0; r < R; ++r) _mm512_storeu_ps(s + r * lds + j + 16 * half, _mm512_fmadd_ps(acc[r][half], sc, b));
+// s[r, j0 + j] for j < 16 C: scale * rows[r] . xt[:, k0 + j0 + j] + bias[k0 + j0 + j] (see `products`).
+template <int C>
+void product_columns(const float* const* rows, const float* xt, int64_t ld, int64_t d, int64_t k0, int64_t j0,
+                     int64_t n, float scale, const float* bias, float* s, int64_t lds) {
+  __m512 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+  const float* col = xt + k0 + j0;
+  for (int64_t e = 0; e < d; ++e) {
+    __m512 x[C];
+    for (int c = 0; c < C; ++c) x[c] = _mm512_loadu_ps(col + e * ld + 16 * c);
+    for (int r = 0; r < R; ++r) {
+      const __m512 a = _mm512_set1_ps(rows[r][e]);
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(a, x[c], acc[r][c]);
     }
   }
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int c = 0; c < C; ++c) {
+    const int64_t j = j0 + 16 * c;
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(tail(n - j), bias + k0 + j) : _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r) _mm512_storeu_ps(s + r * lds + j, _mm512_fmadd_ps(acc[r][c], sc, b));
+  }
+}
+
+// s[r, j] = scale * rows[r] . xt[:, k0 + j] + bias[k0 + j] for j < n (rounded up to 16), xt [d, ld] transposed keys
+// (or values), zero-padded 32 columns past the last key; bias null for none. 32 columns a pass, the last 16 alone.
+void products(const float* const* rows, const float* xt, int64_t ld, int64_t d, int64_t k0, int64_t n, float scale,
+              const float* bias, float* s, int64_t lds) {
+  int64_t j = 0;
+  for (; n - j > 16; j += 32) product_columns<2>(rows, xt, ld, d, k0, j, n, scale, bias, s, lds);
+  if (j < n) product_columns<1>(rows, xt, ld, d, k0, j, n, scale, bias, s, lds);
 }
 
 // out[r][c:c + 16 NV] = sum_{j < n} w[r, j] x_{k0 + j}[c:c + 16 NV], x_j = x + j * stride (rows of keys or values).
