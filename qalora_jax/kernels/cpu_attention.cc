@@ -279,6 +279,9 @@ struct Problem {
     return tl;
   }
 
+  // Key 0's row of a tile's KV head in x [b, S, K, d] (k or v); key j's is j K d floats further on.
+  const float* keys_of(const float* x, const Tile& tl) const { return x + (tl.bi * S * K + tl.kh) * d; }
+
   // Scores of a tile into s [R, lds]: masked entries, and those outside a row's causal window, are -inf.
   void scores(const Tile& tl, const float* kt, float* s, int64_t lds) const {
     const float* rows[R];
@@ -359,7 +362,7 @@ ffi::Error AttentionFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
         if (!seen) std::fill(s.begin() + r * lds, s.begin() + r * lds + tl.n, 0.f);
         outs[r] = r < tl.rows ? op + tl.row[r] * p.d : scrap.data();
       }
-      weighted_rows_d(s.data(), lds, p.v + tl.kh * p.d + tl.bi * p.S * p.K * p.d, p.K * p.d, tl.k0, tl.n, p.d, outs);
+      weighted_rows_d(s.data(), lds, p.keys_of(p.v, tl), p.K * p.d, tl.k0, tl.n, p.d, outs);
       for (int r = 0; r < tl.rows; ++r) {
         const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
         for (int64_t e = 0; e < p.d; ++e) outs[r][e] *= inv;
@@ -406,28 +409,26 @@ ffi::Error AttentionBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
         float* dsr = ds.data() + r * lds;
         exp_row(prr, tl.n, lp[tl.row[r]]);
         if (r >= tl.rows) std::fill(prr, prr + tl.n, 0.f);  // a repeated row adds nothing to dk, dv
-        float delta = 0.f;
-        for (int64_t c = 0; c < p.d; ++c) delta += gp[tl.row[r] * p.d + c] * op[tl.row[r] * p.d + c];
-        const __m512 dl = _mm512_set1_ps(delta), sc = _mm512_set1_ps(p.scale);
+        const __m512 dl = _mm512_set1_ps(dot(gp + tl.row[r] * p.d, op + tl.row[r] * p.d, p.d)), sc = _mm512_set1_ps(p.scale);
         for (int64_t j = 0; j < tl.n; j += 16) {
           const __mmask16 m = tail(tl.n - j);
           const __m512 pj = _mm512_maskz_loadu_ps(m, prr + j), dpj = _mm512_maskz_loadu_ps(m, dsr + j);
           _mm512_mask_storeu_ps(dsr + j, m, _mm512_mul_ps(_mm512_mul_ps(pj, _mm512_sub_ps(dpj, dl)), sc));
         }
       }
-      weighted_rows_d(ds.data(), lds, p.k + tl.kh * p.d + tl.bi * p.S * p.K * p.d, p.K * p.d, tl.k0, tl.n, p.d, dqs);
+      weighted_rows_d(ds.data(), lds, p.keys_of(p.k, tl), p.K * p.d, tl.k0, tl.n, p.d, dqs);
       accumulate_keys_d(ds.data(), lds, qs, tl.k0, tl.n, p.d, mine.data() + unit * p.S * p.d);
       accumulate_keys_d(pr.data(), lds, douts, tl.k0, tl.n, p.d, mine.data() + keys + unit * p.S * p.d);
     }
   });
   // dk, dv: the threads' sums, back to [b, S, K, d].
   float *dkp = dk->typed_data(), *dvp = dv->typed_data();
+  const bool two = !acc[1].empty();
   for (int64_t unit = 0; unit < p.b * p.K; ++unit) {
     const int64_t bi = unit / p.K, kh = unit % p.K;
     for (int64_t j = 0; j < p.S; ++j) {
       const int64_t src = (unit * p.S + j) * p.d, dst = ((bi * p.S + j) * p.K + kh) * p.d;
       for (int64_t c = 0; c < p.d; ++c) {
-        const bool two = !acc[1].empty();
         dkp[dst + c] = acc[0][src + c] + (two ? acc[1][src + c] : 0.f);
         dvp[dst + c] = acc[0][keys + src + c] + (two ? acc[1][keys + src + c] : 0.f);
       }
