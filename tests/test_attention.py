@@ -98,7 +98,7 @@ def test_model_logits_and_cached_prefill_equal_the_dense_attention(tiny, monkeyp
   cache = llama.init_cache(config, 2, 320)
   key_mask = jnp.zeros((2, 320), bool).at[:, :300].set(True)
   cached, _ = llama.forward(config, params, tokens, llama.default_positions(tokens >= 0), key_mask, cache, 0)
-  monkeypatch.setattr(llama, "attention", lambda q, k, v, mask: attn.dense_attention(q, k, v, mask))
+  monkeypatch.setattr(llama, "attention", lambda q, k, v, mask, **_: attn.dense_attention(q, k, v, mask))
   dense = models.apply(config, params, tokens)
   scale = float(jnp.max(jnp.abs(dense)))
   np.testing.assert_allclose(blocked, dense, atol=1e-5 * scale)
@@ -150,13 +150,16 @@ def test_the_cpu_decoding_attention_equals_the_dense_form(index, window):
       jnp.int32(index)).as_text()
 
 
-@pytest.mark.parametrize("b,t,s,heads,kv_heads,d,index,window,left_pad", [
+SEQUENCE_CASES = [
     (2, 13, 13, 4, 2, 16, 0, None, 0),     # t * group not a multiple of the kernel's 6-row tile
-    (1, 300, 300, 9, 3, 64, 0, 50, 0),     # SmolLM2's heads; sliding window; both threads
+    (1, 300, 300, 9, 3, 64, 0, 50, 0),     # SmolLM2's heads; sliding window (odd first keys); both threads
     (2, 20, 40, 4, 2, 32, 7, None, 3),     # a prompt at slot 7 of a 40-slot cache, left padding
-    (1, 37, 37, 6, 3, 80, 0, None, 5),     # a head size of five 16-lane registers (64 + 16)
+    (1, 37, 37, 6, 3, 80, 0, None, 5),     # a head size of five 16-lane registers (64 + 16); an odd key count
     (4, 128, 128, 9, 3, 64, 0, None, 0),   # the benchmark's batch
-])
+]
+
+
+@pytest.mark.parametrize("b,t,s,heads,kv_heads,d,index,window,left_pad", SEQUENCE_CASES)
 def test_the_cpu_sequence_attention_equals_the_dense_form_forward_and_gradients(b, t, s, heads, kv_heads, d, index,
                                                                                  window, left_pad):
   """With a static index, `attention` runs the training kernel where it builds: its output and its gradients
@@ -185,6 +188,39 @@ def test_the_cpu_sequence_attention_equals_the_dense_form_forward_and_gradients(
   grads = jax.jit(jax.grad(loss(kernel), (0, 1, 2)))(q, k, v)
   for got, want in zip(grads, jax.grad(loss(dense), (0, 1, 2))(q, k, v)):
     np.testing.assert_allclose(got, want, atol=2e-5 * float(jnp.max(jnp.abs(want))))
+
+
+@pytest.mark.parametrize("b,t,s,heads,kv_heads,d,index,window,left_pad", SEQUENCE_CASES)
+def test_the_cpu_sequence_attention_with_bfloat16_operands_rounds_them_and_keeps_the_dense_result(
+    b, t, s, heads, kv_heads, d, index, window, left_pad):
+  """operand_dtype bfloat16: the kernel rounds q, k, v itself (rounding them first changes no bit of the output
+  or the gradients), and its output and gradients equal the dense form's on the rounded q, k, v within the
+  rounding of the probabilities and ds to bfloat16 (8 significant bits: 2^-8 relative a term)."""
+  from qalora_jax.kernels import cpu_attention
+
+  rng = np.random.default_rng(t + d)
+  q, k, v = _inputs(rng, b, t, s, heads, kv_heads, d)
+  if not (cpu_attention.supports_sequence(q, k, v) and cpu_attention.bf16_products()):
+    pytest.skip("the CPU kernels do not build here, or the CPU has no AVX512-BF16")
+  key_mask = jnp.asarray(np.arange(s)[None, :] >= np.array([[left_pad]] + [[0]] * (b - 1)))
+  mask = attn.Mask(key_mask, index, window)
+  seen = mask.dense(t).any(-1)[:, :, None, None]
+  weights = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+  rounded = [x.astype(jnp.bfloat16).astype(jnp.float32) for x in (q, k, v)]
+
+  def value_and_grads(fn):
+    loss = lambda q, k, v: jnp.sum(jnp.where(seen, fn(q, k, v), 0.0) * weights)  # noqa: E731
+    return jax.jit(lambda *x: (fn(*x), jax.grad(loss, (0, 1, 2))(*x)))
+
+  kernel = value_and_grads(lambda q, k, v: attn.attention(q, k, v, mask, operand_dtype=jnp.bfloat16))
+  got, got_grads = kernel(q, k, v)
+  again, again_grads = kernel(*rounded)
+  for x, y in zip((got, *got_grads), (again, *again_grads)):
+    np.testing.assert_array_equal(x, y)
+  want, want_grads = value_and_grads(lambda q, k, v: attn.dense_attention(q, k, v, mask))(*rounded)
+  np.testing.assert_allclose(np.where(seen, got, 0), np.where(seen, want, 0), atol=8e-3 * float(jnp.max(abs(want))))
+  for x, y in zip(got_grads, want_grads):
+    np.testing.assert_allclose(x, y, atol=1.5e-2 * float(jnp.max(jnp.abs(y))))
 
 
 def test_a_rematerialised_block_keeps_the_cpu_kernels_output():

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -97,11 +98,58 @@ ffi::Error CpuAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::B
 //
 // The tiles of all units are split between two threads by their number of keys; each thread accumulates dk and
 // dv in its own buffer, summed at the end.
+//
+// The five products take float32 operands (FMA), or with `bf16` bfloat16 ones (vdpbf16ps, which adds
+// x0 y0 + x1 y1 to each float32 lane): q, k, v, dout, p and ds rounded to bfloat16 (to nearest even), sums,
+// softmax and outputs in float32. A product's contraction runs over 32-bit units: one float32, or a bfloat16
+// pair along the contraction; T is the operand type, PER<T> its elements a unit.
 
 constexpr int R = 6;  // rows a tile
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+using bfloat16 = uint16_t;
+
+template <typename T>
+constexpr int PER = sizeof(float) / sizeof(T);
 
 inline __m512 fmadd(__m512 a, __m512 b, float c) { return _mm512_fmadd_ps(a, b, _mm512_set1_ps(c)); }
+
+// acc + a . b per float32 lane: over one float32 (T = float) or one bfloat16 pair (T = bfloat16).
+template <typename T>
+inline __m512 madd(__m512 acc, __m512 a, __m512 b) {
+  if constexpr (PER<T> == 1) {
+    return _mm512_fmadd_ps(a, b, acc);
+  } else {
+#ifdef __AVX512BF16__
+    return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
+#else
+    static_assert(PER<T> == 1, "bfloat16 products need AVX512-BF16");
+#endif
+  }
+}
+
+// 16 units from p; one unit at p in all 16 lanes.
+inline __m512 units(const void* p) { return _mm512_loadu_ps(p); }
+inline __m512 unit(const void* p) {
+  int32_t u;
+  std::memcpy(&u, p, sizeof(u));
+  return _mm512_castsi512_ps(_mm512_set1_epi32(u));
+}
+
+#ifdef __AVX512BF16__
+constexpr bool HAS_BF16 = true;
+
+// 16 units (a_c, b_c): bfloat16 pairs of two float32 rows.
+inline __m512i interleave(__m512 a, __m512 b) {
+  alignas(64) static const uint16_t order[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  return _mm512_permutexvar_epi16(_mm512_load_si512(order), (__m512i)_mm512_cvtne2ps_pbh(b, a));
+}
+
+// 16 floats as bfloat16 at dst.
+inline void store_bf16(bfloat16* dst, __m512 x) { _mm256_storeu_si256((__m256i*)dst, (__m256i)_mm512_cvtneps_pbh(x)); }
+#else
+constexpr bool HAS_BF16 = false;
+#endif
 
 // exp(x) in 16 lanes, 0 where x < -87 (e^-87 = 1.6e-38, at the end of float32's normal range; the kernel's
 // arguments, s - max s and s - lse, are <= 0): x = n ln 2 + r, |r| <= ln(2) / 2, exp(r) = 1 + r + r^2 P(r)
@@ -127,19 +175,20 @@ inline __m512 exp16(__m512 x) {
 inline __mmask16 tail(int64_t n) { return n >= 16 ? 0xffff : n <= 0 ? 0 : static_cast<__mmask16>((1u << n) - 1); }
 
 // s[r, j0 + j] for j < 16 C: scale * rows[r] . xt[:, k0 + j0 + j] + bias[k0 + j0 + j] (see `products`).
-template <int C>
-void product_columns(const float* const* rows, const float* xt, int64_t ld, int64_t d, int64_t k0, int64_t j0,
-                     int64_t n, float scale, const float* bias, float* s, int64_t lds) {
+template <typename T, int C>
+void product_columns(const T* const* rows, const T* xt, int64_t ld, int64_t d, int64_t k0, int64_t j0, int64_t n,
+                     float scale, const float* bias, float* s, int64_t lds) {
+  constexpr int per = PER<T>;
   __m512 acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
-  const float* col = xt + k0 + j0;
-  for (int64_t e = 0; e < d; ++e) {
+  const T* col = xt + (k0 + j0) * per;
+  for (int64_t e = 0; e < d / per; ++e) {
     __m512 x[C];
-    for (int c = 0; c < C; ++c) x[c] = _mm512_loadu_ps(col + e * ld + 16 * c);
+    for (int c = 0; c < C; ++c) x[c] = units(col + (e * ld + 16 * c) * per);
     for (int r = 0; r < R; ++r) {
-      const __m512 a = _mm512_set1_ps(rows[r][e]);
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(a, x[c], acc[r][c]);
+      const __m512 a = unit(rows[r] + e * per);
+      for (int c = 0; c < C; ++c) acc[r][c] = madd<T>(acc[r][c], a, x[c]);
     }
   }
   const __m512 sc = _mm512_set1_ps(scale);
@@ -150,80 +199,88 @@ void product_columns(const float* const* rows, const float* xt, int64_t ld, int6
   }
 }
 
-// s[r, j] = scale * rows[r] . xt[:, k0 + j] + bias[k0 + j] for j < n (rounded up to 16), xt [d, ld] transposed keys
-// (or values), zero-padded 32 columns past the last key; bias null for none. 32 columns a pass, the last 16 alone.
-void products(const float* const* rows, const float* xt, int64_t ld, int64_t d, int64_t k0, int64_t n, float scale,
+// s[r, j] = scale * rows[r] . xt[:, k0 + j] + bias[k0 + j] for j < n (rounded up to 16), xt [d / per, ld] units
+// (`transposed` keys or values), zero past the last key; bias null for none. 32 columns a pass, the last 16 alone.
+template <typename T>
+void products(const T* const* rows, const T* xt, int64_t ld, int64_t d, int64_t k0, int64_t n, float scale,
               const float* bias, float* s, int64_t lds) {
   int64_t j = 0;
-  for (; n - j > 16; j += 32) product_columns<2>(rows, xt, ld, d, k0, j, n, scale, bias, s, lds);
-  if (j < n) product_columns<1>(rows, xt, ld, d, k0, j, n, scale, bias, s, lds);
+  for (; n - j > 16; j += 32) product_columns<T, 2>(rows, xt, ld, d, k0, j, n, scale, bias, s, lds);
+  if (j < n) product_columns<T, 1>(rows, xt, ld, d, k0, j, n, scale, bias, s, lds);
 }
 
-// out[r][c:c + 16 NV] = sum_{j < n} w[r, j] x_{k0 + j}[c:c + 16 NV], x_j = x + j * stride (rows of keys or values).
-template <int NV>
-void weighted_rows(const float* w, int64_t ldw, const float* x, int64_t stride, int64_t k0, int64_t n, int64_t c,
+// out[r][c:c + 16 NV] = sum_{j < n} w[r, j] x_{k0 + j}[c:c + 16 NV]: w [R, ldw] (entries past n zero up to the
+// next unit), x the rows of keys or values, a unit of keys every `stride` units (`Operands::pairs`); k0 a
+// multiple of the units' size.
+template <typename T, int NV>
+void weighted_rows(const T* w, int64_t ldw, const T* x, int64_t stride, int64_t k0, int64_t n, int64_t c,
                    float* const* out) {
+  constexpr int per = PER<T>;
   __m512 acc[R][NV];
   for (int r = 0; r < R; ++r)
     for (int u = 0; u < NV; ++u) acc[r][u] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < n; ++j) {
-    const float* xj = x + (k0 + j) * stride + c;
+  for (int64_t j = 0; j < (n + per - 1) / per; ++j) {
+    const T* xj = x + ((k0 / per + j) * stride + c) * per;
     __m512 xv[NV];
-    for (int u = 0; u < NV; ++u) xv[u] = _mm512_loadu_ps(xj + 16 * u);
+    for (int u = 0; u < NV; ++u) xv[u] = units(xj + 16 * u * per);
     for (int r = 0; r < R; ++r) {
-      const __m512 a = _mm512_set1_ps(w[r * ldw + j]);
-      for (int u = 0; u < NV; ++u) acc[r][u] = _mm512_fmadd_ps(a, xv[u], acc[r][u]);
+      const __m512 a = unit(w + r * ldw + j * per);
+      for (int u = 0; u < NV; ++u) acc[r][u] = madd<T>(acc[r][u], a, xv[u]);
     }
   }
   for (int r = 0; r < R; ++r)
     for (int u = 0; u < NV; ++u) _mm512_storeu_ps(out[r] + c + 16 * u, acc[r][u]);
 }
 
-// acc[k0 + j][c:c + 16 NV] += sum_r w[r, j] rows[r][c:c + 16 NV] for j < n; acc [keys, d].
-template <int NV>
-void accumulate_keys(const float* w, int64_t ldw, const float* const* rows, int64_t k0, int64_t n, int64_t c,
-                     int64_t d, float* acc) {
-  __m512 xr[R][NV];
-  for (int r = 0; r < R; ++r)
-    for (int u = 0; u < NV; ++u) xr[r][u] = _mm512_loadu_ps(rows[r] + c + 16 * u);
+// acc[k0 + j][c:c + 16 NV] += sum_r w[r, j] rows[r][c:c + 16 NV] for j < n; acc [keys, d] float32. The sum over
+// the R rows runs over R / per units: w [R / per, ldw] and rows[i] (R / per of them) hold, for T = bfloat16, the
+// pairs of rows 2i and 2i + 1 (`Operands::row_pairs`).
+template <typename T, int NV>
+void accumulate_keys(const T* w, int64_t ldw, const T* const* rows, int64_t k0, int64_t n, int64_t c, int64_t d,
+                     float* acc) {
+  constexpr int per = PER<T>, terms = R / per;
+  __m512 xr[terms][NV];
+  for (int i = 0; i < terms; ++i)
+    for (int u = 0; u < NV; ++u) xr[i][u] = units(rows[i] + (c + 16 * u) * per);
   for (int64_t j = 0; j < n; ++j) {
     float* aj = acc + (k0 + j) * d + c;
     __m512 a[NV];
     for (int u = 0; u < NV; ++u) a[u] = _mm512_loadu_ps(aj + 16 * u);
-    for (int r = 0; r < R; ++r) {
-      const __m512 wr = _mm512_set1_ps(w[r * ldw + j]);
-      for (int u = 0; u < NV; ++u) a[u] = _mm512_fmadd_ps(wr, xr[r][u], a[u]);
+    for (int i = 0; i < terms; ++i) {
+      const __m512 wi = unit(w + (i * ldw + j) * per);
+      for (int u = 0; u < NV; ++u) a[u] = madd<T>(a[u], wi, xr[i][u]);
     }
     for (int u = 0; u < NV; ++u) _mm512_storeu_ps(aj + 16 * u, a[u]);
   }
 }
 
 // The two above over all of d, 64 columns (4 registers a row) at a time.
-void weighted_rows_d(const float* w, int64_t ldw, const float* x, int64_t stride, int64_t k0, int64_t n, int64_t d,
+template <typename T>
+void weighted_rows_d(const T* w, int64_t ldw, const T* x, int64_t stride, int64_t k0, int64_t n, int64_t d,
                      float* const* out) {
   for (int64_t c = 0; c < d; c += 64) {
     switch (std::min<int64_t>(4, (d - c) / 16)) {
-      case 1: weighted_rows<1>(w, ldw, x, stride, k0, n, c, out); break;
-      case 2: weighted_rows<2>(w, ldw, x, stride, k0, n, c, out); break;
-      case 3: weighted_rows<3>(w, ldw, x, stride, k0, n, c, out); break;
-      default: weighted_rows<4>(w, ldw, x, stride, k0, n, c, out);
+      case 1: weighted_rows<T, 1>(w, ldw, x, stride, k0, n, c, out); break;
+      case 2: weighted_rows<T, 2>(w, ldw, x, stride, k0, n, c, out); break;
+      case 3: weighted_rows<T, 3>(w, ldw, x, stride, k0, n, c, out); break;
+      default: weighted_rows<T, 4>(w, ldw, x, stride, k0, n, c, out);
     }
   }
 }
 
-void accumulate_keys_d(const float* w, int64_t ldw, const float* const* rows, int64_t k0, int64_t n, int64_t d,
-                       float* acc) {
+template <typename T>
+void accumulate_keys_d(const T* w, int64_t ldw, const T* const* rows, int64_t k0, int64_t n, int64_t d, float* acc) {
   for (int64_t c = 0; c < d; c += 64) {
     switch (std::min<int64_t>(4, (d - c) / 16)) {
-      case 1: accumulate_keys<1>(w, ldw, rows, k0, n, c, d, acc); break;
-      case 2: accumulate_keys<2>(w, ldw, rows, k0, n, c, d, acc); break;
-      case 3: accumulate_keys<3>(w, ldw, rows, k0, n, c, d, acc); break;
-      default: accumulate_keys<4>(w, ldw, rows, k0, n, c, d, acc);
+      case 1: accumulate_keys<T, 1>(w, ldw, rows, k0, n, c, d, acc); break;
+      case 2: accumulate_keys<T, 2>(w, ldw, rows, k0, n, c, d, acc); break;
+      case 3: accumulate_keys<T, 3>(w, ldw, rows, k0, n, c, d, acc); break;
+      default: accumulate_keys<T, 4>(w, ldw, rows, k0, n, c, d, acc);
     }
   }
 }
 
-// One call's shapes and mask, its tiles, and the transposed keys and values.
+// One call's shapes and mask, and its tiles.
 struct Problem {
   int64_t b, t, h, d, S, K, group, index, window, ld;
   float scale;
@@ -234,39 +291,26 @@ struct Problem {
           const ffi::Buffer<ffi::PRED>& key_mask, int64_t index_, int64_t window_) {
     const auto qd = qb.dimensions(), kd = kb.dimensions();
     b = qd[0], t = qd[1], h = qd[2], d = qd[3], S = kd[1], K = kd[2], group = h / K, index = index_, window = window_;
-    ld = S + 32;
+    ld = (S + 1) / 2 * 2 + 32;
     scale = 1.f / std::sqrt(static_cast<float>(d));
     q = qb.typed_data(), k = kb.typed_data(), v = vb.typed_data();
     bias.resize(b * S);
     for (int64_t e = 0; e < b * S; ++e) bias[e] = key_mask.typed_data()[e] ? 0.f : NEG_INF;
   }
 
-  // [b, K, d, ld]: x [b, S, K, d] transposed per unit, zero past S.
-  std::vector<float> transposed(const float* x) const {
-    std::vector<float> xt(b * K * d * ld, 0.f);
-    for (int64_t bi = 0; bi < b; ++bi)
-      for (int64_t j = 0; j < S; ++j)
-        for (int64_t kh = 0; kh < K; ++kh) {
-          const float* src = x + ((bi * S + j) * K + kh) * d;
-          float* dst = xt.data() + (bi * K + kh) * d * ld + j;
-          for (int64_t e = 0; e < d; ++e) dst[e * ld] = src[e];
-        }
-    return xt;
-  }
-
   int64_t tiles_per_unit() const { return (t * group + R - 1) / R; }
   int64_t lo(int64_t i) const { return window ? std::max<int64_t>(0, index + i - window + 1) : 0; }
   int64_t hi(int64_t i) const { return std::min(S, index + i + 1); }
 
-  // Tile `tile` of unit `unit`: its keys [k0, k0 + n) and, for each of its R rows, the row's offset in a
+  // Tile `tile` of unit `unit`: its keys [k0, k0 + n), k0 even, and, for each of its R rows, the row's offset in a
   // [b, t, h, *] array (rows past the end repeat the last; `rows` says how many are real).
   struct Tile {
-    int64_t bi, kh, k0, n, rows;
+    int64_t bi, kh, unit, k0, n, rows;
     int64_t row[R], pos[R];
   };
   Tile tile(int64_t unit, int64_t index_in_unit) const {
     Tile tl;
-    tl.bi = unit / K, tl.kh = unit % K;
+    tl.bi = unit / K, tl.kh = unit % K, tl.unit = unit;
     const int64_t r0 = index_in_unit * R;
     tl.rows = std::min<int64_t>(R, t * group - r0);
     for (int r = 0; r < R; ++r) {
@@ -274,27 +318,13 @@ struct Problem {
       tl.pos[r] = i;
       tl.row[r] = (tl.bi * t + i) * h + tl.kh * group + flat % group;
     }
-    tl.k0 = lo(tl.pos[0]);
+    tl.k0 = lo(tl.pos[0]) / 2 * 2;
     tl.n = std::max<int64_t>(0, hi(tl.pos[R - 1]) - tl.k0);
     return tl;
   }
 
-  // Key 0's row of a tile's KV head in x [b, S, K, d] (k or v); key j's is j K d floats further on.
-  const float* keys_of(const float* x, const Tile& tl) const { return x + (tl.bi * S * K + tl.kh) * d; }
-
-  // Scores of a tile into s [R, lds]: masked entries, and those outside a row's causal window, are -inf.
-  void scores(const Tile& tl, const float* kt, float* s, int64_t lds) const {
-    const float* rows[R];
-    for (int r = 0; r < R; ++r) rows[r] = q + tl.row[r] * d;
-    products(rows, kt + (tl.bi * K + tl.kh) * d * ld, ld, d, tl.k0, tl.n, scale, bias.data() + tl.bi * S, s, lds);
-    for (int r = 0; r < R; ++r) {
-      float* sr = s + r * lds;
-      for (int64_t j = tl.k0; j < lo(tl.pos[r]); ++j) sr[j - tl.k0] = NEG_INF;
-      for (int64_t j = hi(tl.pos[r]); j < tl.k0 + tl.n; ++j) sr[j - tl.k0] = NEG_INF;
-    }
-  }
-
-  // Splits the tiles of all units between two threads by their keys: run(first, last) over flat tile indices.
+  // Splits the tiles of all units between two threads by their keys: run(first, last, thread) over flat tile
+  // indices.
   template <typename F>
   void split(ffi::ThreadPool& pool, F run) const {
     const int64_t per = tiles_per_unit(), total = b * K * per;
@@ -306,6 +336,153 @@ struct Problem {
       qalora::both(pool, [&] { run(0, half, 0); }, [&] { run(half, total, 1); });
     } else {
       run(0, total, 0);
+    }
+  }
+};
+
+// The operands of one call's products in T: rows of q (and dout) in [b, t, h, d], keys and values transposed
+// for the scores, and keys or values in pairs for `weighted_rows`; float32 ones are read where they lie.
+template <typename T>
+struct Operands {
+  static constexpr int per = PER<T>;
+  const Problem& p;
+  std::vector<T> own_q, own_g, kt, vt, pairs_;
+  const T *q = nullptr, *g = nullptr;
+
+  // With `dout`: the backward pass's (kt, vt, keys in pairs); without: the forward's (kt, values in pairs).
+  Operands(const Problem& p_, const float* dout) : p(p_) {
+    q = rows(p.q, own_q);
+    if (dout) g = rows(dout, own_g);
+    kt = transposed(p.k);
+    if (dout) vt = transposed(p.v);
+    if (per > 1) pairs_ = paired(dout ? p.k : p.v);
+  }
+
+  // x [b, t, h, d] in T.
+  const T* rows(const float* x, std::vector<T>& own) const {
+    if constexpr (per == 1) {
+      return x;
+    } else {
+#ifdef __AVX512BF16__
+      const int64_t n = p.b * p.t * p.h * p.d;
+      own.resize(n);
+      for (int64_t e = 0; e < n; e += 16) store_bf16(own.data() + e, _mm512_loadu_ps(x + e));
+#endif
+      return own.data();
+    }
+  }
+
+  // [b, K, d / per, ld, per]: unit (e, j) holds x_j[e per : (e + 1) per], x [b, S, K, d]; zero past S.
+  std::vector<T> transposed(const float* x) const {
+    std::vector<T> xt(p.b * p.K * p.d * p.ld, 0);
+    std::vector<T> row(p.d);
+    for (int64_t bi = 0; bi < p.b; ++bi)
+      for (int64_t j = 0; j < p.S; ++j)
+        for (int64_t kh = 0; kh < p.K; ++kh) {
+          const float* src = x + ((bi * p.S + j) * p.K + kh) * p.d;
+          if constexpr (per == 1) {
+            std::copy(src, src + p.d, row.begin());
+          } else {
+#ifdef __AVX512BF16__
+            for (int64_t e = 0; e < p.d; e += 16) store_bf16(row.data() + e, _mm512_loadu_ps(src + e));
+#endif
+          }
+          T* dst = xt.data() + (bi * p.K + kh) * p.d * p.ld + j * per;
+          for (int64_t e = 0; e < p.d / per; ++e) std::copy_n(row.data() + e * per, per, dst + e * p.ld * per);
+        }
+    return xt;
+  }
+
+  // bfloat16 only, [b, K, ld / 2, d, 2]: unit (i, c) holds (x_2i[c], x_2i+1[c]); zero past S.
+  std::vector<T> paired(const float* x) const {
+    std::vector<T> out(p.b * p.K * p.ld * p.d);
+#ifdef __AVX512BF16__
+    const __m512 zero = _mm512_setzero_ps();
+    for (int64_t bi = 0; bi < p.b; ++bi)
+      for (int64_t kh = 0; kh < p.K; ++kh)
+        for (int64_t i = 0; i < p.ld / 2; ++i) {
+          const float* x0 = 2 * i < p.S ? x + ((bi * p.S + 2 * i) * p.K + kh) * p.d : nullptr;
+          const float* x1 = 2 * i + 1 < p.S ? x0 + p.K * p.d : nullptr;
+          T* dst = out.data() + (((bi * p.K + kh) * p.ld / 2 + i) * p.d) * 2;
+          for (int64_t c = 0; c < p.d; c += 16)
+            _mm512_storeu_si512(dst + 2 * c, interleave(x0 ? _mm512_loadu_ps(x0 + c) : zero,
+                                                        x1 ? _mm512_loadu_ps(x1 + c) : zero));
+        }
+#endif
+    return out;
+  }
+
+  // The keys (backward) or values (forward) of a tile's KV head as `weighted_rows` reads them, and their stride.
+  const T* pairs(const float* x, const Problem::Tile& tl) const {
+    if constexpr (per == 1) return x + (tl.bi * p.S * p.K + tl.kh) * p.d;
+    return pairs_.data() + tl.unit * p.ld * p.d;
+  }
+  int64_t stride() const { return per == 1 ? p.K * p.d : p.d; }
+
+  // A tile's transposed keys (or values).
+  const T* of_unit(const std::vector<T>& xt, const Problem::Tile& tl) const { return xt.data() + tl.unit * p.d * p.ld; }
+
+  // Scores of a tile into s [R, lds] float32: masked entries, and those outside a row's causal window, are -inf.
+  void scores(const Problem::Tile& tl, float* s, int64_t lds) const {
+    const T* rows_[R];
+    for (int r = 0; r < R; ++r) rows_[r] = q + tl.row[r] * p.d;
+    products<T>(rows_, of_unit(kt, tl), p.ld, p.d, tl.k0, tl.n, p.scale, p.bias.data() + tl.bi * p.S, s, lds);
+    for (int r = 0; r < R; ++r) {
+      float* sr = s + r * lds;
+      for (int64_t j = tl.k0; j < p.lo(tl.pos[r]); ++j) sr[j - tl.k0] = NEG_INF;
+      for (int64_t j = p.hi(tl.pos[r]); j < tl.k0 + tl.n; ++j) sr[j - tl.k0] = NEG_INF;
+    }
+  }
+
+  // A tile's weights w [R, lds] float32 (n of each row) as `weighted_rows` reads them: in place, or bfloat16 in
+  // `own` [R, lds], zero past n.
+  static const T* weights(const float* w, int64_t lds, int64_t n, std::vector<T>& own) {
+    if constexpr (per == 1) {
+      return w;
+    } else {
+#ifdef __AVX512BF16__
+      own.resize(R * lds);
+      for (int r = 0; r < R; ++r)
+        for (int64_t j = 0; j < n; j += 16)
+          store_bf16(own.data() + r * lds + j, _mm512_maskz_loadu_ps(tail(n - j), w + r * lds + j));
+#endif
+      return own.data();
+    }
+  }
+
+  // The same as `accumulate_keys` reads them: in place, or bfloat16 row pairs in `own` [R / 2, lds, 2].
+  static const T* weight_pairs(const float* w, int64_t lds, int64_t n, std::vector<T>& own) {
+    if constexpr (per == 1) {
+      return w;
+    } else {
+#ifdef __AVX512BF16__
+      own.resize(R * lds);
+      for (int i = 0; i < R / 2; ++i)
+        for (int64_t j = 0; j < n; j += 16) {
+          const __mmask16 m = tail(n - j);
+          _mm512_storeu_si512(own.data() + (i * lds + j) * 2,
+                              interleave(_mm512_maskz_loadu_ps(m, w + 2 * i * lds + j),
+                                         _mm512_maskz_loadu_ps(m, w + (2 * i + 1) * lds + j)));
+        }
+#endif
+      return own.data();
+    }
+  }
+
+  // R rows of d float32 as `accumulate_keys` reads them: the rows, or bfloat16 row pairs in `own` [R / 2, d, 2].
+  void row_pairs(const float* const* rows_, int64_t d, std::vector<T>& own, const T** out) const {
+    if constexpr (per == 1) {
+      std::copy(rows_, rows_ + R, out);
+    } else {
+#ifdef __AVX512BF16__
+      own.resize(R * d);
+      for (int i = 0; i < R / 2; ++i) {
+        for (int64_t c = 0; c < d; c += 16)
+          _mm512_storeu_si512(own.data() + (i * d + c) * 2,
+                              interleave(_mm512_loadu_ps(rows_[2 * i] + c), _mm512_loadu_ps(rows_[2 * i + 1] + c)));
+        out[i] = own.data() + i * d * 2;
+      }
+#endif
     }
   }
 };
@@ -330,29 +507,27 @@ float max_row(const float* s, int64_t n) {
   return _mm512_reduce_max_ps(m);
 }
 
-bool valid(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k, const ffi::Buffer<ffi::F32>& v,
-           const ffi::Buffer<ffi::PRED>& key_mask) {
+ffi::Error check(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k, const ffi::Buffer<ffi::F32>& v,
+                 const ffi::Buffer<ffi::PRED>& key_mask, int64_t bf16) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), md = key_mask.dimensions();
-  return qd.size() == 4 && kd.size() == 4 && vd.size() == 4 && md.size() == 2 && kd[0] == qd[0] && kd[3] == qd[3] &&
-         qd[3] % 16 == 0 && qd[2] % kd[2] == 0 && vd[0] == kd[0] && vd[1] == kd[1] && vd[2] == kd[2] &&
-         vd[3] == kd[3] && md[0] == qd[0] && md[1] == kd[1];
+  if (!(qd.size() == 4 && kd.size() == 4 && vd.size() == 4 && md.size() == 2 && kd[0] == qd[0] && kd[3] == qd[3] &&
+        qd[3] % 16 == 0 && qd[2] % kd[2] == 0 && vd[0] == kd[0] && vd[1] == kd[1] && vd[2] == kd[2] &&
+        vd[3] == kd[3] && md[0] == qd[0] && md[1] == kd[1]))
+    return ffi::Error::InvalidArgument("needs q [b, t, h, d], k, v [b, S, K, d] with h % K == 0 and d % 16 == 0");
+  if (bf16 && !HAS_BF16) return ffi::Error::InvalidArgument("bf16 needs a CPU with AVX512-BF16");
+  return ffi::Error::Success();
 }
 
-ffi::Error AttentionFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> key_mask, ffi::ResultBuffer<ffi::F32> out,
-                        ffi::ResultBuffer<ffi::F32> lse, int64_t index, int64_t window) {
-  if (!valid(q, k, v, key_mask))
-    return ffi::Error::InvalidArgument("needs q [b, t, h, d], k, v [b, S, K, d] with h % K == 0 and d % 16 == 0");
-  const Problem p(q, k, v, key_mask, index, window);
-  const std::vector<float> kt = p.transposed(p.k);
-  float* op = out->typed_data();
-  float* lp = lse->typed_data();
+template <typename T>
+void forward(ffi::ThreadPool& pool, const Problem& p, float* op, float* lp) {
+  const Operands<T> o(p, nullptr);
   const int64_t per = p.tiles_per_unit(), lds = p.ld;
   p.split(pool, [&](int64_t first, int64_t last, int) {
     std::vector<float> s(R * lds), scrap(p.d);
+    std::vector<T> own;
     for (int64_t e = first; e < last; ++e) {
       const auto tl = p.tile(e / per, e % per);
-      p.scores(tl, kt.data(), s.data(), lds);
+      o.scores(tl, s.data(), lds);
       float l[R], m[R];
       float* outs[R];
       for (int r = 0; r < R; ++r) {
@@ -362,7 +537,8 @@ ffi::Error AttentionFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
         if (!seen) std::fill(s.begin() + r * lds, s.begin() + r * lds + tl.n, 0.f);
         outs[r] = r < tl.rows ? op + tl.row[r] * p.d : scrap.data();
       }
-      weighted_rows_d(s.data(), lds, p.keys_of(p.v, tl), p.K * p.d, tl.k0, tl.n, p.d, outs);
+      weighted_rows_d<T>(o.weights(s.data(), lds, tl.n, own), lds, o.pairs(p.v, tl), o.stride(), tl.k0, tl.n, p.d,
+                         outs);
       for (int r = 0; r < tl.rows; ++r) {
         const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
         for (int64_t e = 0; e < p.d; ++e) outs[r][e] *= inv;
@@ -370,60 +546,92 @@ ffi::Error AttentionFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
       }
     }
   });
+}
+
+ffi::Error AttentionFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> key_mask, ffi::ResultBuffer<ffi::F32> out,
+                        ffi::ResultBuffer<ffi::F32> lse, int64_t index, int64_t window, int64_t bf16) {
+  if (auto error = check(q, k, v, key_mask, bf16); error.failure()) return error;
+  const Problem p(q, k, v, key_mask, index, window);
+#ifdef __AVX512BF16__
+  if (bf16) {
+    forward<bfloat16>(pool, p, out->typed_data(), lse->typed_data());
+    return ffi::Error::Success();
+  }
+#endif
+  forward<float>(pool, p, out->typed_data(), lse->typed_data());
   return ffi::Error::Success();
 }
 
-ffi::Error AttentionBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> key_mask, ffi::Buffer<ffi::F32> out,
-                        ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
-                        ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv, int64_t index,
-                        int64_t window) {
-  if (!valid(q, k, v, key_mask))
-    return ffi::Error::InvalidArgument("needs q [b, t, h, d], k, v [b, S, K, d] with h % K == 0 and d % 16 == 0");
-  const Problem p(q, k, v, key_mask, index, window);
-  const std::vector<float> kt = p.transposed(p.k), vt = p.transposed(p.v);
-  const float *op = out.typed_data(), *lp = lse.typed_data(), *gp = dout.typed_data();
-  float* dqp = dq->typed_data();
+// dk, dv of each thread [b, K, S, d] into acc[thread] (dk first, then dv); returns whether thread 1 ran.
+template <typename T>
+bool backward(ffi::ThreadPool& pool, const Problem& p, const float* op, const float* lp, const float* gp, float* dqp,
+              std::vector<float>* acc) {
+  const Operands<T> o(p, gp);
   const int64_t per = p.tiles_per_unit(), lds = p.ld, keys = p.b * p.K * p.S * p.d;
-  // dk, dv of each thread, [b, K, S, d]
-  std::vector<float> acc[2] = {std::vector<float>(2 * keys, 0.f), std::vector<float>()};
+  acc[0].assign(2 * keys, 0.f);
   p.split(pool, [&](int64_t first, int64_t last, int thread) {
     std::vector<float>& mine = acc[thread];
     if (mine.empty()) mine.assign(2 * keys, 0.f);
     std::vector<float> pr(R * lds), ds(R * lds), scrap(p.d);
+    std::vector<T> own_w, own_rows;
     for (int64_t e = first; e < last; ++e) {
       const auto tl = p.tile(e / per, e % per);
-      const int64_t unit = tl.bi * p.K + tl.kh;
-      p.scores(tl, kt.data(), pr.data(), lds);
-      const float* douts[R];
-      const float* qs[R];
+      o.scores(tl, pr.data(), lds);
+      const T* douts[R];
+      const float *gs[R], *qs[R];
       float* dqs[R];
       for (int r = 0; r < R; ++r) {
-        douts[r] = gp + tl.row[r] * p.d;
+        douts[r] = o.g + tl.row[r] * p.d;
+        gs[r] = gp + tl.row[r] * p.d;
         qs[r] = p.q + tl.row[r] * p.d;
         dqs[r] = r < tl.rows ? dqp + tl.row[r] * p.d : scrap.data();
       }
-      products(douts, vt.data() + unit * p.d * p.ld, p.ld, p.d, tl.k0, tl.n, 1.f, nullptr, ds.data(), lds);
+      products<T>(douts, o.of_unit(o.vt, tl), p.ld, p.d, tl.k0, tl.n, 1.f, nullptr, ds.data(), lds);
       for (int r = 0; r < R; ++r) {
         float* prr = pr.data() + r * lds;
         float* dsr = ds.data() + r * lds;
         exp_row(prr, tl.n, lp[tl.row[r]]);
         if (r >= tl.rows) std::fill(prr, prr + tl.n, 0.f);  // a repeated row adds nothing to dk, dv
-        const __m512 dl = _mm512_set1_ps(dot(gp + tl.row[r] * p.d, op + tl.row[r] * p.d, p.d)), sc = _mm512_set1_ps(p.scale);
+        const __m512 dl = _mm512_set1_ps(dot(gs[r], op + tl.row[r] * p.d, p.d)), sc = _mm512_set1_ps(p.scale);
         for (int64_t j = 0; j < tl.n; j += 16) {
           const __mmask16 m = tail(tl.n - j);
           const __m512 pj = _mm512_maskz_loadu_ps(m, prr + j), dpj = _mm512_maskz_loadu_ps(m, dsr + j);
           _mm512_mask_storeu_ps(dsr + j, m, _mm512_mul_ps(_mm512_mul_ps(pj, _mm512_sub_ps(dpj, dl)), sc));
         }
       }
-      weighted_rows_d(ds.data(), lds, p.keys_of(p.k, tl), p.K * p.d, tl.k0, tl.n, p.d, dqs);
-      accumulate_keys_d(ds.data(), lds, qs, tl.k0, tl.n, p.d, mine.data() + unit * p.S * p.d);
-      accumulate_keys_d(pr.data(), lds, douts, tl.k0, tl.n, p.d, mine.data() + keys + unit * p.S * p.d);
+      weighted_rows_d<T>(o.weights(ds.data(), lds, tl.n, own_w), lds, o.pairs(p.k, tl), o.stride(), tl.k0, tl.n, p.d,
+                         dqs);
+      const T* rows[R];
+      o.row_pairs(qs, p.d, own_rows, rows);
+      accumulate_keys_d<T>(o.weight_pairs(ds.data(), lds, tl.n, own_w), lds, rows, tl.k0, tl.n, p.d,
+                           mine.data() + tl.unit * p.S * p.d);
+      o.row_pairs(gs, p.d, own_rows, rows);
+      accumulate_keys_d<T>(o.weight_pairs(pr.data(), lds, tl.n, own_w), lds, rows, tl.k0, tl.n, p.d,
+                           mine.data() + keys + tl.unit * p.S * p.d);
     }
   });
+  return !acc[1].empty();
+}
+
+ffi::Error AttentionBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> key_mask, ffi::Buffer<ffi::F32> out,
+                        ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
+                        ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv, int64_t index,
+                        int64_t window, int64_t bf16) {
+  if (auto error = check(q, k, v, key_mask, bf16); error.failure()) return error;
+  const Problem p(q, k, v, key_mask, index, window);
+  std::vector<float> acc[2];
+  const float *op = out.typed_data(), *lp = lse.typed_data(), *gp = dout.typed_data();
+#ifdef __AVX512BF16__
+  const bool two = bf16 ? backward<bfloat16>(pool, p, op, lp, gp, dq->typed_data(), acc)
+                        : backward<float>(pool, p, op, lp, gp, dq->typed_data(), acc);
+#else
+  const bool two = backward<float>(pool, p, op, lp, gp, dq->typed_data(), acc);
+#endif
   // dk, dv: the threads' sums, back to [b, S, K, d].
+  const int64_t keys = p.b * p.K * p.S * p.d;
   float *dkp = dk->typed_data(), *dvp = dv->typed_data();
-  const bool two = !acc[1].empty();
   for (int64_t unit = 0; unit < p.b * p.K; ++unit) {
     const int64_t bi = unit / p.K, kh = unit % p.K;
     for (int64_t j = 0; j < p.S; ++j) {
@@ -459,7 +667,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(qalora_cpu_attention_fwd, AttentionFwd,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("index")
-                                  .Attr<int64_t>("window"));
+                                  .Attr<int64_t>("window")
+                                  .Attr<int64_t>("bf16"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(qalora_cpu_attention_bwd, AttentionBwd,
                               ffi::Ffi::Bind()
@@ -475,4 +684,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(qalora_cpu_attention_bwd, AttentionBwd,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("index")
-                                  .Attr<int64_t>("window"));
+                                  .Attr<int64_t>("window")
+                                  .Attr<int64_t>("bf16"));

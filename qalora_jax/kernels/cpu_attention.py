@@ -20,6 +20,9 @@ models.attention.Mask describes it (key_mask, the slot `index` of query 0, a win
   so neither pass holds a [t, S] score matrix, and keys a tile cannot see are never visited. XLA runs
   attention's small batched dots ([6 G, 64] x [64, keys] per head, G query heads a KV head) and the layout
   copies around them at a fraction of its matmul rate; the kernel's tiles run at most of the FMA units'.
+  With `operand_dtype` bfloat16 its five products (q k^T, p v; dout v^T, ds k, ds^T q, p^T dout) round their
+  operands to bfloat16 and sum in float32 (AVX512-BF16's vdpbf16ps, twice the float32 FMA rate); the softmax,
+  lse, rowsum(dout * out) and all outputs stay float32. Without AVX512-BF16 the products stay float32.
 
 models.attention uses them where `supports` / `supports_sequence` hold; the tests hold them to
 `attention.dense_attention`.
@@ -34,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from qalora_jax import hardware
 from qalora_jax.kernels.cpu_library import available
 
 
@@ -56,33 +60,46 @@ def supports_sequence(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
   return supports(q, k, v) and q.shape[-1] % 16 == 0
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+@functools.cache
+def bf16_products() -> bool:
+  """Whether this CPU multiplies bfloat16 pairs (AVX512-BF16), so that `sequence_attention` honours a bfloat16
+  operand_dtype."""
+  return "avx512_bf16" in hardware.cpu()["flags"]
+
+
+def _bf16(operand_dtype) -> np.int64:
+  return np.int64(operand_dtype is not None and jnp.dtype(operand_dtype) == jnp.bfloat16 and bf16_products())
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def sequence_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, index: int = 0,
-                       window: int | None = None) -> jax.Array:
+                       window: int | None = None, operand_dtype=None) -> jax.Array:
   """q [b, t, h, d], k and v [b, S, K, d], key_mask [b, S] bool, `index` (a Python int) the slot of query 0 ->
-  [b, t, h, d]. A query that sees no key gets zeros."""
-  return _forward(q, k, v, key_mask, index, window)[0]
+  [b, t, h, d]. A query that sees no key gets zeros. operand_dtype: bfloat16 rounds the products' operands to
+  bfloat16 (see the module docstring); None or float32: float32 products."""
+  return _forward(q, k, v, key_mask, index, window, operand_dtype)[0]
 
 
-def _forward(q, k, v, key_mask, index, window):
+def _forward(q, k, v, key_mask, index, window, operand_dtype):
   if not available():
     raise RuntimeError("the CPU kernels are unavailable here; check supports_sequence before calling")
   b, t, h, _ = q.shape
   call = jax.ffi.ffi_call("qalora_cpu_attention_fwd", (jax.ShapeDtypeStruct(q.shape, jnp.float32),
                                                        jax.ShapeDtypeStruct((b, t, h), jnp.float32)),
                           vmap_method="sequential")
-  out, lse = call(q, k, v, key_mask.astype(bool), index=np.int64(index), window=np.int64(window or 0))
+  out, lse = call(q, k, v, key_mask.astype(bool), index=np.int64(index), window=np.int64(window or 0),
+                  bf16=_bf16(operand_dtype))
   # Named, so that a rematerialised block keeps them (models.attention.REMAT_SAVED), not the attention's inputs.
   out, lse = checkpoint_name(out, "attention_out"), checkpoint_name(lse, "attention_lse")
   return out, (q, k, v, key_mask, out, lse)
 
 
-def _backward(index, window, residuals, dout):
+def _backward(index, window, operand_dtype, residuals, dout):
   q, k, v, key_mask, out, lse = residuals
   call = jax.ffi.ffi_call("qalora_cpu_attention_bwd", tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32)
                                                             for x in (q, k, v)), vmap_method="sequential")
   dq, dk, dv = call(q, k, v, key_mask.astype(bool), out, lse, dout.astype(jnp.float32), index=np.int64(index),
-                    window=np.int64(window or 0))
+                    window=np.int64(window or 0), bf16=_bf16(operand_dtype))
   return dq, dk, dv, None
 
 

@@ -71,21 +71,29 @@ class Mask(NamedTuple):
     return self.window is None or first_q - (k_end - 1) < self.window
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, block: int | None = None) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, block: int | None = None,
+              operand_dtype=None) -> jax.Array:
   """q [b, t, heads, d], k and v [b, S, kv_heads, d] -> [b, t, heads, d]; each KV head serves heads / kv_heads
   query heads. Where the CPU kernels run (kernels.cpu_attention, float32): with a static index (training,
   prompts) the differentiable sequence kernel, with a traced one (decoding with a cache) the decoding kernel
   (not differentiable). Else blocked (`block`, default BLOCK) when the sequence spans more than one block and the
-  index is static, and dense otherwise."""
+  index is static, and dense otherwise.
+
+  operand_dtype (None: q's dtype): the dtype the products q k^T and p v (and their gradients' products) take
+  their operands in, summed in float32; the softmax stays in q's dtype. The decoding kernel, bound by reading
+  the cache, keeps float32 products."""
   block = BLOCK if block is None else block
   if isinstance(mask.index, int):
     if cpu_attention.supports_sequence(q, k, v):
-      return cpu_attention.sequence_attention(q, k, v, mask.key_mask, mask.index, mask.window)
-    if max(q.shape[1], k.shape[1]) > block:
-      return blocked_attention(q, k, v, mask.key_mask, mask.index, mask.window, block)
+      return cpu_attention.sequence_attention(q, k, v, mask.key_mask, mask.index, mask.window, operand_dtype)
   elif cpu_attention.supports(q, k, v):
     return cpu_attention.attention(q, k, v, mask.key_mask, mask.index, mask.window)
-  return dense_attention(q, k, v, mask)
+  dtype = q.dtype
+  if operand_dtype is not None:
+    q, k, v = (x.astype(operand_dtype) for x in (q, k, v))
+  if isinstance(mask.index, int) and max(q.shape[1], k.shape[1]) > block:
+    return blocked_attention(q, k, v, mask.key_mask, mask.index, mask.window, block).astype(dtype)
+  return dense_attention(q, k, v, mask).astype(dtype)
 
 
 def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> jax.Array:
@@ -96,8 +104,8 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> jax
   scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
   scores = jnp.where(mask.dense(t)[:, None, None, :, :], scores, NEG)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-  return out.reshape(b, t, h, d)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+  return out.reshape(b, t, h, d).astype(q.dtype)
 
 
 def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, index: int = 0,

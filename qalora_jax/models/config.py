@@ -44,9 +44,11 @@ class Config:
     qkv_bias: q/k/v projections carry a bias (Qwen2); o_bias: the output projection does too.
     sliding_window: keys further back than this many positions are masked (Mistral); None: no window.
     dtype: compute dtype ("float32" or "bfloat16"); parameters keep their own dtype and are cast in use.
-    matmul_dtype: the operand dtype of the weight matmuls (the linears and the head), accumulated in the
-      compute dtype; None: the compute dtype. "bfloat16" with float32 compute is mixed precision: on CPUs with
-      AMX or AVX512-BF16 and on accelerators those matmuls run several times faster. "int8" (for decoding):
+    matmul_dtype: the operand dtype of the weight matmuls (the linears and the head) and of attention's
+      products (q k^T, p v and their gradients'; the softmax keeps the compute dtype), accumulated in the
+      compute dtype; None: the compute dtype. "bfloat16" with float32 compute is mixed precision, as PyTorch's
+      autocast runs it: on CPUs with AMX or AVX512-BF16 and on accelerators those matmuls run several times
+      faster. "int8" (for decoding):
       INT4 group-wise weights meet activations quantized to int8 per group in a CPU kernel that reads the
       packed codes (qalora_jax.kernels.cpu_matmul); everything else keeps the compute dtype.
     remat: recompute each block's activations in the backward pass (jax.checkpoint), keeping only the blocked

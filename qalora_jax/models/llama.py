@@ -55,6 +55,7 @@ from qalora_jax.kernels import cpu_matmul
 from qalora_jax.models import layers
 from qalora_jax.models.attention import REMAT_SAVED, Mask, attention
 from qalora_jax.models.config import Config, rope_frequencies
+from qalora_jax.nn.linear import operand_dtype
 from qalora_jax.nn.modules import Frozen, Linear, LowRankAdapter, shared_input
 from qalora_jax.quant import QTensor
 from qalora_jax.tree_paths import flatten, unflatten
@@ -208,7 +209,7 @@ class Attention(nnx.Module):
       k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
       v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
       kv = (k, v)
-    a = attention(q, k.astype(h.dtype), v.astype(h.dtype), mask)
+    a = attention(q, k.astype(h.dtype), v.astype(h.dtype), mask, operand_dtype=operand_dtype(c.matmul_dtype, h.dtype))
     return self.o_proj(a.reshape(b, t, c.q_size), dropout_rng=layers.subkey(rng, 3)), kv
 
 
