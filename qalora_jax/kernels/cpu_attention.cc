@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_threads.h"
@@ -104,7 +105,8 @@ ffi::Error CpuAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::B
 // softmax and outputs in float32. A product's contraction runs over 32-bit units: one float32, or a bfloat16
 // pair along the contraction; T is the operand type, PER<T> its elements a unit.
 
-constexpr int R = 6;  // rows a tile
+constexpr int R = 12;  // rows a tile
+constexpr int RB = 6;  // rows a block of `weighted_rows`
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 using bfloat16 = uint16_t;
 
@@ -216,19 +218,19 @@ template <typename T, int NV>
 void weighted_rows(const T* w, int64_t ldw, const T* x, int64_t stride, int64_t k0, int64_t n, int64_t c,
                    float* const* out) {
   constexpr int per = PER<T>;
-  __m512 acc[R][NV];
-  for (int r = 0; r < R; ++r)
+  __m512 acc[RB][NV];
+  for (int r = 0; r < RB; ++r)
     for (int u = 0; u < NV; ++u) acc[r][u] = _mm512_setzero_ps();
   for (int64_t j = 0; j < (n + per - 1) / per; ++j) {
     const T* xj = x + ((k0 / per + j) * stride + c) * per;
     __m512 xv[NV];
     for (int u = 0; u < NV; ++u) xv[u] = units(xj + 16 * u * per);
-    for (int r = 0; r < R; ++r) {
+    for (int r = 0; r < RB; ++r) {
       const __m512 a = unit(w + r * ldw + j * per);
       for (int u = 0; u < NV; ++u) acc[r][u] = madd<T>(acc[r][u], a, xv[u]);
     }
   }
-  for (int r = 0; r < R; ++r)
+  for (int r = 0; r < RB; ++r)
     for (int u = 0; u < NV; ++u) _mm512_storeu_ps(out[r] + c + 16 * u, acc[r][u]);
 }
 
@@ -254,30 +256,33 @@ void accumulate_keys(const T* w, int64_t ldw, const T* const* rows, int64_t k0, 
   }
 }
 
-// The two above over all of d, 64 columns (4 registers a row) at a time.
+// f(std::integral_constant<int, NV>(), c) over all of d, c a multiple of 16, NV <= `most` 16-lane registers.
+template <int most, typename F>
+void over_columns(int64_t d, F&& f) {
+  for (int64_t c = 0; c < d; c += 16 * most) {
+    const int64_t left = std::min<int64_t>(most, (d - c) / 16);
+    if constexpr (most >= 4) if (left == 4) { f(std::integral_constant<int, 4>(), c); continue; }
+    if constexpr (most >= 3) if (left == 3) { f(std::integral_constant<int, 3>(), c); continue; }
+    if constexpr (most >= 2) if (left == 2) { f(std::integral_constant<int, 2>(), c); continue; }
+    f(std::integral_constant<int, 1>(), c);
+  }
+}
+
+// The two above over all of d, as many columns at a time as 24 accumulating registers hold.
 template <typename T>
 void weighted_rows_d(const T* w, int64_t ldw, const T* x, int64_t stride, int64_t k0, int64_t n, int64_t d,
                      float* const* out) {
-  for (int64_t c = 0; c < d; c += 64) {
-    switch (std::min<int64_t>(4, (d - c) / 16)) {
-      case 1: weighted_rows<T, 1>(w, ldw, x, stride, k0, n, c, out); break;
-      case 2: weighted_rows<T, 2>(w, ldw, x, stride, k0, n, c, out); break;
-      case 3: weighted_rows<T, 3>(w, ldw, x, stride, k0, n, c, out); break;
-      default: weighted_rows<T, 4>(w, ldw, x, stride, k0, n, c, out);
-    }
-  }
+  for (int r = 0; r < R; r += RB)
+    over_columns<4>(d, [&](auto nv, int64_t c) {
+      weighted_rows<T, decltype(nv)::value>(w + r * ldw, ldw, x, stride, k0, n, c, out + r);
+    });
 }
 
 template <typename T>
 void accumulate_keys_d(const T* w, int64_t ldw, const T* const* rows, int64_t k0, int64_t n, int64_t d, float* acc) {
-  for (int64_t c = 0; c < d; c += 64) {
-    switch (std::min<int64_t>(4, (d - c) / 16)) {
-      case 1: accumulate_keys<T, 1>(w, ldw, rows, k0, n, c, d, acc); break;
-      case 2: accumulate_keys<T, 2>(w, ldw, rows, k0, n, c, d, acc); break;
-      case 3: accumulate_keys<T, 3>(w, ldw, rows, k0, n, c, d, acc); break;
-      default: accumulate_keys<T, 4>(w, ldw, rows, k0, n, c, d, acc);
-    }
-  }
+  over_columns<std::min(4, 24 * PER<T> / R)>(d, [&](auto nv, int64_t c) {
+    accumulate_keys<T, decltype(nv)::value>(w, ldw, rows, k0, n, c, d, acc);
+  });
 }
 
 // One call's shapes and mask, and its tiles.
@@ -450,22 +455,49 @@ struct Operands {
     }
   }
 
-  // The same as `accumulate_keys` reads them: in place, or bfloat16 row pairs in `own` [R / 2, lds, 2].
-  static const T* weight_pairs(const float* w, int64_t lds, int64_t n, std::vector<T>& own) {
+  // The backward pass's weights from a tile's s and dp = dout v^T ([R, lds] float32 each, n of each row, both
+  // overwritten): p = exp(s - lse), ds = p (dp - delta) scale, as `weighted_rows` reads ds and as
+  // `accumulate_keys` reads ds and p: in place, or bfloat16 in `own` (ds [R, lds], ds and p in row pairs
+  // [R / 2, lds, 2]), zero past n.
+  struct Gradients {
+    const T *ds, *ds_pairs, *p_pairs;
+  };
+  Gradients score_gradients(float* s, float* dp, int64_t lds, int64_t n, const float* lse, const float* delta,
+                            std::vector<T>& own) const {
+    const __m512 sc = _mm512_set1_ps(p.scale), none = _mm512_set1_ps(NEG_INF);
+    // p and ds of row r at columns j.. (tail mask m)
+    const auto at = [&](int r, int64_t j, __mmask16 m, __m512& pj, __m512& dsj) {
+      pj = exp16(_mm512_sub_ps(_mm512_mask_loadu_ps(none, m, s + r * lds + j), _mm512_set1_ps(lse[r])));
+      dsj = _mm512_mul_ps(_mm512_mul_ps(pj, _mm512_sub_ps(_mm512_maskz_loadu_ps(m, dp + r * lds + j),
+                                                          _mm512_set1_ps(delta[r]))), sc);
+    };
     if constexpr (per == 1) {
-      return w;
+      for (int r = 0; r < R; ++r)
+        for (int64_t j = 0; j < n; j += 16) {
+          const __mmask16 m = tail(n - j);
+          __m512 pj, dsj;
+          at(r, j, m, pj, dsj);
+          _mm512_mask_storeu_ps(s + r * lds + j, m, pj);
+          _mm512_mask_storeu_ps(dp + r * lds + j, m, dsj);
+        }
+      return {dp, dp, s};
     } else {
+      own.resize(3 * R * lds);
+      T *ds = own.data(), *ds_pairs = ds + R * lds, *p_pairs = ds_pairs + R * lds;
 #ifdef __AVX512BF16__
-      own.resize(R * lds);
       for (int i = 0; i < R / 2; ++i)
         for (int64_t j = 0; j < n; j += 16) {
           const __mmask16 m = tail(n - j);
-          _mm512_storeu_si512(own.data() + (i * lds + j) * 2,
-                              interleave(_mm512_maskz_loadu_ps(m, w + 2 * i * lds + j),
-                                         _mm512_maskz_loadu_ps(m, w + (2 * i + 1) * lds + j)));
+          __m512 p0, p1, ds0, ds1;
+          at(2 * i, j, m, p0, ds0);
+          at(2 * i + 1, j, m, p1, ds1);
+          store_bf16(ds + 2 * i * lds + j, ds0);
+          store_bf16(ds + (2 * i + 1) * lds + j, ds1);
+          _mm512_storeu_si512(ds_pairs + (i * lds + j) * 2, interleave(ds0, ds1));
+          _mm512_storeu_si512(p_pairs + (i * lds + j) * 2, interleave(p0, p1));
         }
 #endif
-      return own.data();
+      return {ds, ds_pairs, p_pairs};
     }
   }
 
@@ -588,27 +620,18 @@ bool backward(ffi::ThreadPool& pool, const Problem& p, const float* op, const fl
         dqs[r] = r < tl.rows ? dqp + tl.row[r] * p.d : scrap.data();
       }
       products<T>(douts, o.of_unit(o.vt, tl), p.ld, p.d, tl.k0, tl.n, 1.f, nullptr, ds.data(), lds);
+      float lse[R], delta[R];
       for (int r = 0; r < R; ++r) {
-        float* prr = pr.data() + r * lds;
-        float* dsr = ds.data() + r * lds;
-        exp_row(prr, tl.n, lp[tl.row[r]]);
-        if (r >= tl.rows) std::fill(prr, prr + tl.n, 0.f);  // a repeated row adds nothing to dk, dv
-        const __m512 dl = _mm512_set1_ps(dot(gs[r], op + tl.row[r] * p.d, p.d)), sc = _mm512_set1_ps(p.scale);
-        for (int64_t j = 0; j < tl.n; j += 16) {
-          const __mmask16 m = tail(tl.n - j);
-          const __m512 pj = _mm512_maskz_loadu_ps(m, prr + j), dpj = _mm512_maskz_loadu_ps(m, dsr + j);
-          _mm512_mask_storeu_ps(dsr + j, m, _mm512_mul_ps(_mm512_mul_ps(pj, _mm512_sub_ps(dpj, dl)), sc));
-        }
+        lse[r] = r < tl.rows ? lp[tl.row[r]] : std::numeric_limits<float>::infinity();  // a repeated row: p = 0
+        delta[r] = dot(gs[r], op + tl.row[r] * p.d, p.d);
       }
-      weighted_rows_d<T>(o.weights(ds.data(), lds, tl.n, own_w), lds, o.pairs(p.k, tl), o.stride(), tl.k0, tl.n, p.d,
-                         dqs);
+      const auto w = o.score_gradients(pr.data(), ds.data(), lds, tl.n, lse, delta, own_w);
+      weighted_rows_d<T>(w.ds, lds, o.pairs(p.k, tl), o.stride(), tl.k0, tl.n, p.d, dqs);
       const T* rows[R];
       o.row_pairs(qs, p.d, own_rows, rows);
-      accumulate_keys_d<T>(o.weight_pairs(ds.data(), lds, tl.n, own_w), lds, rows, tl.k0, tl.n, p.d,
-                           mine.data() + tl.unit * p.S * p.d);
+      accumulate_keys_d<T>(w.ds_pairs, lds, rows, tl.k0, tl.n, p.d, mine.data() + tl.unit * p.S * p.d);
       o.row_pairs(gs, p.d, own_rows, rows);
-      accumulate_keys_d<T>(o.weight_pairs(pr.data(), lds, tl.n, own_w), lds, rows, tl.k0, tl.n, p.d,
-                           mine.data() + keys + tl.unit * p.S * p.d);
+      accumulate_keys_d<T>(w.p_pairs, lds, rows, tl.k0, tl.n, p.d, mine.data() + keys + tl.unit * p.S * p.d);
     }
   });
   return !acc[1].empty();
