@@ -26,10 +26,13 @@ def dense(x: jax.Array, kernel, bias=None) -> jax.Array:
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-  """y = scale * x / sqrt(mean(x^2) + eps), the statistic taken in float32."""
-  x32 = x.astype(jnp.float32)
+  """y = scale * x / sqrt(mean(x^2) + eps), the statistic taken in float32.
+
+  The rows are flattened to [N, D] first: XLA's CPU backend reduces a [1, t, D] array (batch 1, as in the
+  backward pass's sum(dy * x) at 1 x 2048) about ten times slower than the same [t, D] one."""
+  x32 = x.astype(jnp.float32).reshape(-1, x.shape[-1])
   normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  return scale.astype(x.dtype) * normed.astype(x.dtype)
+  return scale.astype(x.dtype) * normed.astype(x.dtype).reshape(x.shape)
 
 
 def rope_angles(positions: jax.Array, freqs: jax.Array) -> tuple[jax.Array, jax.Array]:
