@@ -10,15 +10,15 @@ models.attention.Mask describes it (key_mask, the slot `index` of query 0, a win
       s_j = q_n . k_j / sqrt(d),   out_n = sum_j exp(s_j - max s) v_j / sum_j exp(s_j - max s)
 
 - `sequence_attention`: training and prompts, the whole sequence, differentiable. The FlashAttention recipe
-  (Dao et al. 2022) on the CPU: a tile of six query rows at a time makes its scores against the keys it may
-  see, [6, keys], its softmax and its output, and keeps the log-sum-exp; the backward pass makes the tile's
+  (Dao et al. 2022) on the CPU: a tile of twelve query rows at a time makes its scores against the keys it may
+  see, [12, keys], its softmax and its output, and keeps the log-sum-exp; the backward pass makes the tile's
   probabilities again from it,
 
       p = exp(s - lse),   ds = p (dout v^T - rowsum(dout * out)) / sqrt(d),
       dq = ds k,   dk = sum over tiles of ds^T q,   dv = sum over tiles of p^T dout
 
   so neither pass holds a [t, S] score matrix, and keys a tile cannot see are never visited. XLA runs
-  attention's small batched dots ([6 G, 64] x [64, keys] per head, G query heads a KV head) and the layout
+  attention's small batched dots ([12 G, 64] x [64, keys] per head, G query heads a KV head) and the layout
   copies around them at a fraction of its matmul rate; the kernel's tiles run at most of the FMA units'.
   With `operand_dtype` bfloat16 its five products (q k^T, p v; dout v^T, ds k, ds^T q, p^T dout) round their
   operands to bfloat16 and sum in float32 (AVX512-BF16's vdpbf16ps, twice the float32 FMA rate); the softmax,
