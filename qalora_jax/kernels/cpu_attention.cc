@@ -222,9 +222,9 @@ void products(const T* const* rows, const T* xt, int64_t ld, int64_t d, int64_t 
   if (j < n) product_columns<T, 1>(rows, xt, ld, d, k0, j, n, scale, bias, s, lds);
 }
 
-// out[r][c:c + 16 NV] = sum_{j < n} w[r, j] x_{k0 + j}[c:c + 16 NV]: w [R, ldw] (entries past n zero up to the
-// next unit), x the rows of keys or values, a unit of keys every `stride` units (`Operands::pairs`); k0 a
-// multiple of the units' size.
+// out[r][c:c + 16 NV] = sum_{j < n} w[r, j] x_{k0 + j}[c:c + 16 NV] for r < RB: w [RB, ldw] (entries past n zero
+// up to the next unit), x the rows of keys or values, a unit of keys every `stride` units (`Operands::pairs`); k0
+// a multiple of the units' size.
 template <typename T, int NV>
 void weighted_rows(const T* w, int64_t ldw, const T* x, int64_t stride, int64_t k0, int64_t n, int64_t c,
                    float* const* out) {
@@ -279,7 +279,8 @@ void over_columns(int64_t d, F&& f) {
   }
 }
 
-// The two above over all of d, as many columns at a time as 24 accumulating registers hold.
+// The two above over all of d (and `weighted_rows` over all R rows), as many columns at a time as 24
+// accumulating registers hold.
 template <typename T>
 void weighted_rows_d(const T* w, int64_t ldw, const T* x, int64_t stride, int64_t k0, int64_t n, int64_t d,
                      float* const* out) {
