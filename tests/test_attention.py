@@ -151,7 +151,7 @@ def test_the_cpu_decoding_attention_equals_the_dense_form(index, window):
 
 
 SEQUENCE_CASES = [
-    (2, 13, 13, 4, 2, 16, 0, None, 0),     # t * group not a multiple of the kernel's 6-row tile
+    (2, 13, 13, 4, 2, 16, 0, None, 0),     # t * group not a multiple of the kernel's 12-row tile
     (1, 300, 300, 9, 3, 64, 0, 50, 0),     # SmolLM2's heads; sliding window (odd first keys); both threads
     (2, 20, 40, 4, 2, 32, 7, None, 3),     # a prompt at slot 7 of a 40-slot cache, left padding
     (1, 37, 37, 6, 3, 80, 0, None, 5),     # a head size of five 16-lane registers (64 + 16); an odd key count
