@@ -77,3 +77,22 @@ def test_train_flops_count_the_matmuls():
   assert check.train_flops(config, 3, 5, 2, "lora", 4) == base + attention + lora
   qalora = 6 * 2 * tokens * (2 + 8 + 2 + 4 + 2 + 4 + 2 + 8 + 2 + 16 + 2 + 16 + 4 + 8)  # in / g = in / 4
   assert check.train_flops(config, 3, 5, 2, "qalora", 4) == base + attention + qalora
+
+
+def test_the_tuning_dry_run_checks_each_tiling_before_timing_it(tmp_path):
+  """experiments/gpu/tune_int4.py on CPU: every trial's output is within bfloat16 rounding of x @ W~ before it
+  is timed, each case names its fastest tiling, and the crossover rows compare the chosen blocks with XLA."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  done = subprocess.run([sys.executable, str(CHECK.with_name("tune_int4.py")), "--dry-run", "--out", str(tmp_path)],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-4000:]
+  rows = [json.loads(line) for line in (tmp_path / "tune.jsonl").read_text().splitlines()]
+  trials = [r for r in rows if r["what"] == "trial"]
+  assert trials and all("error" not in r and r["rel_error"] < 1e-2 and r["kernel"]["us"] > 0 for r in trials)
+  assert {r["blocks"]["block_m"] for r in trials} == {1, 16}  # the single-row form and the 16-row dot
+  best = {r["case"]: r for r in rows if r["what"] == "best"}
+  assert set(best) == {"128x64 g32 m=1", "128x64 g32 m=1 dx"}
+  for case, r in best.items():
+    assert r["us"] == min(t["kernel"]["us"] for t in trials if t["case"] == case)
+  assert any(r["what"] == "crossover" and r["xla_over_kernel"] > 0 for r in rows)
+  assert (tmp_path / "summary.md").read_text().startswith("| case | result |")

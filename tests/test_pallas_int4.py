@@ -107,6 +107,17 @@ def test_bfloat16_operands_accumulate_in_float32():
   assert relative_error(got, want) < 2 ** -8  # the bf16 rounding of the output alone
 
 
+def test_the_single_row_form_matches_float64():
+  """block_m = 1 (products and sums, no dot) for y = x W~ and dx = dy W~^T, split-K and whole groups per step."""
+  qt = random_int4(1536, 576, 32, seed=4)
+  w = dequantize64(qt)
+  rng = np.random.default_rng(4)
+  for transpose, blocks in ((False, Blocks(1, 64, 128, 3)), (True, Blocks(1, 128, 64, 3, warps=2, stages=3))):
+    x = rng.normal(size=(1, 576 if transpose else 1536))
+    got = int4_matmul(jnp.asarray(x, jnp.float32), qt, transpose=transpose, blocks=blocks, interpret=True)
+    assert relative_error(got, x @ (w.T if transpose else w)) < 1e-6
+
+
 @pytest.mark.parametrize("n_in, n_out", SMOLLM2 + LLAMA_1B + LLAMA_8B)
 def test_chosen_blocks_fit_triton_and_fill_the_grid(n_in, n_out):
   for group_size in (32, 64, 128):

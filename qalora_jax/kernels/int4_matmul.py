@@ -48,12 +48,18 @@ MAX_BLOCK_M, MAX_BLOCK_N, MAX_BLOCK_K = 128, 64, 128
 
 @dataclasses.dataclass(frozen=True)
 class Blocks:
-  """A tiling: [block_m, block_n] output tiles, block_k reduction steps, `splits` slices of the reduction."""
+  """A tiling: [block_m, block_n] output tiles, block_k reduction steps, `splits` slices of the reduction;
+  Triton's `warps` and pipeline `stages` (None: 4 warps for tiles up to 64 x 64, else 8; 2 stages).
+
+  block_m = 1 is the single-row form: no dot, acc[n] += sum_k x[k] W~[k, n] as float32 products and sums.
+  """
 
   block_m: int
   block_n: int
   block_k: int
   splits: int = 1
+  warps: int | None = None
+  stages: int | None = None
 
 
 def _pow2_at_most(limit: int, divides: int) -> int:
@@ -83,7 +89,8 @@ def blocks_fit(qt: QTensor, blocks: Blocks, *, transpose: bool = False) -> bool:
   reduce, width = (n_out, n_in) if transpose else (n_in, n_out)
   in_block = blocks.block_n if transpose else blocks.block_k  # the block that runs along `in`
   pow2 = all(b & (b - 1) == 0 for b in (blocks.block_m, blocks.block_n, blocks.block_k))
-  return (pow2 and min(blocks.block_m, blocks.block_n, blocks.block_k) >= MIN_DOT
+  return (pow2 and min(blocks.block_n, blocks.block_k) >= MIN_DOT 
+          and (blocks.block_m == 1 or blocks.block_m >= MIN_DOT)
           and in_block % CODES_PER_WORD == 0 and _group_fits(in_block, g) and g % CODES_PER_WORD == 0
           and width % blocks.block_n == 0 and reduce % (blocks.block_k * blocks.splits) == 0)
 
@@ -163,6 +170,8 @@ def _forward_kernel(x_ref, codes_ref, scale_ref, offset_ref, o_ref, *, blocks: B
     x = x_ref[:, pl.ds(start, bk)]
     words = codes_ref[pl.ds(start // CODES_PER_WORD, bk // CODES_PER_WORD), :]
     w = _dequant(words, scale_ref, offset_ref, start, bk, cols, group_size).astype(x.dtype)
+    if blocks.block_m == 1:  # x [1, bk]: products and a sum over k, no dot
+      return acc + jnp.sum(x[0].astype(jnp.float32)[:, None] * w.astype(jnp.float32), axis=0)[None, :]
     return acc + jnp.dot(x, w, preferred_element_type=jnp.float32)
 
   acc = jax.lax.fori_loop(0, steps, body, jnp.zeros(o_ref.shape, jnp.float32))
@@ -183,6 +192,8 @@ def _transposed_kernel(dy_ref, codes_ref, scale_ref, offset_ref, o_ref, *, block
     dy = dy_ref[:, cols]
     w = _dequant(codes_ref[words_rows, cols], scale_ref, offset_ref, n_start, bn, cols, group_size)
     w = w.astype(dy.dtype)
+    if blocks.block_m == 1:  # dy [1, bk]: products and a sum over k, no dot
+      return acc + jnp.sum(w.astype(jnp.float32) * dy[0].astype(jnp.float32)[None, :], axis=1)[None, :]
     return acc + jax.lax.dot_general(dy, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
   acc = jax.lax.fori_loop(0, steps, body, jnp.zeros(o_ref.shape, jnp.float32))
@@ -207,7 +218,8 @@ def _compiler_params(blocks: Blocks, backend: str):
   if backend == "default":
     return None
   from jax.experimental.pallas import triton as pl_triton
-  return pl_triton.CompilerParams(num_warps=4 if blocks.block_m * blocks.block_n <= 64 * 64 else 8, num_stages=2)
+  warps = blocks.warps or (4 if blocks.block_m * blocks.block_n <= 64 * 64 else 8)
+  return pl_triton.CompilerParams(num_warps=warps, num_stages=blocks.stages or 2)
 
 
 @functools.partial(jax.jit, static_argnames=("transpose", "blocks", "block_m", "block_n", "block_k", "splits",
