@@ -44,6 +44,8 @@ CODES_PER_WORD = 8
 MIN_DOT = 16  # Triton's smallest dot: 16 in each dimension
 TARGET_PROGRAMS = 256  # split-K until the grid has this many programs (about two per multiprocessor of an H100)
 MAX_BLOCK_M, MAX_BLOCK_N, MAX_BLOCK_K = 128, 64, 128
+# Up to 16 rows: 4 KB of codes a step in rows of up to 1 KB, about 3.4 programs per multiprocessor of an H200
+DECODE_STEP_CODES, DECODE_MAX_OUT_BLOCK, DECODE_PROGRAMS = 8192, 256, 448
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,9 +100,13 @@ def blocks_fit(qt: QTensor, blocks: Blocks, *, transpose: bool = False) -> bool:
 def choose_blocks(m: int, qt: QTensor, *, transpose: bool = False) -> Blocks | None:
   """Blocks for an [m, in] @ W~ (or [m, out] @ W~^T) product, None if none fit.
 
-  block_m: the rows rounded up to a power of two (16 to 128); block_n and block_k: the largest powers of two
-  up to 64 and 128 that divide the output and reduction widths (and fit the groups); splits: the fewest
-  divisors of the reduction steps that give TARGET_PROGRAMS programs (or as many as there are steps).
+  block_m: the rows rounded up to a power of two (16 to 128). Up to 16 rows (decoding), as tuned on an H200
+  (experiments/gpu/tune_int4.py): the block along `out`, where the codes are contiguous, the largest power of two
+  up to 256 that leaves 32 column blocks (at least 64), the block along `in` DECODE_STEP_CODES / that (32 to
+  128), 3 pipeline stages, DECODE_PROGRAMS programs. More rows: block_n and block_k the largest powers of two up
+  to 64 and 128 that divide the output and reduction widths, TARGET_PROGRAMS programs. Blocks along `in` shrink
+  until they fit the groups; splits: the fewest divisors of the reduction steps that give the programs (or as
+  many as there are steps).
   """
   if not _eligible(qt):
     return None
@@ -108,8 +114,17 @@ def choose_blocks(m: int, qt: QTensor, *, transpose: bool = False) -> Blocks | N
   g = qt.group_size
   reduce, width = (n_out, n_in) if transpose else (n_in, n_out)
   block_m = min(MAX_BLOCK_M, max(MIN_DOT, 1 << max(0, m - 1).bit_length()))
-  block_n = _pow2_at_most(MAX_BLOCK_N, width)
-  block_k = _pow2_at_most(MAX_BLOCK_K, reduce)
+  if block_m == MIN_DOT:
+    out_block = _pow2_at_most(DECODE_MAX_OUT_BLOCK, n_out)
+    while out_block > 64 and n_out // out_block < 32:
+      out_block //= 2
+    in_block = _pow2_at_most(max(32, min(128, DECODE_STEP_CODES // out_block)), n_in)
+    block_n, block_k = (in_block, out_block) if transpose else (out_block, in_block)
+    target, stages = DECODE_PROGRAMS, 3
+  else:
+    block_n = _pow2_at_most(MAX_BLOCK_N, width)
+    block_k = _pow2_at_most(MAX_BLOCK_K, reduce)
+    target, stages = TARGET_PROGRAMS, None
   # The block along `in` must lie inside a group or hold whole groups: shrink it until it does.
   if transpose:
     while block_n >= MIN_DOT and not _group_fits(block_n, g):
@@ -117,12 +132,12 @@ def choose_blocks(m: int, qt: QTensor, *, transpose: bool = False) -> Blocks | N
   else:
     while block_k >= MIN_DOT and not _group_fits(block_k, g):
       block_k //= 2
-  blocks = Blocks(block_m, block_n, block_k)
+  blocks = Blocks(block_m, block_n, block_k, stages=stages)
   if not blocks_fit(qt, blocks, transpose=transpose):
     return None
   programs = -(-m // block_m) * (width // block_n)
   steps = reduce // block_k
-  splits = next((d for d in range(1, steps + 1) if steps % d == 0 and programs * d >= TARGET_PROGRAMS), steps)
+  splits = next((d for d in range(1, steps + 1) if steps % d == 0 and programs * d >= target), steps)
   return dataclasses.replace(blocks, splits=splits)
 
 
@@ -285,9 +300,10 @@ def int4_matmul(x: jax.Array, qt: QTensor, *, transpose: bool = False, blocks: B
   return y[:m].reshape(*lead, width)
 
 
-# base_matmul runs the kernel on GPUs for at most this many rows (decoding, short prompts); a first choice that
-# experiments/gpu/check.py's microbenchmarks (kernel against XLA at 1, 16, 256 and 4096 rows) are there to revise.
-KERNEL_MAX_ROWS = 64
+# base_matmul runs the kernel on GPUs for at most this many rows (decoding, short prompts): on an H200 it was
+# ahead of XLA's dequantize-then-dot on every SmolLM2-135M and 8B-class shape at 1 and 16 rows, and behind on
+# some SmolLM2 shapes from 32 rows on (experiments/gpu/results/2026-11-30-h200*).
+KERNEL_MAX_ROWS = 16
 
 
 def uses_kernel(x_shape, kernel, *, transpose: bool = False) -> bool:
