@@ -33,6 +33,8 @@ PERF = "experiments/perf/perf_vs_peers.jsonl"
 REPORT = "experiments/quantize_report/smollm2.jsonl"  # `qalora quantize-report --json` lines, commands included
 GPTQ = "experiments/quantize_report/gptq_vs_rtn.jsonl"  # experiments/gptq_report.py --out
 NF_MERGE = "experiments/quantize_report/nf_offset_merge.jsonl"  # experiments/nf_offset_merge.py lines
+GPU_CHECK = "experiments/gpu/results/2026-11-30-h200/check.jsonl"  # every stage of experiments/gpu/run.sh
+GPU_DECODING = "experiments/gpu/results/2026-11-30-h200-decoding-blocks/check.jsonl"  # with the tuned blocks
 NF4 = {"block_size": 64, "double_quant": False}
 NF4_DQ = {"block_size": 64, "double_quant": True}
 
@@ -149,6 +151,27 @@ def _ppl(x: float) -> str:
   return f"{x:,.0f}" if x >= 1000 else f"{x:.{4 - len(str(int(x)))}f}"
 
 
+def _only(rows: list[dict], name: str, **match):
+  """Field `name` of the one row that has it (and equals `match`)."""
+  return row([r for r in rows if name in r], **match)[name]
+
+
+def gpu_training(rows: list[dict]) -> tuple[str, ...]:
+  qalora, lora = row(rows, stage="train", method="qalora"), row(rows, stage="train", method="lora")
+  return (f"{qalora['step_s'] * 1e3:.0f}", f"{100 * qalora['mfu_measured_peak']:.1f}",
+          value(rows, "tflops", ".0f", ceiling="bf16 matmul"), f"{100 * qalora['mfu_datasheet_peak']:.1f}",
+          f"{lora['step_s'] * 1e3:.0f}", f"{_only(rows, 'qalora_over_lora'):.2f}")
+
+
+def gpu_decoding(rows: list[dict]) -> tuple[str, ...]:
+  kernel, xla = row(rows, stage="decode", path="kernel"), row(rows, stage="decode", path="xla")
+  layer = row(rows, stage="microbench", shape=[4096, 14336], group_size=32, m=1, transpose=False)
+  return (f"{kernel['ms_per_token']:.2f}", f"{xla['ms_per_token']:.2f}", f"{_only(rows, 'xla_over_kernel', stage='decode'):.2f}",
+          f"{kernel['gb_s']:.0f}", f"{100 * kernel['copy_fraction']:.0f}",
+          value(rows, "gb_s", ".0f", ceiling="copy y = x + 1"), f"{layer['kernel']['us']:.1f}",
+          f"{100 * layer['kernel']['copy_fraction']:.0f}", f"{layer['xla_over_kernel']:.2f}")
+
+
 def cell(name: str, field: str, fmt: str):
   """The values function of one field of a sweep cell, formatted."""
   return lambda cells: (format(cells[name][field], fmt),)
@@ -163,6 +186,15 @@ FIGURES = [
            lambda lines: (median_ratio(lines, "ours qalora", "ours qalora fp32"),
                           median_ratio(lines, "ours qalora remat", "ours qalora"),
                           median_ratio(lines, "ours qalora remat", "ours qalora", "maxrss_mb"))),
+    Figure("README.md", "QA-LoRA on an INT4 g32 base takes {} ms a step, {}% MFU of the {} TFLOP/s bf16 product "
+           "measured on the same GPU (target: 35%), {}% of the datasheet's 989. LoRA on the same base takes {} ms: "
+           "QA-LoRA / LoRA step time {}", GPU_CHECK, gpu_training),
+    Figure("README.md", "{} ms a token with the INT4 kernel against {} ms on XLA's path ({}x), {} GB/s of every "
+           "parameter and the KV cache, {}% of the {} GB/s copy bandwidth. - The kernel at one row on a 4096 x "
+           "14336 layer: {} us, {}% of the copy bandwidth (target: 60%, not met), {}x XLA's.", GPU_DECODING,
+           gpu_decoding),
+    Figure("README.md", "Its error against float64: at most {} (target: 1e-5)", GPU_CHECK,
+           lambda rows: (e(max(r["rel_error"] for r in rows if r["stage"] == "correctness" and "rel_error" in r)),)),
     Figure("README.md", "the same bench varies by up to {}% between rounds", PERF,
            lambda lines: (largest_spread(lines),)),
     Figure("README.md", "On SmolLM2 `pow2-int` costs {} / {} bits a weight at 4-bit g32 / g128 (an 8-bit exponent "
