@@ -86,12 +86,13 @@ def _check(name: str, value, allowed) -> None:
 
 
 def train_config(method: str, model: str, batch: int, seq: int, dtype: str, remat: bool,
-                 matmul_dtype: str = "bfloat16", bits: int = 4, group_size: int = 32):
+                 matmul_dtype: str = "bfloat16", bits: int = 4, group_size: int = 32, remat_keep: str = ""):
   from qalora_jax.train.config import base_config, validate
 
   _check("method", method, TRAIN_METHODS)
   c = base_config()
   c.model.name, c.model.dtype, c.model.matmul_dtype, c.model.remat = model, dtype, matmul_dtype, remat
+  c.model.remat_keep = remat_keep
   c.data.batch_size, c.data.seq_len = batch, seq
   c.adapter.rank, c.adapter.alpha = 16, 32.0
   if method == "lora":
@@ -106,10 +107,10 @@ def train_config(method: str, model: str, batch: int, seq: int, dtype: str, rema
 
 def bench_train(method: str = "qalora", batch: int = 4, seq: int = 128, model: str = "smollm2-135m",
                 dtype: str = "float32", remat: bool = False, warmup: int = 2, repeats: int = 5,
-                matmul_dtype: str = "bfloat16", bits: int = 4, group_size: int = 32) -> dict:
+                matmul_dtype: str = "bfloat16", bits: int = 4, group_size: int = 32, remat_keep: str = "") -> dict:
   from qalora_jax.train import experiment
 
-  cfg = train_config(method, model, batch, seq, dtype, remat, matmul_dtype, bits, group_size)
+  cfg = train_config(method, model, batch, seq, dtype, remat, matmul_dtype, bits, group_size, remat_keep)
   exp = experiment.build(cfg, log=lambda m: None)
   init, step = exp.make_step()
   rng = np.random.default_rng(0)
@@ -133,8 +134,8 @@ def bench_train(method: str = "qalora", batch: int = 4, seq: int = 128, model: s
   step_s = _median_s(one, repeats)
   peak = matmul_peak_flops(dtype=matmul_dtype)
   return {"bench": "train", "method": method, "batch": batch, "seq": seq, "dtype": dtype,
-          "matmul_dtype": matmul_dtype, "remat": remat, **({"bits": bits, "group_size": group_size}
-                                                           if method == "qalora" else {}),
+          "matmul_dtype": matmul_dtype, "remat": remat, "remat_keep": remat_keep,
+          **({"bits": bits, "group_size": group_size} if method == "qalora" else {}),
           "tokens_per_s": batch * seq / step_s, "step_s": step_s, "compile_s": compile_s,
           "peak_rss_mb": peak_rss_mb(), "step_gflop": flops / 1e9, "matmul_peak_gflop_s": peak / 1e9,
           "mfu": flops / step_s / peak, **machine()}

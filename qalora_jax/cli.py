@@ -104,7 +104,7 @@ def _bench(args) -> int:
   if args.what == "train":
     result = bench.bench_train(args.method or "qalora", args.batch, args.seq, args.model, args.dtype, args.remat,
                                repeats=args.repeats, matmul_dtype=args.matmul_dtype or "bfloat16", bits=args.bits,
-                               group_size=args.group_size)
+                               group_size=args.group_size, remat_keep=args.remat_keep)
   elif args.what == "decode":
     result = bench.bench_decode(args.method or "qalora-merged", args.new_tokens, args.prompt, args.model,
                                 repeats=args.repeats, matmul_dtype=args.matmul_dtype or "int8",
@@ -304,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "train: bfloat16 (default) | float32; decode: int8 (default: int8 activations against "
                       "INT4 weights in the CPU kernel) | float32 | bfloat16")
   p.add_argument("--remat", action="store_true", help="train: rematerialise each block in the backward pass")
+  p.add_argument("--remat-keep", default="", help="train, with --remat: what each block keeps rather than "
+                 "recomputes: qkv | mlp | qkv,mlp (models.Config.remat_keep)")
   p.add_argument("--bits", type=int, default=4, help="train, qalora: bits of the INT-k base (2 | 3 | 4 | 8)")
   p.add_argument("--group-size", type=int, default=32, help="train, qalora: inputs per quantization group")
   p.add_argument("--new-tokens", type=int, default=64)

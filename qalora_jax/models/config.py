@@ -10,6 +10,7 @@ from qalora_jax.checks import check_choice
 ARCHITECTURES = ("llama", "mistral", "qwen2")
 DTYPES = ("float32", "bfloat16")
 ROPE_SCALINGS = ("llama3",)
+REMAT_KEEPS = ("", "qkv", "mlp", "qkv,mlp")  # what a rematerialised block keeps beside its attention (llama.REMAT_KEEP)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,10 @@ class Config:
       packed codes (qalora_jax.kernels.cpu_matmul); everything else keeps the compute dtype.
     remat: recompute each block's activations in the backward pass (jax.checkpoint), keeping only the blocked
       attention's output and softmax statistics (models.attention.REMAT_SAVED).
+    remat_keep: with remat, what else each block keeps rather than recomputes: "qkv" (attention's q, k, v after
+      RoPE: (heads + 2 kv_heads) head_dim floats a token), "mlp" (the gate and up projections' outputs:
+      2 intermediate_size floats a token), both ("qkv,mlp") or nothing (""). Speed for memory; the numbers
+      are the same.
     scan_layers: run the blocks with jax.lax.scan (one compiled block) or as an unrolled Python loop.
     bos_id, eos_ids, pad_id: special token ids (generation stops at any of eos_ids).
   """
@@ -76,6 +81,7 @@ class Config:
   dtype: str = "float32"
   matmul_dtype: str | None = None
   remat: bool = False
+  remat_keep: str = ""
   scan_layers: bool = True
   bos_id: int | None = None
   eos_ids: tuple[int, ...] = ()
@@ -85,6 +91,7 @@ class Config:
     check_choice("arch", self.arch, ARCHITECTURES)
     check_choice("dtype", self.dtype, DTYPES)
     check_choice("matmul_dtype", self.matmul_dtype, (None, *DTYPES, "int8"))
+    check_choice("remat_keep", self.remat_keep, REMAT_KEEPS)
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                  "head_dim", "max_seq_len"):
       value = getattr(self, name)

@@ -50,6 +50,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from qalora_jax.kernels import cpu_matmul
 from qalora_jax.models import layers
@@ -62,6 +63,13 @@ from qalora_jax.tree_paths import flatten, unflatten
 
 ATTN_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
+# The activations Config.remat_keep can keep in a rematerialised block, by their checkpoint names.
+REMAT_KEEP = {"qkv": ("attention_q", "attention_k", "attention_v"), "mlp": ("mlp_gate", "mlp_up")}
+
+
+def remat_saved(config: Config) -> tuple[str, ...]:
+  """The checkpoint names a rematerialised block keeps: attention's output and statistics, and remat_keep's."""
+  return REMAT_SAVED + tuple(n for part in config.remat_keep.split(",") if part for n in REMAT_KEEP[part])
 
 
 def param_shapes(config: Config) -> dict:
@@ -205,6 +213,7 @@ class Attention(nnx.Module):
     q = q.reshape(b, t, c.num_heads, c.head_dim)
     k, v = k.reshape(b, t, c.num_kv_heads, c.head_dim), v.reshape(b, t, c.num_kv_heads, c.head_dim)
     q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
+    q, k, v = checkpoint_name(q, "attention_q"), checkpoint_name(k, "attention_k"), checkpoint_name(v, "attention_v")
     if kv is not None:
       k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
       v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
@@ -221,6 +230,7 @@ class MLP(nnx.Module):
 
   def __call__(self, x, rng=None):
     gate, up = shared_input(x, [self.gate_proj, self.up_proj], [layers.subkey(rng, 0), layers.subkey(rng, 1)])
+    gate, up = checkpoint_name(gate, "mlp_gate"), checkpoint_name(up, "mlp_up")
     return self.down_proj(jax.nn.silu(gate) * up, dropout_rng=layers.subkey(rng, 2))
 
 
@@ -289,7 +299,7 @@ class Decoder(nnx.Module):
 
     if config.remat:
       step = jax.checkpoint(step, prevent_cse=not scanned,
-                            policy=jax.checkpoint_policies.save_only_these_names(*REMAT_SAVED))
+                            policy=jax.checkpoint_policies.save_only_these_names(*remat_saved(config)))
     kvs = None if cache is None else (cache["k"], cache["v"])
     if scanned:
       def body(x, layer):

@@ -31,10 +31,10 @@ def build_model(cfg: ml_collections.ConfigDict, quantize=None) -> models.Languag
   if m.name == "tiny":
     lm = models.tiny_model(cfg.seed)
     lm = lm.replace(config=lm.config.replace(dtype=m.dtype, matmul_dtype=m.matmul_dtype, remat=m.remat,
-                                             scan_layers=m.scan_layers))
+                                             remat_keep=m.remat_keep, scan_layers=m.scan_layers))
     return lm if quantize is None else lm.replace(params=models.quantize_params(lm.params, quantize)[0])
-  return models.load(m.name, dtype=m.dtype, matmul_dtype=m.matmul_dtype, remat=m.remat, scan_layers=m.scan_layers,
-                     quantize=quantize, keep_quantized=kept_table(cfg))
+  return models.load(m.name, dtype=m.dtype, matmul_dtype=m.matmul_dtype, remat=m.remat, remat_keep=m.remat_keep,
+                     scan_layers=m.scan_layers, quantize=quantize, keep_quantized=kept_table(cfg))
 
 
 def load_base(cfg: ml_collections.ConfigDict, log=print) -> tuple[models.LanguageModel, dict, str]:

@@ -18,13 +18,14 @@ from typing import Any
 import ml_collections
 
 from qalora_jax import tree_paths
-from qalora_jax.models.config import DTYPES
+from qalora_jax.models.config import DTYPES, REMAT_KEEPS
 from qalora_jax.nn.adapters import METHODS
 from qalora_jax.nn.trees import ALL_LINEARS
 
 CHOICES = {
     "model.dtype": DTYPES,
     "model.matmul_dtype": DTYPES,
+    "model.remat_keep": REMAT_KEEPS,
     "adapter.method": METHODS,
     "optim.schedule": ("constant", "cosine"),
 }
@@ -54,6 +55,8 @@ def base_config() -> ml_collections.ConfigDict:
   # faster on CPUs with AMX and on accelerators); perplexities are always evaluated with float matmuls.
   c.model.matmul_dtype = "float32"
   c.model.remat = False
+  # With remat: "qkv", "mlp" or "qkv,mlp" keeps those activations instead of recomputing them (models.Config).
+  c.model.remat_keep = ""
   c.model.scan_layers = True
 
   c.base = ml_collections.ConfigDict()
@@ -295,7 +298,11 @@ def validate(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDic
   for dotted, allowed in CHOICES.items():
     section, key = dotted.split(".")
     if config[section][key] not in allowed:
-      raise ValueError(f"config.{dotted}={config[section][key]!r} is not supported; allowed: {', '.join(allowed)}")
+      raise ValueError(f"config.{dotted}={config[section][key]!r} is not supported; allowed: "
+                       f"{', '.join(a or repr(a) for a in allowed)}")
+  if config.model.remat_keep and not config.model.remat:
+    raise ValueError(f"config.model.remat_keep={config.model.remat_keep!r} needs config.model.remat=True; allowed "
+                     f"without it: ''")
   if config.steps < 0:
     raise ValueError(f"config.steps={config.steps} must be at least 0 (0: evaluate the base only)")
   for dotted in ("data.seq_len", "data.batch_size", "adapter.rank", "optim.accum_steps", "base.calibration",
