@@ -76,7 +76,8 @@ def candidates(qt, m: int, transpose: bool, dry: bool) -> list:
           b = Blocks(block_m, block_n, block_k, splits, warps=4, stages=3)
           programs = -(-m // block_m) * (width // block_n) * splits
           code_bytes = block_n * block_k // 2
-          if blocks_fit(qt, b, transpose=transpose) and (dry or (32 <= programs <= 4096 and 2048 <= code_bytes <= 16384)):
+          sized = 32 <= programs <= 4096 and 2048 <= code_bytes <= 16384
+          if blocks_fit(qt, b, transpose=transpose) and (dry or sized):
             found.append((abs(math.log(programs / 400)), b))
   found.sort(key=lambda t: t[0])
   return [b for _, b in found][:3 if dry else None]

@@ -91,7 +91,7 @@ def blocks_fit(qt: QTensor, blocks: Blocks, *, transpose: bool = False) -> bool:
   reduce, width = (n_out, n_in) if transpose else (n_in, n_out)
   in_block = blocks.block_n if transpose else blocks.block_k  # the block that runs along `in`
   pow2 = all(b & (b - 1) == 0 for b in (blocks.block_m, blocks.block_n, blocks.block_k))
-  return (pow2 and min(blocks.block_n, blocks.block_k) >= MIN_DOT 
+  return (pow2 and min(blocks.block_n, blocks.block_k) >= MIN_DOT
           and (blocks.block_m == 1 or blocks.block_m >= MIN_DOT)
           and in_block % CODES_PER_WORD == 0 and _group_fits(in_block, g) and g % CODES_PER_WORD == 0
           and width % blocks.block_n == 0 and reduce % (blocks.block_k * blocks.splits) == 0)

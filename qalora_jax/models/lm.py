@@ -115,7 +115,8 @@ def _load_saved(path: Path, dtype, param_dtype, rules, config_overrides) -> tupl
   fields["eos_ids"] = tuple(fields.get("eos_ids") or ())
   saved = Config(**fields)
   # Run-time settings start from the defaults, as for any other model; the layout follows scan_layers.
-  config = saved.replace(dtype=dtype, matmul_dtype=None, remat=False, remat_keep="", scan_layers=True).replace(**config_overrides)
+  config = saved.replace(dtype=dtype, matmul_dtype=None, remat=False, remat_keep="", scan_layers=True)
+  config = config.replace(**config_overrides)
   leaves = {p: a if isinstance(a, QTensor) or not jnp.issubdtype(a.dtype, jnp.floating) else a.astype(param_dtype)
             for p, a in load_leaves(path / SAVED_WEIGHTS).items()}
   params = llama.stack_blocks(tree_paths.unflatten(leaves))
