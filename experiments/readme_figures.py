@@ -167,7 +167,8 @@ def gpu_decoding(rows: list[dict]) -> tuple[str, ...]:
   kernel, xla = row(rows, stage="decode", path="kernel"), row(rows, stage="decode", path="xla")
   layer = row(rows, stage="microbench", shape=[4096, 14336], group_size=32, m=1, transpose=False)
   return (f"{kernel['ms_per_token']:.2f}", f"{xla['ms_per_token']:.2f}",
-          f"{_only(rows, 'xla_over_kernel', stage='decode'):.2f}", f"{kernel['gb_s']:.0f}", f"{100 * kernel['copy_fraction']:.0f}",
+          f"{_only(rows, 'xla_over_kernel', stage='decode'):.2f}", f"{kernel['gb_s']:.0f}",
+          f"{100 * kernel['copy_fraction']:.0f}",
           value(rows, "gb_s", ".0f", ceiling="copy y = x + 1"), f"{layer['kernel']['us']:.1f}",
           f"{100 * layer['kernel']['copy_fraction']:.0f}", f"{layer['xla_over_kernel']:.2f}")
 
