@@ -213,6 +213,9 @@ def test_the_cpu_sequence_attention_with_bfloat16_operands_rounds_them_and_keeps
     return jax.jit(lambda *x: (fn(*x), jax.grad(loss, (0, 1, 2))(*x)))
 
   kernel = value_and_grads(lambda q, k, v: attn.attention(q, k, v, mask, operand_dtype=jnp.bfloat16))
+  text = kernel.lower(q, k, v).as_text()
+  assert "qalora_cpu_attention_fwd" in text and "qalora_cpu_attention_bwd" in text  # the kernel, not a fallback
+  assert text.count("bf16 = 1 : i64") == text.count("custom_call @qalora_cpu_attention")  # each call: bf16 products
   got, got_grads = kernel(q, k, v)
   again, again_grads = kernel(*rounded)
   for x, y in zip((got, *got_grads), (again, *again_grads)):
