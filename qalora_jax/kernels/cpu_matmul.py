@@ -3,16 +3,20 @@
 Batch-1 decoding is memory-bound, and XLA's CPU backend has a fast matrix-vector product only for float32
 operands: left to itself it dequantizes every weight to float32 (hoisting that out of the decoding loop, so
 it reads 4 bytes a weight). This kernel reads the packed codes (half a byte or a byte a weight) and multiplies
-them with int8 activations: each row of x is quantized to int8 per quantization group (x_i ~ a_g xq_i, a_g =
-max |x_i| / 127 over the group, the llama.cpp Q8 scheme), and
+them with int8 activations: each row of x is quantized to int8 per block b of 16 inputs (x_i ~ a_b xq_i,
+a_b = max |x_i| / 127 over the block; a group whose size 16 does not divide is one block), and
 
-    y_o = sum_g ( a_g scale[g, o] sum_{i in g} xq_i q[i, o] + offset[g, o] sum_{i in g} x_i )
+    y_o = sum_g ( scale[g, o] sum_{b in g} a_b sum_{i in b} xq_i q[i, o] + offset[g, o] sum_{i in g} x_i )
 
 the inner sums being AVX512-VNNI byte dot products (cpu_matmul.cc); rows go eight at a time through one pass
 over the codes (a prompt reads the weights once per eight tokens, from the L1 cache), one call may multiply
 several weights that read the same x (`matmul_shared`), and a wide call's columns, or a long prompt's, are
 computed in two halves, the second on XLA's own intra-op thread pool. It is what `matmul_dtype="int8"` selects
 (models.Config); `reference` is the same arithmetic in plain JAX, which the tests hold the kernel to.
+
+llama.cpp quantizes activations per 32 inputs (its Q8 blocks). Blocks of 16 cost about a third less perplexity
+for the same speed (experiments/perf/perf_vs_peers.md gives the int8 path's perplexity against float matmuls);
+blocks of 8 would cost less again, and about a fifth of the decoding speed.
 
 The kernel reads the weights in strips of 16 output columns (`Strips`), each strip's codes one contiguous run
 of memory (decoding runs about 10% faster so than reading a QTensor's [in / 8, out] rows 16 columns at a time).
@@ -150,14 +154,21 @@ def matmul_shared(x: jax.Array, weights) -> list[jax.Array]:
 
 
 def reference(x: jax.Array, qt: QTensor | Strips) -> jax.Array:
-  """The kernel's arithmetic in plain JAX (float32): int8 activations per group, then the formula above."""
+  """The kernel's arithmetic in plain JAX (float32): int8 activations per block, then the formula above."""
   qt = qt.qtensor() if isinstance(qt, Strips) else qt
   n_in, n_out = qt.shape
   g = qt.group_size
-  xg = x.astype(jnp.float32).reshape(x.shape[:-1] + (n_in // g, g))
-  amax = jnp.abs(xg).max(axis=-1, keepdims=True)
-  xq = jnp.round(xg * jnp.where(amax > 0, 127.0 / amax, 0.0))
-  q = packing.unpack(qt["codes"], qt.bits, n_in).astype(jnp.float32).reshape(n_in // g, g, n_out)
-  dots = jnp.einsum("...gi,gio->...go", xq, q)
+  blk = block_size(g)
+  xb = x.astype(jnp.float32).reshape(x.shape[:-1] + (n_in // g, g // blk, blk))
+  amax = jnp.abs(xb).max(axis=-1, keepdims=True)
+  xq = jnp.round(xb * jnp.where(amax > 0, 127.0 / amax, 0.0))
+  q = packing.unpack(qt["codes"], qt.bits, n_in).astype(jnp.float32).reshape(n_in // g, g // blk, blk, n_out)
+  dots = jnp.einsum("...gbi,gbio->...gbo", xq, q)
   scale, offset = (s.astype(jnp.float32) for s in _scales(qt))
-  return (((amax / 127.0) * scale * dots).sum(-2) + (xg.sum(-1)[..., None] * offset).sum(-2)).astype(x.dtype)
+  t = ((amax / 127.0) * dots).sum(-2)  # [..., groups, out]
+  return ((scale * t).sum(-2) + (xb.sum((-2, -1))[..., None] * offset).sum(-2)).astype(x.dtype)
+
+
+def block_size(group_size: int) -> int:
+  """Inputs a block of the activations' int8 quantization: 16, or the whole group when 16 does not divide it."""
+  return group_size if group_size % 16 else 16

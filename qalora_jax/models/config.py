@@ -50,7 +50,7 @@ class Config:
       compute dtype; None: the compute dtype. "bfloat16" with float32 compute is mixed precision, as PyTorch's
       autocast runs it: on CPUs with AMX or AVX512-BF16 and on accelerators those matmuls run several times
       faster. "int8" (for decoding):
-      INT4 group-wise weights meet activations quantized to int8 per group in a CPU kernel that reads the
+      INT4 group-wise weights meet activations quantized to int8 per 16 inputs in a CPU kernel that reads the
       packed codes (qalora_jax.kernels.cpu_matmul); everything else keeps the compute dtype.
     remat: recompute each block's activations in the backward pass (jax.checkpoint), keeping only the blocked
       attention's output and softmax statistics (models.attention.REMAT_SAVED).
