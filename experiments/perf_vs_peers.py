@@ -1,14 +1,16 @@
 """Training and decoding speed and memory of qalora-jax against the peers a user would pick instead, at equal
 precision, measured round after round in one session.
 
-    python experiments/perf_vs_peers.py [--rounds 3] [--groups train seq bits decode] [--out experiments/perf]
+    python experiments/perf_vs_peers.py [--rounds 3] [--groups train seq bits decode quality] [--out experiments/perf]
         [--qwix-python qwix-venv/bin/python] [--llamacpp-python llama-venv/bin/python] [--readme]
 
 The peers are ../shared/bench's (see its README for their virtual environments): transformers + PEFT LoRA and
 + bitsandbytes NF4 QLoRA in the recipe users run (bf16: autocast, bnb compute_dtype=bfloat16; and fp32), qwix
 QLoRA on tunix's NNX LLaMA, llama.cpp decoding the released GGUF. Ours is `qalora bench` at the precision of
 the peer it is compared with: bfloat16 weight matmuls against the bf16 rows, float32 matmuls against the fp32
-rows. Each run is a fresh process under /usr/bin/time (peak RSS). A ratio is taken within each round (both
+rows. The quality group measures what the decoding path's int8 activations cost: `qalora eval`'s perplexity of
+the first 4,096 Tempest tokens with float32 matmuls and with the int8 path. Each run is a fresh process under
+/usr/bin/time (peak RSS). A ratio is taken within each round (both
 runs measured minutes apart, on the same machine state) and the table gives the median of those ratios with
 their range, never a ratio of medians. Every JSON line records the CPU (model, cores, AVX512/VNNI/BF16/AMX
 flags): this machine changes between sessions. A peer whose environment is missing is skipped, and its
@@ -43,12 +45,19 @@ class Target:
   label: str
   num: str            # run whose figure is divided
   den: str            # by this run's, within a round
-  field: str          # tokens_per_s or maxrss_mb
-  goal: str           # ">= 1.5" or "<= 0.55"
+  field: str          # tokens_per_s, maxrss_mb, ppl, or tokens_per_s_at_peak (see `figure`)
+  goal: str           # ">= 1.5" or "<= 0.55"; "" for a figure that bounds another
+  den_field: str = ""  # the den run's field, if not `field`
 
   def met(self, value: float) -> bool:
     op, bound = self.goal.split()
     return value >= float(bound) if op == ">=" else value <= float(bound)
+
+
+def figure(line: dict, field: str) -> float:
+  """A run's figure: a field of its JSON line, or tokens_per_s_at_peak, the tokens/s of its model FLOPs at the
+  matmul peak measured in the same process (tokens_per_s / mfu), a bound no step of that model can pass."""
+  return line["tokens_per_s"] / line["mfu"] if field == "tokens_per_s_at_peak" else line[field]
 
 
 def runs(gguf_dir: str, bench: Path, qwix_py: str | None, llama_py: str | None) -> dict[str, dict[str, list[str]]]:
@@ -85,7 +94,10 @@ def runs(gguf_dir: str, bench: Path, qwix_py: str | None, llama_py: str | None) 
   if llama_py:
     decode["llama.cpp decode"] = [llama_py, str(bench / "peer_llamacpp_decode.py"), "64",
                                   str(Path(gguf_dir) / "SmolLM2-135M-Instruct.Q4_1.gguf"), str(os.cpu_count())]
-  return {"train": train, "seq": seq, "bits": bits, "decode": decode}
+  cli = [sys.executable, "-m", "qalora_jax.cli", "eval", "--model", "smollm2-135m", "--tokens", "4096"]
+  quality = {"ours perplexity float32 matmuls": cli,
+             "ours perplexity int8 path": cli + ["--matmul-dtype", "int8", "--embedding", "int8"]}
+  return {"train": train, "seq": seq, "bits": bits, "decode": decode, "quality": quality}
 
 
 TARGETS = [
@@ -98,6 +110,8 @@ TARGETS = [
     Target("our QLoRA / PEFT + bnb QLoRA bf16, tokens/s", "ours qlora", "peer qlora bf16", "tokens_per_s", ">= 1.3"),
     Target("QA-LoRA all float32 / PEFT + bnb QLoRA fp32, tokens/s", "ours qalora fp32", "peer qlora fp32",
            "tokens_per_s", ">= 1.5"),
+    Target("bound: QA-LoRA all float32 at 100% of its measured float32 matmul peak / PEFT + bnb QLoRA fp32, tokens/s",
+           "ours qalora fp32", "peer qlora fp32", "tokens_per_s_at_peak", "", "tokens_per_s"),
     Target("QA-LoRA remat peak RSS / PEFT + bnb QLoRA bf16", "ours qalora remat", "peer qlora bf16", "maxrss_mb",
            "<= 0.55"),
     Target("1 x 512: QA-LoRA remat / PEFT + bnb QLoRA bf16, tokens/s", "ours qalora remat 1x512",
@@ -119,6 +133,8 @@ TARGETS = [
            "llama.cpp decode", "tokens_per_s", ">= 1.2"),
     Target("merged INT4 decoding / PEFT + bnb QLoRA bf16 decoding, tokens/s", "ours decode qalora-merged",
            "peer decode qlora-bf16", "tokens_per_s", ">= 3"),
+    Target("int8 decoding path's perplexity / float32 matmuls' (SmolLM2's Q4_1 GGUF, 4,096 Tempest tokens)",
+           "ours perplexity int8 path", "ours perplexity float32 matmuls", "ppl", "<= 1.01"),
 ]
 
 
@@ -138,8 +154,8 @@ def within_round_ratios(lines: list[dict], target: Target) -> list[float]:
   by_round = {}
   for x in lines:
     by_round.setdefault(x["round"], {})[x["run"]] = x
-  return [r[target.num][target.field] / r[target.den][target.field] for _, r in sorted(by_round.items())
-          if target.num in r and target.den in r]
+  return [figure(r[target.num], target.field) / figure(r[target.den], target.den_field or target.field)
+          for _, r in sorted(by_round.items()) if target.num in r and target.den in r]
 
 
 def tables(lines: list[dict]) -> str:
@@ -151,13 +167,13 @@ def tables(lines: list[dict]) -> str:
          f"decoding batch 1 (32-token prompt, 64 new tokens). {rounds} rounds, medians; ratios are the median "
          f"of the ratios within each round [range]. CPU: {machine['model']}, {machine['cores']} cores, "
          f"{' '.join(machine['flags'])}.", "",
-         "| run | tokens/s | peak RSS MB | MFU | weights read / token MB |", "|---|---:|---:|---:|---:|"]
+         "| run | tokens/s | peak RSS MB | MFU | weights read / token MB | perplexity |",
+         "|---|---:|---:|---:|---:|---:|"]
   for name in names:
     xs = [x for x in lines if x["run"] == name]
-    med = lambda f: statistics.median(x[f] for x in xs)  # noqa: E731
-    mfu = f"{med('mfu'):.2f}" if "mfu" in xs[0] else "-"
-    read = f"{med('bytes_per_token') / 1e6:.0f}" if "bytes_per_token" in xs[0] else "-"
-    out.append(f"| {name} | {med('tokens_per_s'):.1f} | {med('maxrss_mb'):.0f} | {mfu} | {read} |")
+    med = lambda f, fmt, scale=1: f"{statistics.median(x[f] for x in xs) / scale:{fmt}}" if f in xs[0] else "-"  # noqa: E731
+    out.append(f"| {name} | {med('tokens_per_s', '.1f')} | {med('maxrss_mb', '.0f')} | {med('mfu', '.2f')} | "
+               f"{med('bytes_per_token', '.0f', 1e6)} | {med('ppl', '.3f')} |")
   out += ["", "| target | measured | goal | met |", "|---|---:|---:|:---:|"]
   for t in TARGETS:
     ratios = within_round_ratios(lines, t)
@@ -165,7 +181,8 @@ def tables(lines: list[dict]) -> str:
       continue
     m = statistics.median(ratios)
     spread = f" [{min(ratios):.2f}-{max(ratios):.2f}]" if len(ratios) > 1 else ""
-    out.append(f"| {t.label} | {m:.2f}x{spread} | {t.goal}x | {'yes' if t.met(m) else 'no'} |")
+    goal, met = (f"{t.goal}x", "yes" if t.met(m) else "no") if t.goal else ("-", "-")
+    out.append(f"| {t.label} | {m:.{3 if t.field == 'ppl' else 2}f}x{spread} | {goal} | {met} |")
   missing = [t.label for t in TARGETS if not within_round_ratios(lines, t)]
   if missing:
     out += ["", "Not measured in this run: " + "; ".join(missing) + "."]
@@ -181,7 +198,7 @@ def rewrite(jsonl: Path) -> str:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--rounds", type=int, default=3)
-  parser.add_argument("--groups", nargs="*", default=["train", "seq", "bits", "decode"])
+  parser.add_argument("--groups", nargs="*", default=["train", "seq", "bits", "decode", "quality"])
   parser.add_argument("--only", nargs="*", help="run only these runs (names as in the table)")
   parser.add_argument("--bench-dir", default=str(BENCH), help="the peers' scripts (shared/bench)")
   parser.add_argument("--qwix-python", help="python of the qwix + tunix environment (shared/bench/README.md)")
@@ -203,8 +220,9 @@ def main() -> None:
         failed.append({"run": name, "round": r, "error": str(e)[-500:]})
         print(f"round {r + 1}/{args.rounds} {name}: failed: {str(e)[-300:]}", file=sys.stderr, flush=True)
         continue
-      print(f"round {r + 1}/{args.rounds} {name}: {lines[-1]['tokens_per_s']:.1f} tokens/s, "
-            f"{lines[-1]['maxrss_mb']:.0f} MB", file=sys.stderr, flush=True)
+      x = lines[-1]
+      what = f"perplexity {x['ppl']:.3f}" if "ppl" in x else f"{x['tokens_per_s']:.1f} tokens/s"
+      print(f"round {r + 1}/{args.rounds} {name}: {what}, {x['maxrss_mb']:.0f} MB", file=sys.stderr, flush=True)
   text = tables(lines)
   if failed:
     text += "\nFailed runs: " + "; ".join(f"{f['run']} (round {f['round'] + 1})" for f in failed) + ".\n"

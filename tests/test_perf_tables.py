@@ -39,3 +39,18 @@ def test_a_round_missing_one_side_is_left_out_and_memory_targets_are_upper_bound
   assert perf.within_round_ratios(lines, rss) == [0.5]
   assert rss.met(0.5) and not rss.met(0.6)
 
+
+
+def test_the_bound_at_the_matmul_peak_and_the_perplexity_ratio():
+  # ours: 200 tokens/s at MFU 0.8, so at most 250 at the peak; the peer: 100 tokens/s
+  lines = [{**_line("ours qalora fp32", 0, 200), "mfu": 0.8}, _line("peer qlora fp32", 0, 100),
+           {"run": "ours perplexity int8 path", "round": 0, "ppl": 36.5, "maxrss_mb": 900.0, "cpu": CPU},
+           {"run": "ours perplexity float32 matmuls", "round": 0, "ppl": 36.0, "maxrss_mb": 900.0, "cpu": CPU}]
+  bound = next(t for t in perf.TARGETS if t.field == "tokens_per_s_at_peak")
+  assert perf.within_round_ratios(lines, bound) == pytest.approx([2.5])
+  ppl = next(t for t in perf.TARGETS if t.field == "ppl")
+  assert perf.within_round_ratios(lines, ppl) == pytest.approx([36.5 / 36.0])
+  text = perf.tables(lines)
+  assert f"| {bound.label} | 2.50x | - | - |" in text  # a bound has no goal
+  assert f"| {ppl.label} | 1.014x | <= 1.01x | no |" in text
+  assert "| ours perplexity int8 path | - | 900 | - | - | 36.500 |" in text
