@@ -1,5 +1,5 @@
 """Helpers for the model tests: tiny random Hugging Face models, a tiny BPE tokenizer, GGUF files written from
-them. Nothing here downloads anything."""
+them, the equations of a jaxpr. Nothing here downloads anything."""
 
 from __future__ import annotations
 
@@ -180,3 +180,14 @@ def _unpermute(w, n_heads):
       out[h * d + j] = w[h * d + 2 * j]
       out[h * d + j + d // 2] = w[h * d + 2 * j + 1]
   return out
+
+
+def equations(jaxpr):
+  """Every equation of a jaxpr and of the jaxprs nested in it (scan, checkpoint, custom_vjp and pjit bodies)."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for param in eqn.params.values():
+      for sub in (param if isinstance(param, (list, tuple)) else [param]):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          yield from equations(inner)

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from models_testing import equations
 from qalora_jax import models
 from qalora_jax.models import attention as attn
 from qalora_jax.models import llama
@@ -115,21 +116,11 @@ def test_a_rematerialised_block_does_not_run_the_attention_again():
     return jnp.sum(jnp.sin(attn.blocked_attention(2 * q, 2 * k, 2 * v, key_mask, 0, None, 128)))
 
   def exps(fn):
-    return sum(e.primitive.name == "exp" for top in jax.make_jaxpr(fn)(q, k, v).eqns for e in _all_eqns(top))
+    return sum(e.primitive.name == "exp" for e in equations(jax.make_jaxpr(fn)(q, k, v).jaxpr))
 
   grad = lambda policy: jax.grad(jax.checkpoint(block, policy=policy), (0, 1, 2))  # noqa: E731
   saved = exps(grad(jax.checkpoint_policies.save_only_these_names(*attn.REMAT_SAVED)))
   assert exps(block) > 0 and exps(grad(None)) - saved == exps(block)
-
-
-def _all_eqns(eqn):
-  """eqn and the equations of the jaxprs nested in it (checkpoint, custom_vjp, pjit bodies)."""
-  yield eqn
-  for param in eqn.params.values():
-    for sub in (param if isinstance(param, (list, tuple)) else [param]):
-      inner = getattr(sub, "jaxpr", sub)
-      for e in getattr(inner, "eqns", []):
-        yield from _all_eqns(e)
 
 
 @pytest.mark.parametrize("index,window", [(0, None), (9, None), (23, 6)])

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from models_testing import equations
 from qalora_jax import models, quant
 from qalora_jax.models import generation, layers, llama, metrics
 
@@ -61,19 +62,6 @@ def test_remat_keeps_values_and_gradients():
       jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g0, g1)
 
 
-def _count(jaxpr, name: str) -> int:
-  """Equations named `name` in a jaxpr and the jaxprs nested in it (scan, checkpoint, custom_vjp bodies)."""
-  n = 0
-  for eqn in jaxpr.eqns:
-    n += eqn.primitive.name == name
-    for param in eqn.params.values():
-      for sub in (param if isinstance(param, (list, tuple)) else [param]):
-        inner = getattr(sub, "jaxpr", sub)
-        if hasattr(inner, "eqns"):
-          n += _count(inner, name)
-  return n
-
-
 def test_remat_keep_recomputes_fewer_projections():
   """Each kept activation takes its projections out of the backward pass's recomputation: fewer matmuls in the
   gradient's program, "qkv" three a layer, "mlp" two."""
@@ -83,7 +71,7 @@ def test_remat_keep_recomputes_fewer_projections():
   def dots(keep):
     config = CONFIG.replace(remat=True, remat_keep=keep)
     loss = lambda p: llama.apply(config, p, tokens).sum()  # noqa: E731
-    return _count(jax.make_jaxpr(jax.grad(loss))(lm.params).jaxpr, "dot_general")
+    return sum(e.primitive.name == "dot_general" for e in equations(jax.make_jaxpr(jax.grad(loss))(lm.params).jaxpr))
 
   none, qkv, mlp, both = dots(""), dots("qkv"), dots("mlp"), dots("qkv,mlp")
   assert none - qkv == 3 and none - mlp == 2 and none - both == 5
