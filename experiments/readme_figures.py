@@ -69,7 +69,7 @@ def largest_spread(lines: list[dict]) -> str:
   """The largest max / min - 1 of one run's tokens/s over the rounds, in percent."""
   runs = {}
   for x in lines:
-    if "error" not in x:
+    if "tokens_per_s" in x:
       runs.setdefault(x["run"], []).append(x["tokens_per_s"])
   return f"{max(max(v) / min(v) - 1 for v in runs.values() if len(v) > 1) * 100:.0f}"
 
