@@ -25,6 +25,8 @@ BENCHES = {
     "train lora": ["train", "--method", "lora"],
     "train qlora": ["train", "--method", "qlora"],
     "train qalora": ["train", "--method", "qalora"],
+    "train qalora remat": ["train", "--method", "qalora", "--remat"],
+    "train qalora fp32": ["train", "--method", "qalora", "--matmul-dtype", "float32"],
     "decode qalora-merged": ["decode", "--method", "qalora-merged"],
 }
 

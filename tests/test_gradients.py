@@ -1,5 +1,5 @@
-"""The hand-written backward passes (frozen-base matmul, low-rank adapter, fused head + softmax) against
-what autodiff derives from the plain formulas, and mixed-precision matmuls against float32."""
+"""The hand-written backward passes (frozen-base matmul, low-rank adapter, SwiGLU's product, fused head +
+softmax) against what autodiff derives from the plain formulas, and mixed-precision matmuls against float32."""
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +55,23 @@ def test_the_backward_pass_keeps_no_float_copy_of_a_quantized_kernel():
   kept = [leaf for leaf in jax.tree.leaves(vjp) if hasattr(leaf, "shape")]
   assert any(leaf.dtype == jnp.uint32 for leaf in kept)
   assert not any(leaf.shape == (48, 24) for leaf in kept)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_silu_mul_gradients_match_autodiff_and_keep_only_its_inputs(dtype):
+  g, u, dy = (_normal(i, (3, 5, 40), 3.0).astype(dtype) for i in range(3))  # |g| up to ~10: both tails of s
+
+  def formula(g, u):
+    return g * (1 / (1 + jnp.exp(-g))) * u
+
+  y, vjp = jax.vjp(layers.silu_mul, g, u)
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  _close(y.astype(jnp.float32), formula(g, u).astype(jnp.float32), tol)
+  want = jax.vjp(formula, g.astype(jnp.float32), u.astype(jnp.float32))[1](dy.astype(jnp.float32))
+  _close([d.astype(jnp.float32) for d in vjp(dy)], list(want), tol)
+  assert all(d.dtype == dtype for d in vjp(dy))
+  kept = [leaf for leaf in jax.tree.leaves(vjp) if hasattr(leaf, "shape")]
+  assert len(kept) == 2 and all(leaf.shape == g.shape for leaf in kept)  # g and u; not sigmoid(g) nor silu(g)
 
 
 @pytest.mark.parametrize("vocab_first", [True, False])

@@ -17,7 +17,7 @@ from qalora_jax.nn.linear import base_matmul, linear, materialize, operand_dtype
 from qalora_jax.quant import QTensor
 
 __all__ = ["apply_rope", "dense", "head_logits", "head_nll", "linear", "materialize", "rms_norm", "subkey",
-           "rope_angles", "swiglu"]
+           "rope_angles", "silu_mul", "swiglu"]
 
 
 def dense(x: jax.Array, kernel, bias=None) -> jax.Array:
@@ -58,12 +58,36 @@ def subkey(rng: jax.Array | None, i: int) -> jax.Array | None:
   return None if rng is None else jax.random.fold_in(rng, i)
 
 
+@jax.custom_vjp
+def silu_mul(gate: jax.Array, up: jax.Array) -> jax.Array:
+  """SwiGLU's product silu(g) * u = g sigmoid(g) u, with its gradients written out (s = sigmoid(g)):
+
+    du = dy g s,   dg = dy u s (1 + g (1 - s))
+
+  so the backward pass keeps g and u alone and makes s again (left to autodiff it keeps g, s, g s and u, each
+  [tokens, ffn]: the largest residuals of a block)."""
+  return jax.nn.silu(gate) * up
+
+
+def _silu_mul_fwd(gate, up):
+  return silu_mul(gate, up), (gate, up)
+
+
+def _silu_mul_bwd(residuals, dy):
+  gate, up = residuals
+  s = jax.nn.sigmoid(gate)
+  return dy * up * s * (1 + gate * (1 - s)), dy * gate * s
+
+
+silu_mul.defvjp(_silu_mul_fwd, _silu_mul_bwd)
+
+
 def swiglu(x: jax.Array, p: dict, dropout_rng: jax.Array | None = None, matmul_dtype: str | None = None
            ) -> jax.Array:
   """SwiGLU MLP: down(silu(gate(x)) * up(x)), each projection a `linear` on its parameter dict."""
   gate = linear(x, p["gate_proj"], dropout_rng=subkey(dropout_rng, 0), matmul_dtype=matmul_dtype)
   up = linear(x, p["up_proj"], dropout_rng=subkey(dropout_rng, 1), matmul_dtype=matmul_dtype)
-  return linear(jax.nn.silu(gate) * up, p["down_proj"], dropout_rng=subkey(dropout_rng, 2), matmul_dtype=matmul_dtype)
+  return linear(silu_mul(gate, up), p["down_proj"], dropout_rng=subkey(dropout_rng, 2), matmul_dtype=matmul_dtype)
 
 
 def head_logits(x: jax.Array, weight, vocab_first: bool, matmul_dtype: str | None = None) -> jax.Array:

@@ -231,7 +231,7 @@ class MLP(nnx.Module):
   def __call__(self, x, rng=None):
     gate, up = shared_input(x, [self.gate_proj, self.up_proj], [layers.subkey(rng, 0), layers.subkey(rng, 1)])
     gate, up = checkpoint_name(gate, "mlp_gate"), checkpoint_name(up, "mlp_up")
-    return self.down_proj(jax.nn.silu(gate) * up, dropout_rng=layers.subkey(rng, 2))
+    return self.down_proj(layers.silu_mul(gate, up), dropout_rng=layers.subkey(rng, 2))
 
 
 class Block(nnx.Module):
