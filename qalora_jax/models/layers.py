@@ -64,8 +64,8 @@ def silu_mul(gate: jax.Array, up: jax.Array) -> jax.Array:
 
     du = dy g s,   dg = dy u s (1 + g (1 - s))
 
-  so the backward pass keeps g and u alone and makes s again (left to autodiff it keeps g, s, g s and u, each
-  [tokens, ffn]: the largest residuals of a block)."""
+  so the backward pass keeps g and u alone and makes s again (left to autodiff it keeps g, u and three arrays
+  of silu's, each [tokens, ffn]: the largest residuals of a block)."""
   return jax.nn.silu(gate) * up
 
 
