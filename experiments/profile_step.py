@@ -2,11 +2,15 @@
 classified by the optimized HLO as a matmul (its fusion holds a dot or convolution) or not, summed over the
 threads that ran it.
 
-    python experiments/profile_step.py --method qalora --batch 4 --seq 128 [--remat] [--steps 3] [--top 15]
+    python experiments/profile_step.py --method qalora --batch 4 --seq 128 [--matmul-dtype float32] [--remat]
+        [--steps 3] [--top 15]
 
 Prints the step time, the matmul / other split, the time by output shape (a leading axis of the layer count
 is a scan's stacked buffer), and the slowest thunks of each kind. Times are thread time per step: on 2 cores
-two thunks can run at once, so the sum exceeds the step's wall time.
+two thunks can run at once, so the sum exceeds the step's wall time. The process restarts itself with glibc's
+large blocks in huge pages, as `qalora` does (hardware.huge_page_environment): without them the first touch of
+each step's fresh buffers faults 4 KB pages (about 136,000 a step at 4 x 128), and that time lands on whichever
+thunk touches a buffer first, mostly the zero-fill of the scan's stacked residuals.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
+import os
 import re
+import sys
 import tempfile
 import time
 
@@ -22,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qalora_jax import bench
+from qalora_jax import bench, hardware
 from qalora_jax.train import experiment
 
 
@@ -59,15 +65,19 @@ def thunk_kinds(hlo: str) -> dict[str, tuple[str, str]]:
 
 
 def main() -> None:
+  environ = hardware.huge_page_environment(dict(os.environ))
+  if environ is not None:
+    os.execve(sys.executable, sys.orig_argv, environ)
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--method", default="qalora", choices=bench.TRAIN_METHODS)
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--seq", type=int, default=128)
+  parser.add_argument("--matmul-dtype", default="bfloat16", choices=["bfloat16", "float32"])
   parser.add_argument("--remat", action="store_true")
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--top", type=int, default=15)
   args = parser.parse_args()
-  cfg = bench.train_config(args.method, "smollm2-135m", args.batch, args.seq, "float32", args.remat, "bfloat16")
+  cfg = bench.train_config(args.method, "smollm2-135m", args.batch, args.seq, "float32", args.remat, args.matmul_dtype)
   exp = experiment.build(cfg, log=lambda m: None)
   init, step = exp.make_step()
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, exp.lm.config.vocab_size, (args.batch, args.seq + 1)),
@@ -99,7 +109,8 @@ def main() -> None:
     kind, shape = kinds[name]
     by_kind[kind] += ms
     by_shape[(kind, shape)] += ms
-  print(f"{args.method} {args.batch} x {args.seq}{' remat' if args.remat else ''}: {seconds:.3f} s a step; "
+  print(f"{args.method} {args.batch} x {args.seq}, {args.matmul_dtype} matmuls{', remat' if args.remat else ''}: "
+        f"{seconds:.3f} s a step; "
         f"thread time a step: " + ", ".join(f"{k} {v:.0f} ms" for k, v in by_kind.most_common()))
   print("\n| kind | output shape | ms a step |\n|---|---|---:|")
   for (kind, shape), ms in by_shape.most_common(args.top):
