@@ -34,7 +34,8 @@ if what == "decode":
                                     jax.random.PRNGKey(0), jnp.float32(1.0), jnp.float32(1.0), max_new_tokens=64,
                                     greedy=True)
 else:
-  r = experiment.build(bench.train_config(what, "smollm2-135m", 4, 128, "float32", False, "bfloat16"), log=lambda m: None)
+  r = experiment.build(bench.train_config(what, "smollm2-135m", 4, 128, "float32", False, "bfloat16"),
+                       log=lambda m: None)
   if hasattr(r, "make_step"):
     init, step = r.make_step()
   else:  # before the NNX decoder

@@ -23,8 +23,9 @@ from qalora_jax.train import experiment
 
 
 def train(workdir, steps, checkpoint_every):
-  return [sys.executable, "-m", "qalora_jax.cli", "train", "--config", "configs/quickstart.py", "--workdir", str(workdir),
-          f"--config.steps={steps}", f"--config.checkpoint_every={checkpoint_every}", "--config.sample_prompt="]
+  return [sys.executable, "-m", "qalora_jax.cli", "train", "--config", "configs/quickstart.py", "--workdir",
+          str(workdir), f"--config.steps={steps}", f"--config.checkpoint_every={checkpoint_every}",
+          "--config.sample_prompt="]
 
 
 def losses(workdir):
@@ -43,7 +44,8 @@ def main():
   t0 = time.time()
   subprocess.run(train(out / "uninterrupted", args.steps, every), check=True, stdout=subprocess.DEVNULL,
                  stderr=subprocess.DEVNULL)
-  proc = subprocess.Popen(train(out / "killed", args.steps, every), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(train(out / "killed", args.steps, every), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
   first = out / "killed" / "checkpoints" / str(every)
   while not first.exists() and proc.poll() is None:
     time.sleep(0.1)

@@ -14,8 +14,8 @@ the offsets), export with `export.gguf.export_gguf` (source: SmolLM2's own Q4_1 
 With --llamacpp-python (an environment with llama-cpp-python; not a dependency of this project), llama.cpp
 also runs each exported file: its 32 greedy tokens against ours (float32 and int8-activation matmuls), and its
 decoding speed on the exported file against the source GGUF (shared/bench/peer_llamacpp_decode.py,
-alternately, 3 rounds). A first row exports SmolLM2 itself (its Q4_1 block linears read as QTensors): the tensors should be the
-source's byte for byte. Writes experiments/gguf_export.json and experiments/gguf_export.md.
+alternately, 3 rounds). A first row exports SmolLM2 itself (its Q4_1 block linears read as QTensors): the tensors
+should be the source's byte for byte. Writes experiments/gguf_export.json and experiments/gguf_export.md.
 
 Note: SmolLM2's released weights already sit on a Q4_1 (asymmetric 4-bit, group-32, float16) grid, so the
 INT4 g32 base is nearly the released weights; g64 is the setting that does not flatter the base.
@@ -208,7 +208,8 @@ def markdown(result: dict) -> str:
   """The tables of a gguf_export.json."""
   rows = result["rows"]
   lines = ["# GGUF export of a merged QA-LoRA SmolLM2-135M", "", f"`{result['command']}`", "",
-           "| setting | QTensors (the block linears, stacked over 30 layers; the 8-bit token table) bit-equal after read-back | float leaves equal | transformers max\\|dlogit\\|/max\\|logit\\| "
+           "| setting | QTensors (the block linears, stacked over 30 layers; the 8-bit token table) bit-equal after "
+           "read-back | float leaves equal | transformers max\\|dlogit\\|/max\\|logit\\| "
            "(target <= 1e-4) | greedy 32 equal | file bytes | source bytes |", "|---|---|---|---|---|---:|---:|"]
   for row in rows:
     if "qtensors" in row:
@@ -222,15 +223,18 @@ def markdown(result: dict) -> str:
   llama = [row for row in rows if "llamacpp_greedy" in row]
   if llama:
     lines += ["", "llama.cpp (llama-cpp-python, 2 threads) on the exported files:", "",
-              "| setting | greedy 32 tokens = ours (float32 / int8 matmuls; common prefix) | max\\|dlogit\\|/max\\|logit\\|, "
+              "| setting | greedy 32 tokens = ours (float32 / int8 matmuls; common prefix) | "
+              "max\\|dlogit\\|/max\\|logit\\|, "
               "llama.cpp vs ours float32 / int8, exported file | same on the released file (llama.cpp's own noise) | "
               "llama.cpp tokens/s exported / source (ratio within rounds) |", "|---|---|---:|---:|---:|"]
     for row in llama:
       lines.append(f"| {row['setting']} | {row['llamacpp_greedy_equal_ours_float32']} / "
                    f"{row['llamacpp_greedy_equal_ours_int8']} ({row['llamacpp_greedy_common_prefix_float32']} / "
                    f"{row['llamacpp_greedy_common_prefix_int8']}) | "
-                   f"{row['llamacpp_rel_logit_diff_exported_float32']:.2e} / {row['llamacpp_rel_logit_diff_exported_int8']:.2e} | "
-                   f"{row['llamacpp_rel_logit_diff_source_float32']:.2e} / {row['llamacpp_rel_logit_diff_source_int8']:.2e} | "
+                   f"{row['llamacpp_rel_logit_diff_exported_float32']:.2e} / "
+                   f"{row['llamacpp_rel_logit_diff_exported_int8']:.2e} | "
+                   f"{row['llamacpp_rel_logit_diff_source_float32']:.2e} / "
+                   f"{row['llamacpp_rel_logit_diff_source_int8']:.2e} | "
                    f"{row['llamacpp_tokens_per_s_exported']:.1f} / "
                    f"{row['llamacpp_tokens_per_s_source']:.1f} ({row['llamacpp_speed_ratio']:.2f}) |")
   lines += ["", "The export adds the key `qalora_jax.qtensors` (each QTensor's bits, group size, symmetry; about "

@@ -171,7 +171,8 @@ def tables(lines: list[dict]) -> str:
          "|---|---:|---:|---:|---:|---:|"]
   for name in names:
     xs = [x for x in lines if x["run"] == name]
-    med = lambda f, fmt, scale=1: f"{statistics.median(x[f] for x in xs) / scale:{fmt}}" if f in xs[0] else "-"  # noqa: E731
+    med = lambda f, fmt, scale=1: (f"{statistics.median(x[f] for x in xs) / scale:{fmt}}"  # noqa: E731
+                                   if f in xs[0] else "-")
     out.append(f"| {name} | {med('tokens_per_s', '.1f')} | {med('maxrss_mb', '.0f')} | {med('mfu', '.2f')} | "
                f"{med('bytes_per_token', '.0f', 1e6)} | {med('ppl', '.3f')} |")
   out += ["", "| target | measured | goal | met |", "|---|---:|---:|:---:|"]

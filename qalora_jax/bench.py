@@ -4,7 +4,8 @@
     qalora bench decode --method qalora-merged --new-tokens 64
 
 train: the jitted training step of LoRA (float base), QLoRA (NF4 + double quantization) or QA-LoRA (INT-k,
-`bits` 2/3/4/8 and `group_size`, default INT4 g32), r = 16 on all seven linears, AdamW, on random token batches (as the PyTorch peers in shared/bench).
+`bits` 2/3/4/8 and `group_size`, default INT4 g32), r = 16 on all seven linears, AdamW, on random token batches
+(as the PyTorch peers in shared/bench).
 tokens_per_s is batch x seq over the median of `repeats` timed steps after `warmup` steps; compile_s the
 time to lower and compile the step; mfu = model FLOPs per second / the float32 matmul peak measured in the
 same process, with the model FLOPs of a step on a frozen base counted as forward + input gradients:

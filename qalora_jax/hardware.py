@@ -21,7 +21,8 @@ FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile"
 def cpu() -> dict:
   """{"model", "cores", "flags"}: the CPU's model name, its logical cores, and which of FLAGS it has."""
   info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-  field = lambda name: next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith(name)), "")  # noqa: E731
+  field = lambda name: next((ln.split(":", 1)[1].strip() for ln in info.splitlines()  # noqa: E731
+                             if ln.startswith(name)), "")
   flags = set(field("flags").split())
   return {"model": field("model name") or platform.machine(), "cores": os.cpu_count(),
           "flags": [f for f in FLAGS if f in flags]}

@@ -70,12 +70,14 @@ def test_combine_and_merge(method):
   params = nn.combine(frozen, adapters)
   x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 64)), jnp.float32)
   merged = nn.merge_params(frozen, adapters)
-  assert not any(isinstance(leaf, nn.Adapter) for leaf in jax.tree.leaves(merged, is_leaf=lambda t: isinstance(t, nn.Adapter)))
+  assert not any(isinstance(leaf, nn.Adapter)
+                 for leaf in jax.tree.leaves(merged, is_leaf=lambda t: isinstance(t, nn.Adapter)))
   for layer in range(2):
     take = lambda t: jax.tree.map(lambda a: a[layer], t)  # noqa: E731
     unmerged_y = nn.linear(x, take(params["blocks"]["attn"]["q_proj"]))
     merged_y = nn.linear(x, take(merged["blocks"]["attn"]["q_proj"]))
-    np.testing.assert_allclose(np.asarray(merged_y), np.asarray(unmerged_y), atol=1e-5 * float(jnp.abs(unmerged_y).max()))
+    np.testing.assert_allclose(np.asarray(merged_y), np.asarray(unmerged_y),
+                               atol=1e-5 * float(jnp.abs(unmerged_y).max()))
   if method == "qalora":
     assert nn.tree_nbytes(merged) == nn.tree_nbytes(frozen)
     assert isinstance(merged["blocks"]["attn"]["q_proj"]["kernel"], quant.QTensor)

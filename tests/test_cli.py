@@ -55,7 +55,8 @@ def test_quantize_report_json(toy_gguf, capsys):
                  "--group-size", "32", "--json"])
   assert rc == 0
   rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-  assert [(r["quantizer"], r["bits"], r["group_size"]) for r in rows] == [("int", 4, 32), ("int", 2, 32), ("nf4", 4, 32)]
+  assert [(r["quantizer"], r["bits"], r["group_size"]) for r in rows] == [("int", 4, 32), ("int", 2, 32),
+                                                                          ("nf4", 4, 32)]
   for r in rows:
     assert {"quantizer", "bits", "group_size", "bits_per_weight", "bytes", "weight_rel_error"} <= set(r)
   n = sum(w.size for w in weights.values())

@@ -239,7 +239,8 @@ def tiny_source(tmp_path_factory):
 
 def test_train_merge_generate_eval_export_on_the_command_line(tmp_path, capsys, tiny_source):
   run, merged_dir = tmp_path / "run", tmp_path / "merged"
-  assert _run(["train", "--config", TINY, "--workdir", str(run), "--config.steps=2", f"--config.model.name={tiny_source}",
+  assert _run(["train", "--config", TINY, "--workdir", str(run), "--config.steps=2",
+               f"--config.model.name={tiny_source}",
                "--config.base.options.group_size=32", "--config.adapter.rank=2"], capsys)[0] == 0
   assert _run(["merge", "--workdir", str(run), "--out", str(merged_dir)], capsys)[0] == 0
   code, out, _ = _run(["generate", "--model", str(merged_dir), "--prompt", "To be", "--max-new-tokens", "4"], capsys)

@@ -214,7 +214,8 @@ def test_each_layers_hessian_comes_from_the_quantized_model_before_it(tiny):
   mask = models.llama.attention_mask(config, jnp.ones(tokens.shape, bool), 0)
   a, _ = b.attn(b.attn_norm(jnp.asarray(emb)), cos, sin, mask, None, 0)
   x3 = b.mlp_norm(jnp.asarray(emb) + a)
-  x4 = jax.nn.silu(x3 @ q["mlp"]["gate_proj"]["kernel"].dequantize()) * (x3 @ q["mlp"]["up_proj"]["kernel"].dequantize())
+  x4 = (jax.nn.silu(x3 @ q["mlp"]["gate_proj"]["kernel"].dequantize())
+        * (x3 @ q["mlp"]["up_proj"]["kernel"].dequantize()))
   check("down_proj", "mlp", x4)
 
 

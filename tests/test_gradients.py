@@ -136,5 +136,6 @@ def test_bfloat16_matmuls_are_close_to_float32_and_train_the_same_way():
 
 
 def test_bad_matmul_dtype():
-  with pytest.raises(ValueError, match="matmul_dtype='float16' is not supported; allowed: None, float32, bfloat16, int8"):
+  with pytest.raises(ValueError, match="matmul_dtype='float16' is not supported; allowed: "
+                                       "None, float32, bfloat16, int8"):
     CONFIG.replace(matmul_dtype="float16")

@@ -90,8 +90,8 @@ def test_the_command_line_restarts_itself_so_that_large_blocks_lie_in_huge_pages
   environ = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "QALORA_HUGE_PAGES")}
   if hardware.huge_page_environment(environ) is None or not Path("/proc/self/smaps_rollup").exists():
     pytest.skip("no glibc >= 2.35 with transparent huge pages here")
-  run = lambda env: subprocess.run([sys.executable, "-c", RESTARTED, "--help"], env=env, capture_output=True,  # noqa: E731
-                                   text=True, timeout=60)
+  run = lambda env: subprocess.run([sys.executable, "-c", RESTARTED, "--help"], env=env,  # noqa: E731
+                                   capture_output=True, text=True, timeout=60)
   restarted = run(environ)
   assert restarted.returncode == 0, restarted.stderr
   assert int(restarted.stdout.split("huge KB")[1]) >= 32 << 10

@@ -90,5 +90,6 @@ def test_bad_options(options, message):
 
 
 def test_group_larger_than_input_dim_is_rejected():
-  with pytest.raises(ValueError, match=r"group_size=256 is not supported for input dimension 128; allowed: an integer in 1..128, or -1"):
+  with pytest.raises(ValueError, match=r"group_size=256 is not supported for input dimension 128; allowed: "
+                                       r"an integer in 1..128, or -1"):
     quant.get("int", group_size=256).quantize(np.zeros((128, 4), np.float32))

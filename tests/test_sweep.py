@@ -53,7 +53,8 @@ def test_seeds_cross_every_cell_and_keep_its_name(tmp_path):
 
 def test_a_seed_decides_data_order_adapter_init_and_dropout(monkeypatch):
   """One seed reproduces a run bit for bit; another changes each of the three (checked one at a time)."""
-  cfg = lambda seed: config_lib.load("configs/tiny.py", [f"--config.seed={seed}", "--config.adapter.dropout=0.1"])  # noqa: E731
+  cfg = lambda seed: config_lib.load("configs/tiny.py",  # noqa: E731
+                                     [f"--config.seed={seed}", "--config.adapter.dropout=0.1"])
   run0, again, run1 = (experiment.build(cfg(s), log=quiet) for s in (0, 0, 1))
   leaves = lambda tree: [np.asarray(x) for x in jax.tree.leaves(tree)]  # noqa: E731
   differ = lambda x, y: any(not np.array_equal(a, b) for a, b in zip(leaves(x), leaves(y)))  # noqa: E731
@@ -110,7 +111,8 @@ def test_killed_sweep_resumes_to_the_uninterrupted_table(tmp_path, capsys):
   assert step == ref_step == 12
   for a, b in zip(jax.tree.leaves(ref_trained), jax.tree.leaves(trained)):
     assert float(np.abs(np.asarray(a) - np.asarray(b)).max()) <= 1e-6
-  losses = lambda d: [(m["step"], m["loss"]) for m in map(json.loads, open(d / "metrics.jsonl")) if "loss" in m]  # noqa: E731
+  losses = lambda d: [(m["step"], m["loss"]) for m in map(json.loads, open(d / "metrics.jsonl"))  # noqa: E731
+                      if "loss" in m]
   np.testing.assert_allclose(np.array(losses(second)), np.array(losses(reference / "cells" / "bits=2")), rtol=1e-6)
   assert_events_match_metrics(second)
   assert cli.main(["table", "--workdir", str(killed)]) == 0

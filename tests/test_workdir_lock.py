@@ -40,7 +40,8 @@ def test_a_second_run_on_a_live_runs_workdir_is_refused_and_the_first_finishes_i
     messages = []
     outcome = sweep.run(sweep.load(str(spec)), tmp_path / "sweep", progress=False, log=messages.append)
     assert outcome == {"done": [], "skipped": [], "running": ["base"], "failed": []}
-    assert f"base: running elsewhere, skipped (workdir {workdir} is in use by another run (pid {first.pid}" in messages[-1]
+    assert (f"base: running elsewhere, skipped (workdir {workdir} is in use by another run "
+            f"(pid {first.pid}" in messages[-1])
     assert first.poll() is None, "the first run ended before the second was tried; make it longer"
     _, stderr = first.communicate(timeout=300)
   finally:

@@ -1,6 +1,6 @@
 """GPU sweep on a 1B-class model (configs/gpu_1b.py): QA-LoRA's rank, bit width and group size, with LoRA and
-QLoRA beside it at the config's r = 16. The same command as the CPU sweeps (configs/sweeps/tiny.py, paper.py); the config
-differs.
+QLoRA beside it at the config's r = 16. The same command as the CPU sweeps (configs/sweeps/tiny.py, paper.py); the
+config differs.
 
     qalora sweep --config configs/sweeps/gpu_1b.py:model=/data/Llama-3.2-1B --workdir runs/gpu-1b-sweep
     qalora table --workdir runs/gpu-1b-sweep

@@ -131,5 +131,6 @@ def get_sweep(arg=None):
       "config": "configs/quickstart.py",
       "overrides": {"steps": args["steps"], "optim.warmup_steps": 5, "checkpoint_every": 25, "sample_prompt": "",
                     "base.calibration": 32, "base.calibration_len": 512},
-      "seeds": list(range(args["seeds"])), "cells": cells, "tables": [table1, table5, table2, orderings, wall_times], "plots": plots,
+      "seeds": list(range(args["seeds"])), "cells": cells, "tables": [table1, table5, table2, orderings, wall_times],
+      "plots": plots,
   }

@@ -27,10 +27,12 @@ def read_instructions(path: str | Path) -> list[dict[str, str]]:
         obj = json.loads(line)
       except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-      if not isinstance(obj, dict) or not isinstance(obj.get("instruction"), str) or not isinstance(obj.get("output"), str):
+      if (not isinstance(obj, dict) or not isinstance(obj.get("instruction"), str)
+          or not isinstance(obj.get("output"), str)):
         raise ValueError(f"{path}:{lineno}: each line needs string fields 'instruction' and 'output' "
                          f"(and optionally 'input')")
-      examples.append({"instruction": obj["instruction"], "input": str(obj.get("input") or ""), "output": obj["output"]})
+      examples.append({"instruction": obj["instruction"], "input": str(obj.get("input") or ""),
+                       "output": obj["output"]})
   if not examples:
     raise ValueError(f"{path}: no examples")
   return examples

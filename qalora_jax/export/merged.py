@@ -73,8 +73,9 @@ def to_gguf(out, workdir=None, model=None, *, requantize: str | None = None, mer
                      f"exactly into INT-k weights; allowed: --merged float (float32 weights) or --requantize "
                      f"NAME:k=v (lossy, e.g. int:bits=4,group_size=32)")
   lm, info = merged_model(workdir, model, requantize, log)
-  report = gguf_export.export_gguf(out, lm.config, lm.params, lm.tokenizer, source=source_gguf(info.get("source", model)),
-                                   float_type=float_type, allow_rounding=allow_rounding, overwrite=overwrite)
+  report = gguf_export.export_gguf(out, lm.config, lm.params, lm.tokenizer,
+                                   source=source_gguf(info.get("source", model)), float_type=float_type,
+                                   allow_rounding=allow_rounding, overwrite=overwrite)
   return {**report, "format": "gguf"}
 
 

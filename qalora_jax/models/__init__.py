@@ -22,6 +22,6 @@ from qalora_jax.models.tokenizer import Tokenizer
 __all__ = [
     "BLOCK_LINEARS", "CheckpointError", "Config", "LanguageModel", "QuantizeSummary", "RopeScaling", "Tokenizer",
     "apply", "forward", "generate", "generate_tokens", "init_params", "load", "model_names", "param_paths",
-    "load_quantized", "model_perplexity", "nll", "param_shapes", "perplexity", "quantize_params", "save", "save_quantized",
-    "saved_info", "tiny_model", "token_nll",
+    "load_quantized", "model_perplexity", "nll", "param_shapes", "perplexity", "quantize_params", "save",
+    "save_quantized", "saved_info", "tiny_model", "token_nll",
 ]

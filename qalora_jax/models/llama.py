@@ -385,7 +385,8 @@ def params_of(model: Decoder) -> dict:
 
   blocks = model.blocks
   params = {"embed": {"embedding": model.embed.embedding.get_value()},
-            "blocks": {str(i): block(b) for i, b in enumerate(blocks)} if isinstance(blocks, nnx.List) else block(blocks),
+            "blocks": ({str(i): block(b) for i, b in enumerate(blocks)} if isinstance(blocks, nnx.List)
+                       else block(blocks)),
             "final_norm": {"scale": model.final_norm.scale.get_value()}}
   if model.lm_head is not None:
     params["lm_head"] = linear(model.lm_head)

@@ -137,7 +137,8 @@ def load(model: str | Path, dtype: str = "float32", param_dtype=np.float32, quan
   `param_dtype` the storage dtype of the float parameters; `quantize` (rules as for `quantize_params`)
   quantizes each float weight as it is read, so the float model is never whole in memory; `keep_quantized`
   keeps a GGUF file's Q4_0 / Q4_1 / Q8_0 block linears and token table as the `int` QTensors they hold exactly
-  (`gguf.load`; a regex keeps the parameter paths it matches only); further keywords replace Config fields (e.g. scan_layers=False, remat=True)."""
+  (`gguf.load`; a regex keeps the parameter paths it matches only); further keywords replace Config fields (e.g.
+  scan_layers=False, remat=True)."""
   path = resolve(model)
   rules = None if quantize is None else QuantizationRules(quantize)
   per_tensor = None if rules is None else (lambda p, w: rules(p, jnp.asarray(w, param_dtype)))

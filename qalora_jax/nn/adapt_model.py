@@ -36,8 +36,8 @@ from flax import nnx
 from qalora_jax.nn.adapters import METHODS, layer_key
 from qalora_jax.nn.calibrate import calibrate_sequential, call_model
 from qalora_jax.nn.merge import check_qalora_base, merge_adapter
-from qalora_jax.nn.modules import (AdapterParam, AxesLayout, EinsumLayout, Frozen, Linear, LowRankAdapter, adapted_layers,
-                                   module_path)
+from qalora_jax.nn.modules import (AdapterParam, AxesLayout, EinsumLayout, Frozen, Linear, LowRankAdapter,
+                                   adapted_layers, module_path)
 from qalora_jax.nn.trees import count_params, tree_nbytes
 from qalora_jax.quant import QTensor, Quantizer, quantize_stacked
 

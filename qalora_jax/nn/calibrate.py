@@ -69,8 +69,9 @@ def _capturing(layers, fn):
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _group_grams(graphdef, group: tuple[str, ...], forward, state, batch) -> dict[str, tuple[jax.Array, jax.Array]]:
-  """{path: (sum x x^T, number of inputs x)} of the inputs the layers of `group` receive in forward(model, batch), jitted: the trace
-  stops at the group's last call, so only the part of the forward pass they need is compiled and run."""
+  """{path: (sum x x^T, number of inputs x)} of the inputs the layers of `group` receive in forward(model, batch),
+  jitted: the trace stops at the group's last call, so only the part of the forward pass they need is compiled and
+  run."""
   model = nnx.merge(graphdef, state)
   members = {id(layer): p for p, layer in adapted_layers(model) if p in group}
   grams: dict[str, jax.Array] = {}

@@ -21,7 +21,8 @@ group, computed with scale and offset rounded to `scale_dtype` as they are store
 A candidate replaces the current one only when its error is strictly lower, so every group's error is at most
 `int`'s (f = 1 is `int`'s range, stored the same way). Clipping trades a larger error on the few extreme
 weights for a finer step on all the others (`qalora quantize-report` measures the error against `int`'s on a
-real model). The search costs 3 * grid evaluations of the group's error; the loop holds a few copies of the weight, never grid copies.
+real model). The search costs 3 * grid evaluations of the group's error; the loop holds a few copies of the weight,
+never grid copies.
 
 Error bound, per element, from the stored scale s and offset b of its group (top = b + (2^k - 1) s):
 |w - w~| <= max(s / 2, b - w, w - top) + 8 eps_32 M + (2^k - 1) tiny_32, M = max(|w|, |b|, |top|) over the

@@ -83,8 +83,8 @@ def cascade_sum_f32(x: np.ndarray) -> np.float32:
   """Sum of a float32 vector in the order PyTorch's CPU kernel adds it, so bitsandbytes' double-quant
   offset (torch.mean = sum / n) is matched bit for bit.
 
-  The vector is read as 8-lane SIMD words (1-lane below 8 values); words are taken 4 at a time into 4 accumulators, and those are
-  summed in a cascade of 4 levels, each level absorbing 2^p batches of the one below (p = max(4,
+  The vector is read as 8-lane SIMD words (1-lane below 8 values); words are taken 4 at a time into 4 accumulators, and
+  those are summed in a cascade of 4 levels, each level absorbing 2^p batches of the one below (p = max(4,
   ceil(log2(batches)) / 4)), which keeps float32 rounding error near O(log n). The tail that does not
   fill a word is added in order, then the 8 lanes. (Exact for up to 32768 values; beyond that torch
   splits the sum over threads.)

@@ -124,8 +124,9 @@ def parse_arg(arg: str | None) -> dict[str, Any]:
 def runlocal(config: ml_collections.ConfigDict, steps: int = 12) -> None:
   """Shrinks a config in place for a smoke test, as big_vision's `runlocal`: `CONFIG.py:runlocal` on the command
   line. The tests' random 2-block model (models.tiny_model), `steps` steps of 4 x 32 tokens, 512 held-out
-  tokens, r = 4 and alpha 8 at a learning rate of 1e-2 without warm-up, logs and checkpoints every 4 steps, and quantizer
-  groups that fit the model's 64-wide layers (group_size at most 16, an NF4 / FP4 block_size at most 32)."""
+  tokens, r = 4 and alpha 8 at a learning rate of 1e-2 without warm-up, logs and checkpoints every 4 steps, and
+  quantizer groups that fit the model's 64-wide layers (group_size at most 16, an NF4 / FP4 block_size at most
+  32)."""
   config.model.name = "tiny"
   config.data.seq_len, config.data.batch_size, config.data.eval_tokens = 32, 4, 512
   config.adapter.rank, config.adapter.alpha = 4, 8.0

@@ -182,7 +182,8 @@ def restore(workdir: str | Path, log=print) -> tuple[Experiment, dict, int]:
   if trainable is not None:
     return exp, trainable, step
   init, _ = exp.make_step()
-  step, state = checkpoints.restore_latest(checkpoints.manager(workdir / "checkpoints"), init(exp.trainable), report=log)
+  step, state = checkpoints.restore_latest(checkpoints.manager(workdir / "checkpoints"), init(exp.trainable),
+                                           report=log)
   if state is None:
     raise ValueError(f"--workdir {workdir}: no readable checkpoint")
   return exp, state.trainable, step

@@ -20,8 +20,8 @@ and `qalora table` reports their mean ± standard deviation. Cell i runs in DIR/
 and seed>/ through
 `loop.run`: a cell with a result.json is skipped, one with checkpoints resumes from them, one that another
 process is running (its workdir is locked: a repeated shard, a resubmitted job) is skipped as "running" and
-left untouched, and one that fails gets an error.json while the sweep goes on. `shard=(i, n)` runs every n-th cell, starting at i, so
-that machines or a scheduler's array jobs share a sweep.
+left untouched, and one that fails gets an error.json while the sweep goes on. `shard=(i, n)` runs every n-th
+cell, starting at i, so that machines or a scheduler's array jobs share a sweep.
 """
 
 from __future__ import annotations
