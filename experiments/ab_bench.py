@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -32,8 +33,10 @@ BENCHES = {
 
 
 def run(tree: Path, args: list[str]) -> dict:
-  """One `qalora bench` JSON line, with the code imported from `tree`."""
-  return run_json(tree, "import qalora_jax.cli as c; sys.exit(c.main(['bench', *sys.argv[1:]]))", *args)
+  """One `qalora bench` JSON line, with the code imported from `tree`, in a process with glibc's large blocks in
+  huge pages as the `qalora` command restarts itself with (hardware.huge_page_environment)."""
+  env = hardware.huge_page_environment(dict(os.environ)) or {}
+  return run_json(tree, "import qalora_jax.cli as c; sys.exit(c.main(['bench', *sys.argv[1:]]))", *args, env=env)
 
 
 def main(argv=None) -> int:
