@@ -62,6 +62,27 @@ def test_the_cpu_kernel_runs_the_quantized_head_like_its_reference():
   np.testing.assert_allclose(got, cpu_matmul.reference(x, qt), rtol=1e-5, atol=1e-5)
 
 
+def test_the_int8_heads_gradient_is_the_softmax_of_its_logits_times_the_float_weight():
+  """dnll_t / dx_t = sum_v softmax(z_t)_v W_v - W_{y_t}, with z the int8 kernel's logits and W the float weight
+  (the kernel has no transposed product)."""
+  if not cpu_matmul.available():
+    pytest.skip("the CPU kernel does not build here")
+  qt = INT8.quantize(np.random.default_rng(1).normal(size=(64, 272)).astype(np.float32))
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(5, 64)), jnp.float32)
+  targets = jnp.asarray([0, 7, 100, 271, 136], jnp.int32)
+  g = jnp.asarray([1.0, -0.5, 2.0, 0.25, 0.0], jnp.float32)
+
+  def loss(x):
+    return (models.layers.head_nll(x, qt, targets, vocab_first=False, matmul_dtype="int8") * g).sum()
+
+  z = models.layers.head_logits(x, qt, vocab_first=False, matmul_dtype="int8")
+  w = qt.dequantize(jnp.float32)
+  want = g[:, None] * (jax.nn.softmax(z, axis=-1) @ w.T - w[:, targets].T)
+  np.testing.assert_allclose(jax.grad(loss)(x), want, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(loss(x), ((jax.nn.logsumexp(z, axis=-1) - z[jnp.arange(5), targets]) * g).sum(),
+                             rtol=1e-5)
+
+
 def test_decode_bench_with_an_int8_table_reads_fewer_bytes():
   float_run = bench.bench_decode(model="tiny", new_tokens=4, repeats=1, embedding="float")
   int8_run = bench.bench_decode(model="tiny", new_tokens=4, repeats=1, embedding="int8")

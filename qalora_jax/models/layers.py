@@ -104,13 +104,16 @@ def head_nll(x: jax.Array, weight, targets: jax.Array, *, vocab_first: bool, mat
              chunk: int = 512, vocab_chunk: int = 8192) -> jax.Array:
   """-log softmax(logits)[target] per position (float32), the output head and the softmax fused:
 
-      nll_t = logsumexp_v(z_t) - z_t[y_t],   z_t = head_logits(x_t),   dnll_t / dz_t = softmax(z_t) - onehot(y_t)
+      nll_t = logsumexp_v(z_t) - z_t[y_t],   z_t = x_t W,   dnll_t / dx_t = sum_v softmax(z_t)_v W_v - W_{y_t}
 
   x [..., D], targets [...] -> [...]. The logits are made `chunk` positions and `vocab_chunk` tokens of the
-  vocabulary at a time, in the forward pass (the logsumexp accumulated online over the vocabulary's chunks)
-  and again in the backward pass, so the [positions, V] logits (and their gradient) are never whole: only x
-  and the logsumexp are kept. A weight the int8 kernel reads is not split over the vocabulary. The head's own
-  gradient is computed for a float weight (for a QTensor, none).
+  vocabulary at a time, in a loop over the vocabulary's chunks, so that one chunk of logits exists at a time.
+  Under differentiation the same loop also accumulates dnll / dx: with m the running maximum, each chunk adds
+  exp(z - m) to the softmax's sum and exp(z - m) W^T to the gradient, both rescaled by exp(m_old - m_new) when m
+  grows (the online softmax). The backward pass then only scales that gradient by each position's cotangent:
+  the logits are made once, and none is kept for the backward pass. A weight the int8 kernel reads is not split
+  over the vocabulary (its gradient goes through the float weight). The head's own gradient is computed for a
+  float weight (for a QTensor, none), making the logits again.
   """
   lead = targets.shape
   nll = _head_nll(x.reshape(-1, x.shape[-1]), weight, targets.reshape(-1).astype(jnp.int32), vocab_first,
@@ -122,63 +125,97 @@ def _chunks(n: int, chunk: int):
   return [slice(start, min(start + chunk, n)) for start in range(0, n, chunk)]
 
 
-def _vocab_chunks(w, vocab_first: bool, vocab_chunk: int):
-  """[(start, the weight's columns for tokens [start, start + n))]: slices of a float weight, or the whole of a
-  quantized one."""
-  if not isinstance(w, jax.Array):
-    return [(0, w)]
+def _vocab_chunks(w: jax.Array, vocab_first: bool, vocab_chunk: int):
+  """[(start, the float weight's columns for tokens [start, start + n))]."""
   vocab = w.shape[0] if vocab_first else w.shape[1]
   return [(c.start, w[c] if vocab_first else w[:, c]) for c in _chunks(vocab, vocab_chunk)]
 
 
+def _head_pass(x, weight, targets, vocab_first, matmul_dtype, chunk, vocab_chunk, grad: bool):
+  """(nll [N], logsumexp [N], and with `grad` dnll / dx [N, D] in x.dtype, else None); see `head_nll`."""
+  dtype = operand_dtype(matmul_dtype, x.dtype)
+  int8 = matmul_dtype == "int8" and isinstance(weight, (QTensor, cpu_matmul.Strips))
+  w = materialize(weight, dtype) if grad or not int8 else None  # once; the int8 kernel reads `weight` itself
+  axis = 0 if vocab_first else 1
+  vocab = weight.shape[axis]
+  size = vocab if int8 else min(vocab_chunk, vocab)
+  n_loop = vocab // size
+
+  def add(carry, z, start, n, tc):
+    """The running (m, sum, z[target], dnll / dx) after z, the logits of tokens [start, start + n)."""
+    m, total, picked, acc = carry
+    top = jnp.maximum(m, z.max(axis=-1))
+    e = jnp.exp(z - top[:, None])
+    rescale = jnp.exp(m - top)
+    local = tc - start
+    inside = (local >= 0) & (local < n)
+    here = jnp.take_along_axis(z, jnp.clip(local, 0, n - 1)[:, None], axis=-1)[:, 0]
+    picked = picked + jnp.where(inside, here, 0.0)
+    if acc is not None:
+      w_v = jax.lax.dynamic_slice_in_dim(w, start, n, axis)
+      acc = acc * rescale[:, None] + jnp.einsum("cv,vd->cd" if vocab_first else "cv,dv->cd", e.astype(w.dtype),
+                                                w_v, preferred_element_type=jnp.float32)
+    return top, total * rescale + e.sum(axis=-1), picked, acc
+
+  def logits(xc, start, n):
+    if int8:
+      return head_logits(xc, weight, vocab_first, matmul_dtype)
+    return head_logits(xc, jax.lax.dynamic_slice_in_dim(w, start, n, axis), vocab_first, matmul_dtype)
+
+  nll, lse, dx = [], [], []
+  for c in _chunks(x.shape[0], chunk):
+    xc, tc = x[c], targets[c]
+    rows = xc.shape[0]
+    carry = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32),
+             jnp.zeros((rows,), jnp.float32), jnp.zeros((rows, x.shape[1]), jnp.float32) if grad else None)
+
+    def body(carry, i, xc=xc, tc=tc):
+      return add(carry, logits(xc, i * size, size), i * size, size, tc), None
+
+    carry, _ = jax.lax.scan(body, carry, jnp.arange(n_loop))
+    if vocab > n_loop * size:  # the last, shorter chunk
+      start, n = n_loop * size, vocab - n_loop * size
+      carry = add(carry, logits(xc, start, n), start, n, tc)
+    m, total, picked, acc = carry
+    lse.append(m + jnp.log(total))
+    nll.append(lse[-1] - picked)
+    if grad:
+      w_y = jnp.take(w, tc, axis=axis)
+      dx.append((acc / total[:, None] - (w_y if vocab_first else w_y.T).astype(jnp.float32)).astype(x.dtype))
+  return jnp.concatenate(nll), jnp.concatenate(lse), (jnp.concatenate(dx) if grad else None)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def _head_nll(x, weight, targets, vocab_first, matmul_dtype, chunk, vocab_chunk):
-  return _head_nll_fwd(x, weight, targets, vocab_first, matmul_dtype, chunk, vocab_chunk)[0]
+  return _head_pass(x, weight, targets, vocab_first, matmul_dtype, chunk, vocab_chunk, grad=False)[0]
 
 
 def _head_nll_fwd(x, weight, targets, vocab_first, matmul_dtype, chunk, vocab_chunk):
-  nll, lse = [], []
-  w = weight if matmul_dtype == "int8" else materialize(weight, operand_dtype(matmul_dtype, x.dtype))  # once
-  for c in _chunks(x.shape[0], chunk):
-    m = total = picked = None
-    for start, w_v in _vocab_chunks(w, vocab_first, vocab_chunk):
-      z = head_logits(x[c], w_v, vocab_first, matmul_dtype)
-      top = z.max(axis=-1) if m is None else jnp.maximum(m, z.max(axis=-1))
-      part = jnp.exp(z - top[:, None]).sum(axis=-1)
-      total = part if total is None else total * jnp.exp(m - top) + part
-      m = top
-      local = targets[c] - start
-      inside = (local >= 0) & (local < z.shape[-1])
-      here = jnp.where(inside, jnp.take_along_axis(z, jnp.clip(local, 0, z.shape[-1] - 1)[:, None], axis=-1)[:, 0],
-                       0.0)
-      picked = here if picked is None else picked + here
-    logz = m + jnp.log(total)
-    nll.append(logz - picked)
-    lse.append(logz)
-  return jnp.concatenate(nll), (x, weight, targets, jnp.concatenate(lse))
+  nll, lse, dx = _head_pass(x, weight, targets, vocab_first, matmul_dtype, chunk, vocab_chunk, grad=True)
+  float_weight = not isinstance(weight, (QTensor, cpu_matmul.Strips))
+  return nll, (dx, x if float_weight else None, weight, targets, lse if float_weight else None)
 
 
 def _head_nll_bwd(vocab_first, matmul_dtype, chunk, vocab_chunk, residuals, g):
-  x, weight, targets, lse = residuals
-  w = materialize(weight, operand_dtype(matmul_dtype, x.dtype))
-  pieces = _vocab_chunks(w, vocab_first, vocab_chunk)
-  dx, dw = [], [None] * len(pieces)
+  dxp, x, weight, targets, lse = residuals
+  dx = (g[:, None] * dxp).astype(dxp.dtype)
+  if x is None:
+    return dx, None, None
+  # a float weight's own gradient, dW = x^T (softmax(z) - onehot(y)) g, with the logits made again (left out by
+  # XLA where the weight is frozen, as nothing uses it)
+  dtype = operand_dtype(matmul_dtype, x.dtype)
+  pieces = _vocab_chunks(materialize(weight, dtype), vocab_first, vocab_chunk)
+  dw = [None] * len(pieces)
   for c in _chunks(x.shape[0], chunk):
-    dx_c = None
+    xc = x[c].astype(dtype)
     for i, (start, w_v) in enumerate(pieces):
-      z = head_logits(x[c], w_v, vocab_first, w.dtype)
+      z = head_logits(x[c], w_v, vocab_first, dtype)
       onehot = (start + jnp.arange(z.shape[-1]))[None, :] == targets[c, None]
-      dz = ((jnp.exp(z - lse[c, None]) - onehot) * g[c, None]).astype(w.dtype)
-      part = jnp.einsum("cv,vd->cd" if vocab_first else "cv,dv->cd", dz, w_v, preferred_element_type=x.dtype)
-      dx_c = part if dx_c is None else dx_c + part
-      if not isinstance(weight, QTensor):
-        xc = x[c].astype(w.dtype)
-        part = jnp.einsum("cv,cd->vd" if vocab_first else "cd,cv->dv", *((dz, xc) if vocab_first else (xc, dz)),
-                          preferred_element_type=jnp.float32)
-        dw[i] = part if dw[i] is None else dw[i] + part
-    dx.append(dx_c)
-  dweight = None if dw[0] is None else jnp.concatenate(dw, axis=0 if vocab_first else 1).astype(weight.dtype)
-  return jnp.concatenate(dx), dweight, None
+      dz = ((jnp.exp(z - lse[c, None]) - onehot) * g[c, None]).astype(dtype)
+      part = jnp.einsum("cv,cd->vd" if vocab_first else "cd,cv->dv", *((dz, xc) if vocab_first else (xc, dz)),
+                        preferred_element_type=jnp.float32)
+      dw[i] = part if dw[i] is None else dw[i] + part
+  return dx, jnp.concatenate(dw, axis=0 if vocab_first else 1).astype(weight.dtype), None
 
 
 _head_nll.defvjp(_head_nll_fwd, _head_nll_bwd)
