@@ -8,7 +8,7 @@ threads that ran it.
 Prints the step time, the matmul / other split, the time by output shape (a leading axis of the layer count
 is a scan's stacked buffer), and the slowest thunks of each kind. Times are thread time per step: on 2 cores
 two thunks can run at once, so the sum exceeds the step's wall time. The process restarts itself with glibc's
-large blocks in huge pages, as `qalora` does (hardware.huge_page_environment): without them the first touch of
+large blocks in huge pages, as `qalora` does (hardware.restart_with_huge_pages): without them the first touch of
 each step's fresh buffers faults 4 KB pages (about 136,000 a step at 4 x 128), and that time lands on whichever
 thunk touches a buffer first, mostly the zero-fill of the scan's stacked residuals.
 """
@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
-import os
 import re
-import sys
 import tempfile
 import time
 
@@ -65,9 +63,7 @@ def thunk_kinds(hlo: str) -> dict[str, tuple[str, str]]:
 
 
 def main() -> None:
-  environ = hardware.huge_page_environment(dict(os.environ))
-  if environ is not None:
-    os.execve(sys.executable, sys.orig_argv, environ)
+  hardware.restart_with_huge_pages()
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--method", default="qalora", choices=bench.TRAIN_METHODS)
   parser.add_argument("--batch", type=int, default=4)

@@ -3,7 +3,8 @@
 Figures measured on one CPU do not carry to another (AMX, AVX512-BF16 and VNNI change the matmul and the INT4
 kernel's speed several-fold), so every benchmark line records `cpu()`, and compiled kernels key their cache on it.
 `trim_heap` gives freed memory back to the OS (after compiling a step); `huge_page_environment` asks glibc to
-back its large blocks with transparent huge pages (the command line re-starts itself with it).
+back its large blocks with transparent huge pages, and `restart_with_huge_pages` re-starts a process with it
+(the command line does).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import ctypes
 import functools
 import os
 import platform
+import sys
 from pathlib import Path
 
 FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
@@ -58,6 +60,15 @@ def huge_page_environment(environ: dict[str, str]) -> dict[str, str] | None:
       or "[never]" in thp.read_text()):
     return None
   return {**environ, "GLIBC_TUNABLES": f"{tunables}:{HUGE_PAGES}" if tunables else HUGE_PAGES}
+
+
+def restart_with_huge_pages() -> None:
+  """Re-starts this process (same interpreter and arguments) with `huge_page_environment`, where that changes
+  anything; returns where it does not, so a process calls it first and goes on after it."""
+  environ = huge_page_environment(dict(os.environ))
+  if environ is not None:
+    sys.stdout.flush(), sys.stderr.flush()
+    os.execve(sys.executable, sys.orig_argv, environ)
 
 
 def describe() -> str:
