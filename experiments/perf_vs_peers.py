@@ -92,7 +92,9 @@ def runs(gguf_dir: str, bench: Path, qwix_py: str | None, llama_py: str | None) 
       "peer decode qlora-bf16": [py, str(bench / "peer_decode.py"), "qlora-bf16", "64", gguf_dir],
   }
   if llama_py:
-    decode["llama.cpp decode"] = [llama_py, str(bench / "peer_llamacpp_decode.py"), "64",
+    # as released, or without its repacked weight layouts where those crash (experiments/llamacpp_decode.py)
+    decode["llama.cpp decode"] = [llama_py, str(ROOT / "experiments" / "llamacpp_decode.py"),
+                                  str(bench / "peer_llamacpp_decode.py"), "64",
                                   str(Path(gguf_dir) / "SmolLM2-135M-Instruct.Q4_1.gguf"), str(os.cpu_count())]
   cli = [sys.executable, "-m", "qalora_jax.cli", "eval", "--model", "smollm2-135m", "--tokens", "4096"]
   quality = {"ours perplexity float32 matmuls": cli,
@@ -187,6 +189,11 @@ def tables(lines: list[dict]) -> str:
   missing = [t.label for t in TARGETS if not within_round_ratios(lines, t)]
   if missing:
     out += ["", "Not measured in this run: " + "; ".join(missing) + "."]
+  unpacked = [x for x in lines if x.get("extra_buffer_types") is False]
+  if unpacked:
+    out += ["", f"llama.cpp ran without its extra weight buffer types (repacked and AMX layouts) in "
+            f"{len(unpacked)} of {rounds} rounds: as released it died of signal {unpacked[0]['released_signal']} "
+            "(experiments/llamacpp_decode.py)."]
   return "\n".join(out) + "\n"
 
 

@@ -54,3 +54,29 @@ def test_the_bound_at_the_matmul_peak_and_the_perplexity_ratio():
   assert f"| {bound.label} | 2.50x | - | - |" in text  # a bound has no goal
   assert f"| {ppl.label} | 1.014x | <= 1.01x | no |" in text
   assert "| ours perplexity int8 path | - | 900 | - | - | 36.500 |" in text
+
+
+def test_matmul_shapes_weights_each_product_by_its_count_in_a_step():
+  import matmul_shapes as ms
+
+  # hand count at 4 x 128 (512 rows): a layer's seven linears hold 2 x 576^2 + 2 x 576 x 192 + 3 x 576 x 1536
+  # = 3,538,944 weights; each runs forward and input gradient (2 x 2 x 512 FLOPs a weight), 30 layers; the
+  # head 576 x 49,152 the same twice: 217.4 + 58.0 GFLOP, i.e. 275.4 ms at 1,000 GFLOP/s
+  flops = 30 * 2 * 2 * 512 * 3_538_944 + 2 * 2 * 512 * 576 * 49_152
+  assert ms.step_ms({name: 1000.0 for name, *_ in ms.SHAPES}) == pytest.approx(flops / 1e9)
+  rates = {name: 1000.0 for name, *_ in ms.SHAPES}
+  rates["down forward"] = 500.0  # one shape at half the rate adds its own time once more
+  assert ms.step_ms(rates) - ms.step_ms({n: 1000.0 for n in rates}) == pytest.approx(30 * 2 * 512 * 1536 * 576 / 1e9)
+
+
+def test_a_llamacpp_run_without_its_repacked_layouts_is_said_so():
+  import llamacpp_decode
+
+  out = llamacpp_decode.tagged('{"tokens_per_s": 100.0}\nnot json\n', extra_buffer_types=False, released_signal=11)
+  assert out.splitlines()[0] == '{"tokens_per_s": 100.0, "extra_buffer_types": false, "released_signal": 11}'
+  assert out.splitlines()[1] == "not json"
+  lines = [{**_line("llama.cpp decode", 0, 100), "extra_buffer_types": False, "released_signal": 11},
+           _line("ours decode qalora-merged", 0, 200)]
+  assert "without its extra weight buffer types (repacked and AMX layouts) in 1 of 1 rounds: as released it " \
+         "died of signal 11" in perf.tables(lines)
+  assert "extra weight buffer types" not in perf.tables([_line("llama.cpp decode", 0, 100)])
