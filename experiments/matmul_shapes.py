@@ -1,0 +1,146 @@
+"""The training step's matmuls alone, XLA's against PyTorch's, at the step's shapes and operand dtypes.
+
+    python experiments/matmul_shapes.py [--rounds 5] [--out experiments/perf]
+
+SmolLM2-135M at 4 x 128 tokens (M = 512 rows): each linear's forward product x W ([M, in] x [in, out]) and its
+input gradient dy W^T ([M, out] x [in, out]^T), and the head's (its table [vocabulary, d]), per chunk of 8,192
+entries (six a step). Each product is timed as a jitted `jnp.dot` (float32 accumulation) and as `torch.matmul`, in
+the same process with as many threads as cores, with float32 and with bfloat16 operands; the two libraries
+alternate within each round. A figure is the median of its rounds' GFLOP/s. The "step" row weights every shape by
+the times a step runs it,
+
+    t = sum over shapes of  count x 2 M K N / rate,
+
+the time the step's matmuls alone would take with each library's products, the rest of the step left out.
+The float32 rows bound the all-float32 comparison with PEFT: the peer's step runs its products at PyTorch's
+rate, ours at XLA's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qalora_jax import hardware
+from qalora_jax.files import write_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+M, D, KV, FFN, LAYERS, VOCAB_CHUNK, CHUNKS = 512, 576, 192, 1536, 30, 8192, 6
+
+# (name, K, N, transposed, times a step): transposed products contract with the weight's output axis
+SHAPES = [
+    ("q, o forward", D, D, False, 2 * LAYERS),
+    ("q, o input gradient", D, D, True, 2 * LAYERS),
+    ("k, v forward", D, KV, False, 2 * LAYERS),
+    ("k, v input gradient", KV, D, True, 2 * LAYERS),
+    ("gate, up forward", D, FFN, False, 2 * LAYERS),
+    ("gate, up input gradient", FFN, D, True, 2 * LAYERS),
+    ("down forward", FFN, D, False, LAYERS),
+    ("down input gradient", D, FFN, True, LAYERS),
+    ("head logits, one chunk", D, VOCAB_CHUNK, True, CHUNKS),  # the table is vocabulary-first
+    ("head input gradient, one chunk", VOCAB_CHUNK, D, False, CHUNKS),
+]
+
+
+def _seconds(fn, min_s: float = 0.2) -> float:
+  """Median seconds of one call, over enough calls to fill about `min_s` (after one warm-up call)."""
+  fn()
+  t0 = time.perf_counter()
+  fn()
+  n = max(3, int(min_s / max(time.perf_counter() - t0, 1e-6)))
+  times = []
+  for _ in range(n):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def xla_product(k: int, n: int, transposed: bool, dtype: str):
+  """A call running [M, k] x [k, n] (the weight stored [n, k] when transposed) through XLA."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((M, k)), dtype)
+  w = jnp.asarray(rng.standard_normal((n, k) if transposed else (k, n)), dtype)
+  dims = (((1,), (1,)), ((), ())) if transposed else (((1,), (0,)), ((), ()))
+  f = jax.jit(lambda x, w: jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32))
+  return lambda: f(x, w).block_until_ready()
+
+
+def torch_product(k: int, n: int, transposed: bool, dtype: str):
+  import torch
+
+  g = torch.Generator().manual_seed(0)
+  tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+  x = torch.randn(M, k, generator=g).to(tdtype)
+  w = torch.randn(*((n, k) if transposed else (k, n)), generator=g).to(tdtype)
+  return (lambda: x @ w.t()) if transposed else (lambda: x @ w)
+
+
+def step_ms(rates: dict[str, float]) -> float:
+  """Milliseconds the step's matmuls take at `rates` (GFLOP/s by shape name)."""
+  return sum(count * 2 * M * k * n / (rates[name] * 1e9) for name, k, n, _, count in SHAPES) * 1e3
+
+
+def tables(lines: list[dict]) -> str:
+  med = {}
+  for x in lines:
+    med.setdefault((x["shape"], x["library"], x["dtype"]), []).append(x["gflop_s"])
+  med = {key: statistics.median(v) for key, v in med.items()}
+  rounds = len({x["round"] for x in lines})
+  c = lines[0]["cpu"]
+  out = [f"The SmolLM2-135M training step's matmuls at 4 x 128 tokens, alone: GFLOP/s, median of {rounds} rounds, "
+         f"{c['cores']} threads. CPU: {c['model']}, {c['cores']} cores, {' '.join(c['flags'])}. "
+         "`python experiments/matmul_shapes.py`.", "",
+         "| product | [M, K] x [K, N] | a step | XLA f32 | torch f32 | XLA / torch | XLA bf16 | torch bf16 "
+         "| XLA / torch |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+  for name, k, n, _, count in SHAPES:
+    cells = []
+    for dtype in ("float32", "bfloat16"):
+      x, t = med[(name, "xla", dtype)], med[(name, "torch", dtype)]
+      cells += [f"{x:.0f}", f"{t:.0f}", f"{x / t:.2f}x"]
+    out.append(f"| {name} | [{M}, {k}] x [{k}, {n}] | {count} | " + " | ".join(cells) + " |")
+  cells = []
+  for dtype in ("float32", "bfloat16"):
+    ms = {lib: step_ms({name: med[(name, lib, dtype)] for name, *_ in SHAPES}) for lib in ("xla", "torch")}
+    cells += [f"{ms['xla']:.0f} ms", f"{ms['torch']:.0f} ms", f"{ms['torch'] / ms['xla']:.2f}x"]
+  out.append("| the step's matmuls, time (XLA / torch: torch's time over XLA's) | | | " + " | ".join(cells) + " |")
+  return "\n".join(out) + "\n"
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--rounds", type=int, default=5)
+  parser.add_argument("--out", default=str(ROOT / "experiments" / "perf"))
+  args = parser.parse_args()
+  import torch
+
+  torch.set_num_threads(os.cpu_count())
+  makers = {"xla": xla_product, "torch": torch_product}
+  calls = {(name, lib, dtype): makers[lib](k, n, transposed, dtype)
+           for name, k, n, transposed, _ in SHAPES for dtype in ("float32", "bfloat16") for lib in makers}
+  lines = []
+  for r in range(args.rounds):
+    for name, k, n, _, _ in SHAPES:
+      for dtype in ("float32", "bfloat16"):
+        for lib in (("xla", "torch") if r % 2 == 0 else ("torch", "xla")):
+          s = _seconds(calls[(name, lib, dtype)])
+          lines.append({"round": r, "shape": name, "library": lib, "dtype": dtype, "m": M, "k": k, "n": n,
+                        "gflop_s": 2 * M * k * n / s / 1e9, "cpu": hardware.cpu()})
+    print(f"round {r + 1}/{args.rounds} done", flush=True)
+  text = tables(lines)
+  print(text)
+  out = Path(args.out)
+  write_bytes(out / "matmul_shapes.md", text.encode())
+  write_bytes(out / "matmul_shapes.jsonl", "".join(json.dumps(x) + "\n" for x in lines).encode())
+
+
+if __name__ == "__main__":
+  main()
