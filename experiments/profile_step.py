@@ -1,6 +1,6 @@
 """Where a training step's time goes on the CPU: jax.profiler's trace of the compiled step, each XLA thunk
-classified by the optimized HLO as a matmul (its fusion holds a dot or convolution) or not, summed over the
-threads that ran it.
+classified by the optimized HLO as a matmul (its fusion holds a dot or convolution), a custom call (our own
+kernels: the CPU attention) or other, summed over the threads that ran it.
 
     python experiments/profile_step.py --method qalora --batch 4 --seq 128 [--matmul-dtype float32] [--remat]
         [--steps 3] [--top 15]
@@ -35,7 +35,8 @@ def _callees(line: str) -> list[str]:
 
 
 def thunk_kinds(hlo: str) -> dict[str, tuple[str, str]]:
-  """{instruction name: ("matmul" | "other", output shape)} over every computation of an HLO module's text."""
+  """{instruction name: ("matmul" | "custom call" | "other", output shape)} over every computation of an HLO
+  module's text; a custom call is a kernel of our own (the CPU attention)."""
   bodies, current = {}, None
   for line in hlo.splitlines():
     if not line.startswith(" ") and line.rstrip().endswith("{"):
@@ -54,11 +55,13 @@ def thunk_kinds(hlo: str) -> dict[str, tuple[str, str]]:
   kinds = {}
   for lines in bodies.values():
     for line in lines:
-      m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ([\w\-]+)\(", line)
+      # the shape is one array's, or a tuple's (a multi-output fusion, a custom call with several results)
+      m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\([^()]*\)|\S+) ([\w\-]+)\(", line)
       if m:
         name, shape, op = m.groups()
         dot = op in ("dot", "convolution") or any(has_dot(c, set()) for c in _callees(line))
-        kinds[name] = ("matmul" if dot else "other", shape.split("{")[0])
+        kind = "matmul" if dot else "custom call" if op == "custom-call" else "other"
+        kinds[name] = (kind, re.sub(r"\{[^{}]*\}", "", shape))
   return kinds
 
 
@@ -111,7 +114,7 @@ def main() -> None:
   print("\n| kind | output shape | ms a step |\n|---|---|---:|")
   for (kind, shape), ms in by_shape.most_common(args.top):
     print(f"| {kind} | {shape} | {ms:.1f} |")
-  for want in ("matmul", "other"):
+  for want in ("matmul", "custom call", "other"):
     print(f"\n| {want} thunk | output shape | calls a step | ms a step |\n|---|---|---:|---:|")
     for name, ms in [(n, v) for n, v in by_thunk.most_common() if kinds[n][0] == want][:args.top]:
       print(f"| {name} | {kinds[name][1]} | {calls[name] // args.steps} | {ms:.1f} |")
