@@ -28,6 +28,7 @@ BENCHES = {
     "train qalora": ["train", "--method", "qalora"],
     "train qalora remat": ["train", "--method", "qalora", "--remat"],
     "train qalora fp32": ["train", "--method", "qalora", "--matmul-dtype", "float32"],
+    "train qalora remat 1x2048": ["train", "--method", "qalora", "--remat", "--batch", "1", "--seq", "2048"],
     "decode qalora-merged": ["decode", "--method", "qalora-merged"],
 }
 

@@ -91,12 +91,16 @@ def pool_groups(x: jax.Array, group_size: int) -> jax.Array:
 
   pool(x)_l = sum_{i = l g}^{min((l + 1) g, in) - 1} x_i,   i.e.   pool(x) = x P,  P_il = [i // g == l].
 
-  Written as the product with the 0/1 matrix P, so that the forward and backward passes are matmuls (which XLA's
-  CPU backend runs well) rather than a reshape-and-sum and its broadcast.
+  Written as a reshape and a sum over each group (a shorter last group completed with zeros), whose backward
+  pass is a broadcast: both run at memory speed. The product with the 0/1 matrix P ran XLA's CPU matmul with
+  ceil(in / g) output columns (18 or 48 for SmolLM2), far below its rate: a QA-LoRA training step at 4 x 128
+  runs 1.10x faster this way on an Intel Xeon with AMX (experiments/ab_bench.py).
   """
   n_in = x.shape[-1]
-  p = jnp.arange(n_in)[:, None] // group_size == jnp.arange(-(-n_in // group_size))[None, :]
-  return x @ p.astype(x.dtype)
+  groups = -(-n_in // group_size)
+  if n_in % group_size:  # a shorter last group: zeros complete it
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, groups * group_size - n_in)])
+  return x.reshape(*x.shape[:-1], groups, group_size).sum(-1)
 
 
 def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
