@@ -181,18 +181,24 @@ def test_the_cpu_sequence_attention_equals_the_dense_form_forward_and_gradients(
     np.testing.assert_allclose(got, want, atol=2e-5 * float(jnp.max(jnp.abs(want))))
 
 
+@pytest.mark.parametrize("products", ["vdpbf16ps", "amx"])
 @pytest.mark.parametrize("b,t,s,heads,kv_heads,d,index,window,left_pad", SEQUENCE_CASES)
 def test_the_cpu_sequence_attention_with_bfloat16_operands_rounds_them_and_keeps_the_dense_result(
-    b, t, s, heads, kv_heads, d, index, window, left_pad):
-  """operand_dtype bfloat16: the kernel rounds q, k, v itself (rounding them first changes no bit of the output
-  or the gradients), and its output and gradients equal the dense form's on the rounded q, k, v within the
-  rounding of the probabilities and ds to bfloat16 (8 significant bits: 2^-8 relative a term)."""
+    b, t, s, heads, kv_heads, d, index, window, left_pad, products, monkeypatch):
+  """operand_dtype bfloat16, on either kind of products: the kernel rounds q, k, v itself (rounding them first
+  changes no bit of the output or the gradients), and its output and gradients equal the dense form's on the
+  rounded q, k, v within the rounding of the probabilities and ds to bfloat16 (8 significant bits: 2^-8 relative
+  a term). AMX tiles take heads whose size is a multiple of 32; the others keep vdpbf16ps."""
   from qalora_jax.kernels import cpu_attention
 
   rng = np.random.default_rng(t + d)
   q, k, v = _inputs(rng, b, t, s, heads, kv_heads, d)
   if not (cpu_attention.supports_sequence(q, k, v) and cpu_attention.bf16_products()):
     pytest.skip("the CPU kernels do not build here, or the CPU has no AVX512-BF16")
+  monkeypatch.setenv("QALORA_CPU_AMX", "1" if products == "amx" else "0")
+  if products == "amx" and not cpu_attention.amx_products():
+    pytest.skip("no AMX tiles here")
+  attribute = 2 if products == "amx" and d % 32 == 0 else 1
   key_mask = jnp.asarray(np.arange(s)[None, :] >= np.array([[left_pad]] + [[0]] * (b - 1)))
   mask = attn.Mask(key_mask, index, window)
   seen = mask.dense(t).any(-1)[:, :, None, None]
@@ -206,7 +212,7 @@ def test_the_cpu_sequence_attention_with_bfloat16_operands_rounds_them_and_keeps
   kernel = value_and_grads(lambda q, k, v: attn.attention(q, k, v, mask, operand_dtype=jnp.bfloat16))
   text = kernel.lower(q, k, v).as_text()
   assert "qalora_cpu_attention_fwd" in text and "qalora_cpu_attention_bwd" in text  # the kernel, not a fallback
-  assert text.count("bf16 = 1 : i64") == text.count("custom_call @qalora_cpu_attention")  # each call: bf16 products
+  assert text.count(f"bf16 = {attribute} : i64") == text.count("custom_call @qalora_cpu_attention")  # every call
   got, got_grads = kernel(q, k, v)
   again, again_grads = kernel(*rounded)
   for x, y in zip((got, *got_grads), (again, *again_grads)):
@@ -215,6 +221,36 @@ def test_the_cpu_sequence_attention_with_bfloat16_operands_rounds_them_and_keeps
   np.testing.assert_allclose(np.where(seen, got, 0), np.where(seen, want, 0), atol=8e-3 * float(jnp.max(abs(want))))
   for x, y in zip(got_grads, want_grads):
     np.testing.assert_allclose(x, y, atol=1.5e-2 * float(jnp.max(jnp.abs(y))))
+
+
+@pytest.mark.parametrize("b,t,s,heads,kv_heads,d,index,window,left_pad", [c for c in SEQUENCE_CASES if c[5] % 32 == 0])
+def test_the_amx_products_equal_the_vdpbf16ps_products(b, t, s, heads, kv_heads, d, index, window, left_pad,
+                                                        monkeypatch):
+  """Both bfloat16 paths multiply the same bfloat16 operands (q, k, v, dout, p, ds) exactly and sum in float32;
+  they differ only in the order of the sums, and where that order tips an entry of p or ds to the other bfloat16
+  neighbour (2^-8 relative, one term of a sum). Nearly every entry agrees within 1e-4 of the largest, and none
+  is further apart than a quarter of the tolerance against the dense form."""
+  from qalora_jax.kernels import cpu_attention
+
+  rng = np.random.default_rng(t + d)
+  q, k, v = _inputs(rng, b, t, s, heads, kv_heads, d)
+  if not (cpu_attention.supports_sequence(q, k, v) and cpu_attention.amx_products()):
+    pytest.skip("no AMX tiles here")
+  key_mask = jnp.asarray(np.arange(s)[None, :] >= np.array([[left_pad]] + [[0]] * (b - 1)))
+  mask = attn.Mask(key_mask, index, window)
+  weights = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+
+  def value_and_grads():  # traced anew, so that it reads QALORA_CPU_AMX
+    fn = lambda q, k, v: attn.attention(q, k, v, mask, operand_dtype=jnp.bfloat16)  # noqa: E731
+    loss = lambda q, k, v: jnp.sum(fn(q, k, v) * weights)  # noqa: E731
+    return jax.jit(lambda *x: (fn(*x), *jax.grad(loss, (0, 1, 2))(*x)))(q, k, v)
+
+  amx = value_and_grads()
+  monkeypatch.setenv("QALORA_CPU_AMX", "0")
+  for x, y in zip(amx, value_and_grads()):
+    scale = float(jnp.max(jnp.abs(y)))
+    np.testing.assert_allclose(x, y, atol=2e-3 * scale)
+    assert np.mean(np.abs(np.asarray(x - y)) > 1e-4 * scale) < 1e-3
 
 
 def test_a_rematerialised_block_keeps_the_cpu_kernels_output():

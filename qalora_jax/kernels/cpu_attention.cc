@@ -18,6 +18,9 @@
 #include <type_traits>
 #include <vector>
 
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include "cpu_threads.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -105,7 +108,8 @@ ffi::Error CpuAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::B
 // softmax and outputs in float32. A product's contraction runs over 32-bit units: one float32, or a bfloat16
 // pair along the contraction; T is the operand type, PER<T> its elements a unit.
 
-constexpr int R = 12;  // rows a tile
+constexpr int R = 12;  // rows a tile (of the FMA and vdpbf16ps products)
+constexpr int MAX_ROWS = 32;  // rows a tile of any path
 constexpr int RB = 6;  // rows a block of `weighted_rows`
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 using bfloat16 = uint16_t;
@@ -297,17 +301,18 @@ void accumulate_keys_d(const T* w, int64_t ldw, const T* const* rows, int64_t k0
   });
 }
 
-// One call's shapes and mask, and its tiles.
+// One call's shapes and mask, and its tiles of `rows` query rows.
 struct Problem {
-  int64_t b, t, h, d, S, K, group, index, window, ld;
+  int64_t b, t, h, d, S, K, group, index, window, ld, rows;
   float scale;
   const float *q, *k, *v;
   std::vector<float> bias;  // [b, S]: 0 for a real key, -inf for a masked one
 
   Problem(const ffi::Buffer<ffi::F32>& qb, const ffi::Buffer<ffi::F32>& kb, const ffi::Buffer<ffi::F32>& vb,
-          const ffi::Buffer<ffi::PRED>& key_mask, int64_t index_, int64_t window_) {
+          const ffi::Buffer<ffi::PRED>& key_mask, int64_t index_, int64_t window_, int64_t rows_ = R) {
     const auto qd = qb.dimensions(), kd = kb.dimensions();
     b = qd[0], t = qd[1], h = qd[2], d = qd[3], S = kd[1], K = kd[2], group = h / K, index = index_, window = window_;
+    rows = rows_;
     ld = (S + 1) / 2 * 2 + 32;
     scale = 1.f / std::sqrt(static_cast<float>(d));
     q = qb.typed_data(), k = kb.typed_data(), v = vb.typed_data();
@@ -315,29 +320,36 @@ struct Problem {
     for (int64_t e = 0; e < b * S; ++e) bias[e] = key_mask.typed_data()[e] ? 0.f : NEG_INF;
   }
 
-  int64_t tiles_per_unit() const { return (t * group + R - 1) / R; }
+  int64_t tiles_per_unit() const { return (t * group + rows - 1) / rows; }
   int64_t lo(int64_t i) const { return window ? std::max<int64_t>(0, index + i - window + 1) : 0; }
   int64_t hi(int64_t i) const { return std::min(S, index + i + 1); }
 
-  // Tile `tile` of unit `unit`: its keys [k0, k0 + n), k0 even, and, for each of its R rows, the row's offset in a
-  // [b, t, h, *] array (rows past the end repeat the last; `rows` says how many are real).
+  // Tile `tile` of unit `unit`: its keys [k0, k0 + n), k0 even, and, for each of its `rows` rows, the row's offset
+  // in a [b, t, h, *] array (rows past the end repeat the last; the tile's `rows` says how many are real).
   struct Tile {
     int64_t bi, kh, unit, k0, n, rows;
-    int64_t row[R], pos[R];
+    int64_t row[MAX_ROWS], pos[MAX_ROWS];
   };
   Tile tile(int64_t unit, int64_t index_in_unit) const {
     Tile tl;
     tl.bi = unit / K, tl.kh = unit % K, tl.unit = unit;
-    const int64_t r0 = index_in_unit * R;
-    tl.rows = std::min<int64_t>(R, t * group - r0);
-    for (int r = 0; r < R; ++r) {
+    const int64_t r0 = index_in_unit * rows;
+    tl.rows = std::min<int64_t>(rows, t * group - r0);
+    for (int r = 0; r < rows; ++r) {
       const int64_t flat = r0 + std::min<int64_t>(r, tl.rows - 1), i = flat / group;
       tl.pos[r] = i;
       tl.row[r] = (tl.bi * t + i) * h + tl.kh * group + flat % group;
     }
     tl.k0 = lo(tl.pos[0]) / 2 * 2;
-    tl.n = std::max<int64_t>(0, hi(tl.pos[R - 1]) - tl.k0);
+    tl.n = std::max<int64_t>(0, hi(tl.pos[rows - 1]) - tl.k0);
     return tl;
+  }
+
+  // -inf in row r of a tile's scores (sr[j] for key k0 + j, j < n) where its query may not see the key: before
+  // lo and from hi on.
+  void hide(const Tile& tl, int r, float* sr) const {
+    for (int64_t j = tl.k0; j < lo(tl.pos[r]); ++j) sr[j - tl.k0] = NEG_INF;
+    for (int64_t j = hi(tl.pos[r]); j < tl.k0 + tl.n; ++j) sr[j - tl.k0] = NEG_INF;
   }
 
   // Splits the tiles of all units between two threads by their keys: run(first, last, thread) over flat tile
@@ -444,11 +456,7 @@ struct Operands {
     const T* rows_[R];
     for (int r = 0; r < R; ++r) rows_[r] = q + tl.row[r] * p.d;
     products<T>(rows_, of_unit(kt, tl), p.ld, p.d, tl.k0, tl.n, p.scale, p.bias.data() + tl.bi * p.S, s, lds);
-    for (int r = 0; r < R; ++r) {
-      float* sr = s + r * lds;
-      for (int64_t j = tl.k0; j < p.lo(tl.pos[r]); ++j) sr[j - tl.k0] = NEG_INF;
-      for (int64_t j = p.hi(tl.pos[r]); j < tl.k0 + tl.n; ++j) sr[j - tl.k0] = NEG_INF;
-    }
+    for (int r = 0; r < R; ++r) p.hide(tl, r, s + r * lds);
   }
 
   // The forward pass's weights from a tile's scores s ([R, lds] float32, n of each row): p = exp(s - m), as
@@ -557,8 +565,206 @@ ffi::Error check(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
         vd[3] == kd[3] && md[0] == qd[0] && md[1] == kd[1]))
     return ffi::Error::InvalidArgument("needs q [b, t, h, d], k, v [b, S, K, d] with h % K == 0 and d % 16 == 0");
   if (bf16 && !HAS_BF16) return ffi::Error::InvalidArgument("bf16 needs a CPU with AVX512-BF16");
+  if (bf16 < 0 || bf16 > 2) return ffi::Error::InvalidArgument("bf16 must be 0, 1 or 2");
   return ffi::Error::Success();
 }
+
+// ---- AMX tiles: the bfloat16 products as tdpbf16ps (a 16 x 16 float32 tile += a [16, 32] bfloat16 tile times a
+// [16, 16] tile of bfloat16 pairs along the contraction) ----
+//
+// Tiles of RT = 32 query rows. Per tile, with the keys it sees [k0, k0 + n) and n32 = n rounded up to 32:
+//
+//   forward:  s = q_rows k^T  [RT, n32],   p = exp(scale s + bias - m) in bfloat16,   out_rows = p v  [RT, d]
+//   backward: s, dp = dout_rows v^T,  p = exp(scale s + bias - lse),  ds = p (dp - delta) scale,
+//             dq_rows = ds k,  dk^T += q_rows^T ds  [d, n32],  dv^T += dout_rows^T p  [d, n32]
+//
+// each a `tile_product` of bfloat16 rows and bfloat16 pairs: k^T and v^T as `Operands::transposed`, k and v
+// as `Operands::paired`, ds and p in row pairs, q_rows^T and dout_rows^T gathered per tile. dk and dv collect
+// transposed, [d, keys] per unit, so that no product needs ds^T. Zeros pad every contraction to 32.
+#ifdef __AMX_BF16__
+constexpr int RT = 32;
+
+// Asks Linux, once, for this process's AMX tile state (XTILEDATA, feature 18); false where it refuses.
+bool amx_permitted() {
+  static const bool granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18) == 0;
+  return granted;
+}
+
+// Eight tiles of 16 rows of 64 bytes on this thread while in scope.
+struct Tiles {
+  struct Config {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t bytes_per_row[16] = {};
+    uint8_t rows[16] = {};
+  };
+  Tiles() {
+    Config c;
+    for (int i = 0; i < 8; ++i) c.bytes_per_row[i] = 64, c.rows[i] = 16;
+    _tile_loadconfig(&c);
+  }
+  ~Tiles() { _tile_release(); }
+};
+
+// c [m, n] float32 = (with `add`: +=) a [m, k] bfloat16 rows times b [k, n] in bfloat16 pairs along k ([k / 2, n,
+// 2]); strides lda, ldb (in pairs), ldc in elements; m, n and k multiples of 32. 32 x 32 of c at a time: tiles 0-3
+// hold c, 4-5 rows of a, 6-7 columns of b.
+void tile_product(const bfloat16* a, int64_t lda, const bfloat16* b, int64_t ldb, float* c, int64_t ldc, int64_t m,
+                  int64_t n, int64_t k, bool add) {
+  for (int64_t i = 0; i < m; i += 32)
+    for (int64_t j = 0; j < n; j += 32) {
+      float* c0 = c + i * ldc + j;
+      float* c1 = c0 + 16 * ldc;
+      if (add) {
+        _tile_loadd(0, c0, ldc * 4);
+        _tile_loadd(1, c0 + 16, ldc * 4);
+        _tile_loadd(2, c1, ldc * 4);
+        _tile_loadd(3, c1 + 16, ldc * 4);
+      } else {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+      }
+      for (int64_t e = 0; e < k; e += 32) {
+        _tile_loadd(4, a + i * lda + e, lda * 2);
+        _tile_loadd(5, a + (i + 16) * lda + e, lda * 2);
+        _tile_loadd(6, b + (e / 2 * ldb + j) * 2, ldb * 4);
+        _tile_loadd(7, b + (e / 2 * ldb + j + 16) * 2, ldb * 4);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      _tile_stored(0, c0, ldc * 4);
+      _tile_stored(1, c0 + 16, ldc * 4);
+      _tile_stored(2, c1, ldc * 4);
+      _tile_stored(3, c1 + 16, ldc * 4);
+    }
+}
+
+inline int64_t up32(int64_t n) { return (n + 31) / 32 * 32; }
+
+// A tile's rows of x (bfloat16 [b, t, h, d]) into a [RT, d], and with `at` transposed into at [d, RT].
+void gather(const bfloat16* x, const Problem::Tile& tl, int64_t d, bfloat16* a, bfloat16* at) {
+  for (int r = 0; r < RT; ++r) {
+    const bfloat16* xr = x + tl.row[r] * d;
+    std::copy_n(xr, d, a + r * d);
+    if (at)
+      for (int64_t c = 0; c < d; ++c) at[c * RT + r] = xr[c];
+  }
+}
+
+// The logits of row r of a tile from its products sr (n32 of them), x = scale s + bias, -inf where the query may
+// not see the key and past n: in 16 lanes at column j.
+inline __m512 logits(const Problem& p, const Problem::Tile& tl, const float* sr, int64_t j) {
+  const __mmask16 m = tail(tl.n - j);
+  const float* bias = p.bias.data() + tl.bi * p.S + tl.k0;
+  return _mm512_mask_blend_ps(m, _mm512_set1_ps(NEG_INF),
+                              _mm512_fmadd_ps(_mm512_loadu_ps(sr + j), _mm512_set1_ps(p.scale),
+                                              _mm512_maskz_loadu_ps(m, bias + j)));
+}
+
+void forward_amx(ffi::ThreadPool& pool, const Problem& p, float* op, float* lp) {
+  const Operands<bfloat16> o(p, nullptr);
+  const int64_t per = p.tiles_per_unit(), lds = p.ld, d = p.d;
+  p.split(pool, [&](int64_t first, int64_t last, int) {
+    const Tiles tiles;
+    std::vector<float> s(RT * lds), out(RT * d);
+    std::vector<bfloat16> qa(RT * d), w(RT * lds);
+    for (int64_t e = first; e < last; ++e) {
+      const auto tl = p.tile(e / per, e % per);
+      const int64_t n32 = up32(tl.n);
+      gather(o.q, tl, d, qa.data(), nullptr);
+      tile_product(qa.data(), d, o.of_unit(o.kt, tl) + tl.k0 * 2, p.ld, s.data(), lds, RT, n32, d, false);
+      float m[RT], l[RT];
+      for (int r = 0; r < RT; ++r) {
+        float* sr = s.data() + r * lds;
+        p.hide(tl, r, sr);
+        __m512 top = _mm512_set1_ps(NEG_INF);
+        for (int64_t j = 0; j < n32; j += 16) {
+          const __m512 x = logits(p, tl, sr, j);
+          _mm512_storeu_ps(sr + j, x);
+          top = _mm512_max_ps(top, x);
+        }
+        m[r] = _mm512_reduce_max_ps(top);
+        const __m512 shift = _mm512_set1_ps(m[r] == NEG_INF ? std::numeric_limits<float>::infinity() : m[r]);
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t j = 0; j < n32; j += 16) {
+          const __m512 x = exp16<bfloat16>(_mm512_sub_ps(_mm512_loadu_ps(sr + j), shift));
+          sum = _mm512_add_ps(sum, x);
+          store_bf16(w.data() + r * lds + j, x);
+        }
+        l[r] = _mm512_reduce_add_ps(sum);
+      }
+      tile_product(w.data(), lds, o.pairs(p.v, tl) + tl.k0 * d, d, out.data(), d, RT, d, n32, false);
+      for (int r = 0; r < tl.rows; ++r) {
+        const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+        float* dst = op + tl.row[r] * d;
+        for (int64_t c = 0; c < d; ++c) dst[c] = out[r * d + c] * inv;
+        lp[tl.row[r]] = l[r] > 0.f ? m[r] + std::log(l[r]) : 0.f;
+      }
+    }
+  });
+}
+
+// dk^T, dv^T of each thread [b K, d, ld] into acc[thread] (dk^T first); returns whether thread 1 ran.
+bool backward_amx(ffi::ThreadPool& pool, const Problem& p, const float* op, const float* lp, const float* gp,
+                  float* dqp, std::vector<float>* acc) {
+  const Operands<bfloat16> o(p, gp);
+  const int64_t per = p.tiles_per_unit(), lds = p.ld, d = p.d, keys = p.b * p.K * d * p.ld;
+  acc[0].assign(2 * keys, 0.f);
+  p.split(pool, [&](int64_t first, int64_t last, int thread) {
+    const Tiles tiles;
+    std::vector<float>& mine = acc[thread];
+    if (mine.empty()) mine.assign(2 * keys, 0.f);
+    std::vector<float> s(RT * lds), dp(RT * lds), dq(RT * d);
+    std::vector<bfloat16> qa(RT * d), qt(d * RT), ga(RT * d), gt(d * RT), ds(RT * lds), ds_pairs(RT * lds),
+        p_pairs(RT * lds);
+    const __m512 sc = _mm512_set1_ps(p.scale);
+    for (int64_t e = first; e < last; ++e) {
+      const auto tl = p.tile(e / per, e % per);
+      const int64_t n32 = up32(tl.n);
+      gather(o.q, tl, d, qa.data(), qt.data());
+      gather(o.g, tl, d, ga.data(), gt.data());
+      tile_product(qa.data(), d, o.of_unit(o.kt, tl) + tl.k0 * 2, p.ld, s.data(), lds, RT, n32, d, false);
+      tile_product(ga.data(), d, o.of_unit(o.vt, tl) + tl.k0 * 2, p.ld, dp.data(), lds, RT, n32, d, false);
+      float lse[RT], delta[RT];
+      for (int r = 0; r < RT; ++r) {
+        lse[r] = r < tl.rows ? lp[tl.row[r]] : std::numeric_limits<float>::infinity();  // a repeated row: p = 0
+        delta[r] = dot(gp + tl.row[r] * d, op + tl.row[r] * d, d);
+        p.hide(tl, r, s.data() + r * lds);
+      }
+      for (int i = 0; i < RT / 2; ++i) {
+        const float *s0 = s.data() + 2 * i * lds, *s1 = s0 + lds, *dp0 = dp.data() + 2 * i * lds, *dp1 = dp0 + lds;
+        for (int64_t j = 0; j < n32; j += 16) {
+          const __m512 p0 = exp16<bfloat16>(_mm512_sub_ps(logits(p, tl, s0, j), _mm512_set1_ps(lse[2 * i])));
+          const __m512 p1 = exp16<bfloat16>(_mm512_sub_ps(logits(p, tl, s1, j), _mm512_set1_ps(lse[2 * i + 1])));
+          const __m512 ds0 = _mm512_mul_ps(_mm512_mul_ps(p0, _mm512_sub_ps(_mm512_loadu_ps(dp0 + j),
+                                                                           _mm512_set1_ps(delta[2 * i]))), sc);
+          const __m512 ds1 = _mm512_mul_ps(_mm512_mul_ps(p1, _mm512_sub_ps(_mm512_loadu_ps(dp1 + j),
+                                                                           _mm512_set1_ps(delta[2 * i + 1]))), sc);
+          store_bf16(ds.data() + 2 * i * lds + j, ds0);
+          store_bf16(ds.data() + (2 * i + 1) * lds + j, ds1);
+          _mm512_storeu_si512(ds_pairs.data() + (i * lds + j) * 2, interleave(ds0, ds1));
+          _mm512_storeu_si512(p_pairs.data() + (i * lds + j) * 2, interleave(p0, p1));
+        }
+      }
+      tile_product(ds.data(), lds, o.pairs(p.k, tl) + tl.k0 * d, d, dq.data(), d, RT, d, n32, false);
+      for (int r = 0; r < tl.rows; ++r) std::copy_n(dq.data() + r * d, d, dqp + tl.row[r] * d);
+      float* dkt = mine.data() + tl.unit * d * p.ld + tl.k0;
+      tile_product(qt.data(), RT, ds_pairs.data(), lds, dkt, p.ld, d, n32, RT, true);
+      tile_product(gt.data(), RT, p_pairs.data(), lds, dkt + keys, p.ld, d, n32, RT, true);
+    }
+  });
+  return !acc[1].empty();
+}
+
+// Whether a call runs on AMX tiles: `bf16` 2 asks for them; they need the process's permission and a head size
+// that is a multiple of 32 (one tile's contraction); else it runs as `bf16` 1.
+bool amx(int64_t bf16, const ffi::Buffer<ffi::F32>& q) { return bf16 == 2 && q.dimensions()[3] % 32 == 0 && amx_permitted(); }
+#else
+bool amx_permitted() { return false; }
+#endif
 
 template <typename T>
 void forward(ffi::ThreadPool& pool, const Problem& p, float* op, float* lp) {
@@ -591,6 +797,12 @@ ffi::Error AttentionFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
                         ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> key_mask, ffi::ResultBuffer<ffi::F32> out,
                         ffi::ResultBuffer<ffi::F32> lse, int64_t index, int64_t window, int64_t bf16) {
   if (auto error = check(q, k, v, key_mask, bf16); error.failure()) return error;
+#ifdef __AMX_BF16__
+  if (amx(bf16, q)) {
+    forward_amx(pool, Problem(q, k, v, key_mask, index, window, RT), out->typed_data(), lse->typed_data());
+    return ffi::Error::Success();
+  }
+#endif
   const Problem p(q, k, v, key_mask, index, window);
 #ifdef __AVX512BF16__
   if (bf16) {
@@ -650,9 +862,30 @@ ffi::Error AttentionBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
                         ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv, int64_t index,
                         int64_t window, int64_t bf16) {
   if (auto error = check(q, k, v, key_mask, bf16); error.failure()) return error;
-  const Problem p(q, k, v, key_mask, index, window);
   std::vector<float> acc[2];
   const float *op = out.typed_data(), *lp = lse.typed_data(), *gp = dout.typed_data();
+  float *dkp = dk->typed_data(), *dvp = dv->typed_data();
+#ifdef __AMX_BF16__
+  if (amx(bf16, q)) {
+    const Problem p(q, k, v, key_mask, index, window, RT);
+    const bool two = backward_amx(pool, p, op, lp, gp, dq->typed_data(), acc);
+    // dk, dv: the threads' sums of dk^T, dv^T [b K, d, ld], back to [b, S, K, d].
+    const int64_t keys = p.b * p.K * p.d * p.ld;
+    for (int64_t unit = 0; unit < p.b * p.K; ++unit) {
+      const int64_t bi = unit / p.K, kh = unit % p.K;
+      for (int64_t c = 0; c < p.d; ++c) {
+        const int64_t src = (unit * p.d + c) * p.ld;
+        for (int64_t j = 0; j < p.S; ++j) {
+          const int64_t dst = ((bi * p.S + j) * p.K + kh) * p.d + c;
+          dkp[dst] = acc[0][src + j] + (two ? acc[1][src + j] : 0.f);
+          dvp[dst] = acc[0][keys + src + j] + (two ? acc[1][keys + src + j] : 0.f);
+        }
+      }
+    }
+    return ffi::Error::Success();
+  }
+#endif
+  const Problem p(q, k, v, key_mask, index, window);
 #ifdef __AVX512BF16__
   const bool two = bf16 ? backward<bfloat16>(pool, p, op, lp, gp, dq->typed_data(), acc)
                         : backward<float>(pool, p, op, lp, gp, dq->typed_data(), acc);
@@ -661,7 +894,6 @@ ffi::Error AttentionBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
 #endif
   // dk, dv: the threads' sums, back to [b, S, K, d].
   const int64_t keys = p.b * p.K * p.S * p.d;
-  float *dkp = dk->typed_data(), *dvp = dv->typed_data();
   for (int64_t unit = 0; unit < p.b * p.K; ++unit) {
     const int64_t bi = unit / p.K, kh = unit % p.K;
     for (int64_t j = 0; j < p.S; ++j) {
@@ -676,6 +908,10 @@ ffi::Error AttentionBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
 }
 
 }  // namespace
+
+// 1 where the sequence kernels can run on AMX tiles (the library was built with AMX-BF16 and Linux grants the
+// process the tile state), else 0.
+extern "C" int qalora_amx_ready() { return amx_permitted(); }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(qalora_cpu_attention, CpuAttention,
                               ffi::Ffi::Bind()

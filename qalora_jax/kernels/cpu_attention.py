@@ -21,8 +21,9 @@ models.attention.Mask describes it (key_mask, the slot `index` of query 0, a win
   attention's small batched dots ([12 G, 64] x [64, keys] per head, G query heads a KV head) and the layout
   copies around them at a fraction of its matmul rate; the kernel's tiles run at most of the FMA units'.
   With `operand_dtype` bfloat16 its five products (q k^T, p v; dout v^T, ds k, ds^T q, p^T dout) round their
-  operands to bfloat16 and sum in float32 (AVX512-BF16's vdpbf16ps, twice the float32 FMA rate); the softmax,
-  lse, rowsum(dout * out) and all outputs stay float32. Without AVX512-BF16 the products stay float32.
+  operands to bfloat16 and sum in float32: on AMX tiles where the CPU has them (`amx_products`; tdpbf16ps,
+  tiles of 32 query rows), else with AVX512-BF16's vdpbf16ps (twice the float32 FMA rate); the softmax, lse,
+  rowsum(dout * out) and all outputs stay float32. Without AVX512-BF16 the products stay float32.
 
 models.attention uses them where `supports` / `supports_sequence` hold; the tests hold them to
 `attention.dense_attention`.
@@ -31,6 +32,7 @@ models.attention uses them where `supports` / `supports_sequence` hold; the test
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +40,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from qalora_jax import hardware
-from qalora_jax.kernels.cpu_library import available
+from qalora_jax.kernels.cpu_library import available, library
 
 
 def supports(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
@@ -67,8 +69,21 @@ def bf16_products() -> bool:
   return "avx512_bf16" in hardware.cpu()["flags"]
 
 
-def _bf16(operand_dtype) -> np.int64:
-  return np.int64(operand_dtype is not None and jnp.dtype(operand_dtype) == jnp.bfloat16 and bf16_products())
+def amx_products() -> bool:
+  """Whether `sequence_attention`'s bfloat16 products run on AMX tiles here: the CPU has AMX-BF16, Linux lets the
+  process use the tile state, and QALORA_CPU_AMX is not "0" (the vdpbf16ps products instead). Heads whose size is
+  not a multiple of 32 keep vdpbf16ps."""
+  if os.environ.get("QALORA_CPU_AMX") == "0" or "amx_bf16" not in hardware.cpu()["flags"]:
+    return False
+  loaded = library()
+  return loaded is not None and bool(loaded.qalora_amx_ready())
+
+
+def _bf16(operand_dtype, head_size: int) -> np.int64:
+  """The kernels' `bf16` attribute: 0 float32 products, 1 vdpbf16ps, 2 AMX tiles."""
+  if operand_dtype is None or jnp.dtype(operand_dtype) != jnp.bfloat16 or not bf16_products():
+    return np.int64(0)
+  return np.int64(2 if head_size % 32 == 0 and amx_products() else 1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -88,7 +103,7 @@ def _forward(q, k, v, key_mask, index, window, operand_dtype):
                                                        jax.ShapeDtypeStruct((b, t, h), jnp.float32)),
                           vmap_method="sequential")
   out, lse = call(q, k, v, key_mask.astype(bool), index=np.int64(index), window=np.int64(window or 0),
-                  bf16=_bf16(operand_dtype))
+                  bf16=_bf16(operand_dtype, q.shape[-1]))
   # Named, so that a rematerialised block keeps them (models.attention.REMAT_SAVED), not the attention's inputs.
   out, lse = checkpoint_name(out, "attention_out"), checkpoint_name(lse, "attention_lse")
   return out, (q, k, v, key_mask, out, lse)
@@ -99,7 +114,7 @@ def _backward(index, window, operand_dtype, residuals, dout):
   call = jax.ffi.ffi_call("qalora_cpu_attention_bwd", tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32)
                                                             for x in (q, k, v)), vmap_method="sequential")
   dq, dk, dv = call(q, k, v, key_mask.astype(bool), out, lse, dout.astype(jnp.float32), index=np.int64(index),
-                    window=np.int64(window or 0), bf16=_bf16(operand_dtype))
+                    window=np.int64(window or 0), bf16=_bf16(operand_dtype, q.shape[-1]))
   return dq, dk, dv, None
 
 

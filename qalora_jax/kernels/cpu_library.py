@@ -63,16 +63,22 @@ def _compile() -> Path:
 
 
 @functools.cache
-def available() -> bool:
-  """Whether the kernels run here: a CPU backend, QALORA_CPU_KERNELS not "0", and a library that compiles."""
+def library() -> ctypes.CDLL | None:
+  """The loaded library with its FFI targets registered, or None where the kernels do not run here (not a CPU
+  backend, QALORA_CPU_KERNELS="0", or a library that does not compile or load)."""
   if os.environ.get("QALORA_CPU_KERNELS") == "0" or jax.default_backend() != "cpu":
-    return False
+    return None
   try:
-    library = ctypes.cdll.LoadLibrary(str(_compile()))
+    loaded = ctypes.cdll.LoadLibrary(str(_compile()))
   except (RuntimeError, OSError) as e:
     warnings.warn(f"the CPU kernels are unavailable ({e}); int8 matmuls and the decoding attention fall back to "
                   "plain JAX", stacklevel=3)
-    return False
+    return None
   for name in TARGETS:
-    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)), platform="cpu")
-  return True
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(loaded, name)), platform="cpu")
+  return loaded
+
+
+def available() -> bool:
+  """Whether the kernels run here (see `library`)."""
+  return library() is not None
