@@ -761,7 +761,9 @@ bool backward_amx(ffi::ThreadPool& pool, const Problem& p, const float* op, cons
 
 // Whether a call runs on AMX tiles: `bf16` 2 asks for them; they need the process's permission and a head size
 // that is a multiple of 32 (one tile's contraction); else it runs as `bf16` 1.
-bool amx(int64_t bf16, const ffi::Buffer<ffi::F32>& q) { return bf16 == 2 && q.dimensions()[3] % 32 == 0 && amx_permitted(); }
+bool amx(int64_t bf16, const ffi::Buffer<ffi::F32>& q) {
+  return bf16 == 2 && q.dimensions()[3] % 32 == 0 && amx_permitted();
+}
 #else
 bool amx_permitted() { return false; }
 #endif
