@@ -109,7 +109,7 @@ ffi::Error CpuAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::B
 // pair along the contraction; T is the operand type, PER<T> its elements a unit.
 
 constexpr int R = 12;  // rows a tile (of the FMA and vdpbf16ps products)
-constexpr int MAX_ROWS = 32;  // rows a tile of any path
+constexpr int MAX_ROWS = 64;  // rows a tile of any path
 constexpr int RB = 6;  // rows a block of `weighted_rows`
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 using bfloat16 = uint16_t;
@@ -347,9 +347,12 @@ struct Problem {
 
   // -inf in row r of a tile's scores (sr[j] for key k0 + j, j < n) where its query may not see the key: before
   // lo and from hi on.
-  void hide(const Tile& tl, int r, float* sr) const {
-    for (int64_t j = tl.k0; j < lo(tl.pos[r]); ++j) sr[j - tl.k0] = NEG_INF;
-    for (int64_t j = hi(tl.pos[r]); j < tl.k0 + tl.n; ++j) sr[j - tl.k0] = NEG_INF;
+  void hide(const Tile& tl, int r, float* sr) const { hide(tl.pos[r], tl.k0, tl.n, sr); }
+
+  // The same for query position i and keys [k0, k0 + n).
+  void hide(int64_t i, int64_t k0, int64_t n, float* sr) const {
+    for (int64_t j = k0; j < std::min(lo(i), k0 + n); ++j) sr[j - k0] = NEG_INF;
+    for (int64_t j = std::max(hi(i), k0); j < k0 + n; ++j) sr[j - k0] = NEG_INF;
   }
 
   // Splits the tiles of all units between two threads by their keys: run(first, last, thread) over flat tile
@@ -644,21 +647,21 @@ void tile_product(const bfloat16* a, int64_t lda, const bfloat16* b, int64_t ldb
 
 inline int64_t up32(int64_t n) { return (n + 31) / 32 * 32; }
 
-// A tile's rows of x (bfloat16 [b, t, h, d]) into a [RT, d], and with `at` transposed into at [d, RT].
-void gather(const bfloat16* x, const Problem::Tile& tl, int64_t d, bfloat16* a, bfloat16* at) {
-  for (int r = 0; r < RT; ++r) {
+// A tile's `rows` rows of x (bfloat16 [b, t, h, d]) into a [rows, d], and with `at` transposed into at [d, rows].
+void gather(const bfloat16* x, const Problem::Tile& tl, int64_t d, int rows, bfloat16* a, bfloat16* at) {
+  for (int r = 0; r < rows; ++r) {
     const bfloat16* xr = x + tl.row[r] * d;
     std::copy_n(xr, d, a + r * d);
     if (at)
-      for (int64_t c = 0; c < d; ++c) at[c * RT + r] = xr[c];
+      for (int64_t c = 0; c < d; ++c) at[c * rows + r] = xr[c];
   }
 }
 
-// The logits of row r of a tile from its products sr (n32 of them), x = scale s + bias, -inf where the query may
-// not see the key and past n: in 16 lanes at column j.
-inline __m512 logits(const Problem& p, const Problem::Tile& tl, const float* sr, int64_t j) {
-  const __mmask16 m = tail(tl.n - j);
-  const float* bias = p.bias.data() + tl.bi * p.S + tl.k0;
+// The logits of a row from its products sr against keys [k0, k0 + n), x = scale s + bias (of batch row bi), -inf
+// past n (and where sr already holds -inf): in 16 lanes at column j.
+inline __m512 logits(const Problem& p, int64_t bi, int64_t k0, int64_t n, const float* sr, int64_t j) {
+  const __mmask16 m = tail(n - j);
+  const float* bias = p.bias.data() + bi * p.S + k0;
   return _mm512_mask_blend_ps(m, _mm512_set1_ps(NEG_INF),
                               _mm512_fmadd_ps(_mm512_loadu_ps(sr + j), _mm512_set1_ps(p.scale),
                                               _mm512_maskz_loadu_ps(m, bias + j)));
@@ -674,7 +677,7 @@ void forward_amx(ffi::ThreadPool& pool, const Problem& p, float* op, float* lp) 
     for (int64_t e = first; e < last; ++e) {
       const auto tl = p.tile(e / per, e % per);
       const int64_t n32 = up32(tl.n);
-      gather(o.q, tl, d, qa.data(), nullptr);
+      gather(o.q, tl, d, RT, qa.data(), nullptr);
       tile_product(qa.data(), d, o.of_unit(o.kt, tl) + tl.k0 * 2, p.ld, s.data(), lds, RT, n32, d, false);
       float m[RT], l[RT];
       for (int r = 0; r < RT; ++r) {
@@ -682,7 +685,7 @@ void forward_amx(ffi::ThreadPool& pool, const Problem& p, float* op, float* lp) 
         p.hide(tl, r, sr);
         __m512 top = _mm512_set1_ps(NEG_INF);
         for (int64_t j = 0; j < n32; j += 16) {
-          const __m512 x = logits(p, tl, sr, j);
+          const __m512 x = logits(p, tl.bi, tl.k0, tl.n, sr, j);
           _mm512_storeu_ps(sr + j, x);
           top = _mm512_max_ps(top, x);
         }
@@ -707,53 +710,61 @@ void forward_amx(ffi::ThreadPool& pool, const Problem& p, float* op, float* lp) 
   });
 }
 
-// dk^T, dv^T of each thread [b K, d, ld] into acc[thread] (dk^T first); returns whether thread 1 ran.
+// dk^T, dv^T of each thread [b K, d, ld] into acc[thread] (dk^T first); returns whether thread 1 ran. Tiles of
+// RT_BACKWARD = 64 rows (`Problem` built so), their keys CHUNK at a time: a chunk's s, dp, p and ds stay in the core's
+// cache, and dk^T, dv^T sum over 64 rows a product. dq sums over the chunks.
+constexpr int RT_BACKWARD = 64, CHUNK = 128;
+
 bool backward_amx(ffi::ThreadPool& pool, const Problem& p, const float* op, const float* lp, const float* gp,
                   float* dqp, std::vector<float>* acc) {
   const Operands<bfloat16> o(p, gp);
-  const int64_t per = p.tiles_per_unit(), lds = p.ld, d = p.d, keys = p.b * p.K * d * p.ld;
+  const int64_t per = p.tiles_per_unit(), d = p.d, keys = p.b * p.K * d * p.ld;
   acc[0].assign(2 * keys, 0.f);
   p.split(pool, [&](int64_t first, int64_t last, int thread) {
     const Tiles tiles;
     std::vector<float>& mine = acc[thread];
     if (mine.empty()) mine.assign(2 * keys, 0.f);
-    std::vector<float> s(RT * lds), dp(RT * lds), dq(RT * d);
-    std::vector<bfloat16> qa(RT * d), qt(d * RT), ga(RT * d), gt(d * RT), ds(RT * lds), ds_pairs(RT * lds),
-        p_pairs(RT * lds);
+    std::vector<float> s(RT_BACKWARD * CHUNK), dp(RT_BACKWARD * CHUNK), dq(RT_BACKWARD * d);
+    std::vector<bfloat16> qa(RT_BACKWARD * d), qt(d * RT_BACKWARD), ga(RT_BACKWARD * d), gt(d * RT_BACKWARD), ds(RT_BACKWARD * CHUNK), ds_pairs(RT_BACKWARD * CHUNK),
+        p_pairs(RT_BACKWARD * CHUNK);
     const __m512 sc = _mm512_set1_ps(p.scale);
     for (int64_t e = first; e < last; ++e) {
       const auto tl = p.tile(e / per, e % per);
-      const int64_t n32 = up32(tl.n);
-      gather(o.q, tl, d, qa.data(), qt.data());
-      gather(o.g, tl, d, ga.data(), gt.data());
-      tile_product(qa.data(), d, o.of_unit(o.kt, tl) + tl.k0 * 2, p.ld, s.data(), lds, RT, n32, d, false);
-      tile_product(ga.data(), d, o.of_unit(o.vt, tl) + tl.k0 * 2, p.ld, dp.data(), lds, RT, n32, d, false);
-      float lse[RT], delta[RT];
-      for (int r = 0; r < RT; ++r) {
+      gather(o.q, tl, d, RT_BACKWARD, qa.data(), qt.data());
+      gather(o.g, tl, d, RT_BACKWARD, ga.data(), gt.data());
+      float lse[RT_BACKWARD], delta[RT_BACKWARD];
+      for (int r = 0; r < RT_BACKWARD; ++r) {
         lse[r] = r < tl.rows ? lp[tl.row[r]] : std::numeric_limits<float>::infinity();  // a repeated row: p = 0
         delta[r] = dot(gp + tl.row[r] * d, op + tl.row[r] * d, d);
-        p.hide(tl, r, s.data() + r * lds);
       }
-      for (int i = 0; i < RT / 2; ++i) {
-        const float *s0 = s.data() + 2 * i * lds, *s1 = s0 + lds, *dp0 = dp.data() + 2 * i * lds, *dp1 = dp0 + lds;
-        for (int64_t j = 0; j < n32; j += 16) {
-          const __m512 p0 = exp16<bfloat16>(_mm512_sub_ps(logits(p, tl, s0, j), _mm512_set1_ps(lse[2 * i])));
-          const __m512 p1 = exp16<bfloat16>(_mm512_sub_ps(logits(p, tl, s1, j), _mm512_set1_ps(lse[2 * i + 1])));
-          const __m512 ds0 = _mm512_mul_ps(_mm512_mul_ps(p0, _mm512_sub_ps(_mm512_loadu_ps(dp0 + j),
-                                                                           _mm512_set1_ps(delta[2 * i]))), sc);
-          const __m512 ds1 = _mm512_mul_ps(_mm512_mul_ps(p1, _mm512_sub_ps(_mm512_loadu_ps(dp1 + j),
-                                                                           _mm512_set1_ps(delta[2 * i + 1]))), sc);
-          store_bf16(ds.data() + 2 * i * lds + j, ds0);
-          store_bf16(ds.data() + (2 * i + 1) * lds + j, ds1);
-          _mm512_storeu_si512(ds_pairs.data() + (i * lds + j) * 2, interleave(ds0, ds1));
-          _mm512_storeu_si512(p_pairs.data() + (i * lds + j) * 2, interleave(p0, p1));
+      std::fill(dq.begin(), dq.end(), 0.f);
+      for (int64_t c0 = 0; c0 < tl.n; c0 += CHUNK) {
+        const int64_t k0 = tl.k0 + c0, n = std::min<int64_t>(CHUNK, tl.n - c0), n32 = up32(n);
+        tile_product(qa.data(), d, o.of_unit(o.kt, tl) + k0 * 2, p.ld, s.data(), CHUNK, RT_BACKWARD, n32, d, false);
+        tile_product(ga.data(), d, o.of_unit(o.vt, tl) + k0 * 2, p.ld, dp.data(), CHUNK, RT_BACKWARD, n32, d, false);
+        for (int r = 0; r < RT_BACKWARD; ++r) p.hide(tl.pos[r], k0, n, s.data() + r * CHUNK);
+        for (int i = 0; i < RT_BACKWARD / 2; ++i) {
+          const float *s0 = s.data() + 2 * i * CHUNK, *s1 = s0 + CHUNK, *dp0 = dp.data() + 2 * i * CHUNK,
+                      *dp1 = dp0 + CHUNK;
+          const __m512 lse0 = _mm512_set1_ps(lse[2 * i]), lse1 = _mm512_set1_ps(lse[2 * i + 1]),
+                       delta0 = _mm512_set1_ps(delta[2 * i]), delta1 = _mm512_set1_ps(delta[2 * i + 1]);
+          for (int64_t j = 0; j < n32; j += 16) {
+            const __m512 p0 = exp16<bfloat16>(_mm512_sub_ps(logits(p, tl.bi, k0, n, s0, j), lse0));
+            const __m512 p1 = exp16<bfloat16>(_mm512_sub_ps(logits(p, tl.bi, k0, n, s1, j), lse1));
+            const __m512 ds0 = _mm512_mul_ps(_mm512_mul_ps(p0, _mm512_sub_ps(_mm512_loadu_ps(dp0 + j), delta0)), sc);
+            const __m512 ds1 = _mm512_mul_ps(_mm512_mul_ps(p1, _mm512_sub_ps(_mm512_loadu_ps(dp1 + j), delta1)), sc);
+            store_bf16(ds.data() + 2 * i * CHUNK + j, ds0);
+            store_bf16(ds.data() + (2 * i + 1) * CHUNK + j, ds1);
+            _mm512_storeu_si512(ds_pairs.data() + (i * CHUNK + j) * 2, interleave(ds0, ds1));
+            _mm512_storeu_si512(p_pairs.data() + (i * CHUNK + j) * 2, interleave(p0, p1));
+          }
         }
+        tile_product(ds.data(), CHUNK, o.pairs(p.k, tl) + k0 * d, d, dq.data(), d, RT_BACKWARD, d, n32, c0 > 0);
+        float* dkt = mine.data() + tl.unit * d * p.ld + k0;
+        tile_product(qt.data(), RT_BACKWARD, ds_pairs.data(), CHUNK, dkt, p.ld, d, n32, RT_BACKWARD, true);
+        tile_product(gt.data(), RT_BACKWARD, p_pairs.data(), CHUNK, dkt + keys, p.ld, d, n32, RT_BACKWARD, true);
       }
-      tile_product(ds.data(), lds, o.pairs(p.k, tl) + tl.k0 * d, d, dq.data(), d, RT, d, n32, false);
       for (int r = 0; r < tl.rows; ++r) std::copy_n(dq.data() + r * d, d, dqp + tl.row[r] * d);
-      float* dkt = mine.data() + tl.unit * d * p.ld + tl.k0;
-      tile_product(qt.data(), RT, ds_pairs.data(), lds, dkt, p.ld, d, n32, RT, true);
-      tile_product(gt.data(), RT, p_pairs.data(), lds, dkt + keys, p.ld, d, n32, RT, true);
     }
   });
   return !acc[1].empty();
@@ -869,7 +880,7 @@ ffi::Error AttentionBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
   float *dkp = dk->typed_data(), *dvp = dv->typed_data();
 #ifdef __AMX_BF16__
   if (amx(bf16, q)) {
-    const Problem p(q, k, v, key_mask, index, window, RT);
+    const Problem p(q, k, v, key_mask, index, window, RT_BACKWARD);
     const bool two = backward_amx(pool, p, op, lp, gp, dq->typed_data(), acc);
     // dk, dv: the threads' sums of dk^T, dv^T [b K, d, ld], back to [b, S, K, d].
     const int64_t keys = p.b * p.K * p.d * p.ld;
