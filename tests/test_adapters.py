@@ -49,6 +49,32 @@ def test_linear_matches_the_formula(kind, group):
   np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_rematerialised_adapter_keeps_its_pooled_input_and_hidden_product():
+  """With nn.adapters.REMAT_SAVED kept, the gradient of a checkpointed QA-LoRA linear makes the group sums and
+  pool(x) A once, in the forward pass; with nothing kept it makes both again. The gradients are the same."""
+  from models_testing import equations
+
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(4, 64)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(64, 24)), jnp.float32)
+  ad = random_adapter("qalora", 64, 24, group_size=16)
+
+  def layer(x, a, b):
+    return jnp.sum(jnp.sin(nn.linear(x, {"kernel": w, "adapter": nn.Adapter(a, b, ad.meta)})))
+
+  def grad(policy):
+    return jax.grad(jax.checkpoint(layer, policy=policy), (0, 1, 2))
+
+  def count(fn, name):
+    return sum(e.primitive.name == name for e in equations(jax.make_jaxpr(fn)(x, ad.a, ad.b).jaxpr))
+
+  kept, none = jax.checkpoint_policies.save_only_these_names(*nn.adapters.REMAT_SAVED), None
+  assert count(grad(none), "reduce_sum") - count(grad(kept), "reduce_sum") == 1  # the group sums
+  assert count(grad(none), "dot_general") - count(grad(kept), "dot_general") == 1  # pool(x) A
+  for g0, g1 in zip(grad(kept)(x, ad.a, ad.b), jax.grad(layer, (0, 1, 2))(x, ad.a, ad.b)):
+    np.testing.assert_allclose(g0, g1, rtol=1e-6)
+
+
 def test_dropout_touches_only_the_adapter_branch():
   x = jnp.ones((2, 32))
   w = jnp.eye(32)

@@ -52,8 +52,9 @@ class Config:
       faster. "int8" (for decoding):
       INT4 group-wise weights meet activations quantized to int8 per 16 inputs in a CPU kernel that reads the
       packed codes (qalora_jax.kernels.cpu_matmul); everything else keeps the compute dtype.
-    remat: recompute each block's activations in the backward pass (jax.checkpoint), keeping only the blocked
-      attention's output and softmax statistics (models.attention.REMAT_SAVED).
+    remat: recompute each block's activations in the backward pass (jax.checkpoint), keeping only the
+      attention's output and softmax statistics (models.attention.REMAT_SAVED) and the adapters' small
+      intermediates, QA-LoRA's pooled inputs and x A (nn.adapters.REMAT_SAVED).
     remat_keep: with remat, what else each block keeps rather than recomputes: "qkv" (attention's q, k, v after
       RoPE: (heads + 2 kv_heads) head_dim floats a token), "mlp" (the gate and up projections' outputs:
       2 intermediate_size floats a token), both ("qkv,mlp") or nothing (""). Speed for memory; the numbers

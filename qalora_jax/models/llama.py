@@ -56,6 +56,7 @@ from qalora_jax.kernels import cpu_matmul
 from qalora_jax.models import layers
 from qalora_jax.models.attention import REMAT_SAVED, Mask, attention
 from qalora_jax.models.config import Config, rope_frequencies
+from qalora_jax.nn.adapters import REMAT_SAVED as ADAPTER_REMAT_SAVED
 from qalora_jax.nn.linear import operand_dtype
 from qalora_jax.nn.modules import Frozen, Linear, LowRankAdapter, shared_input
 from qalora_jax.quant import QTensor
@@ -68,8 +69,9 @@ REMAT_KEEP = {"qkv": ("attention_q", "attention_k", "attention_v"), "mlp": ("mlp
 
 
 def remat_saved(config: Config) -> tuple[str, ...]:
-  """The checkpoint names a rematerialised block keeps: attention's output and statistics, and remat_keep's."""
-  return REMAT_SAVED + tuple(n for part in config.remat_keep.split(",") if part for n in REMAT_KEEP[part])
+  """The checkpoint names a rematerialised block keeps: attention's output and statistics, the adapters' small
+  intermediates (nn.adapters.REMAT_SAVED), and remat_keep's."""
+  return REMAT_SAVED + ADAPTER_REMAT_SAVED + tuple(n for part in config.remat_keep.split(",") if part for n in REMAT_KEEP[part])
 
 
 def param_shapes(config: Config) -> dict:

@@ -25,6 +25,7 @@ import zlib
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 METHODS = ("lora", "qalora")
 
@@ -84,6 +85,12 @@ class Adapter:
     <= e, a set of dimension e (L + out - e) (<= r (L + out), the parameter count); per stacked layer."""
     e, lead = self.effective_rank, math.prod(self.b.shape[:-2])
     return lead * e * (self.a.shape[-2] + self.b.shape[-1] - e)
+
+
+# What a rematerialised block keeps of its adapters (by checkpoint name): QA-LoRA's pooled inputs pool(x) and
+# every adapter's x A, ceil(in / g) and r floats a token and layer, so that the backward pass makes neither again
+# (the group sums re-read the whole [tokens, in] input).
+REMAT_SAVED = ("adapter_pooled", "adapter_hidden")
 
 
 def pool_groups(x: jax.Array, group_size: int) -> jax.Array:
@@ -149,7 +156,7 @@ def adapter_delta(x: jax.Array, adapter: Adapter, *, dropout_rng: jax.Array | No
     keep = jax.random.bernoulli(dropout_rng, 1.0 - meta.dropout, x.shape)
     x = jnp.where(keep, x / (1.0 - meta.dropout), 0).astype(x.dtype)
   if meta.kind == "qalora":
-    x = pool_groups(x, meta.group_size)
+    x = checkpoint_name(pool_groups(x, meta.group_size), "adapter_pooled")
   return _lowrank(x, adapter.a.astype(x.dtype), adapter.b.astype(x.dtype), meta.scale)
 
 
@@ -166,7 +173,7 @@ def _lowrank(x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Arra
 
 
 def _lowrank_fwd(x, a, b, scale):
-  h = x @ a
+  h = checkpoint_name(x @ a, "adapter_hidden")
   return (h @ b) * jnp.asarray(scale, x.dtype), (x, h, a, b)
 
 
