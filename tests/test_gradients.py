@@ -74,9 +74,12 @@ def test_silu_mul_gradients_match_autodiff_and_keep_only_its_inputs(dtype):
   assert len(kept) == 2 and all(leaf.shape == g.shape for leaf in kept)  # g and u; autodiff keeps three more
 
 
+@pytest.mark.parametrize("matmul_dtype", [None, "bfloat16"])
 @pytest.mark.parametrize("vocab_first", [True, False])
 @pytest.mark.parametrize("quantized", [False, True])
-def test_head_nll_matches_logits_then_softmax(vocab_first, quantized):
+def test_head_nll_matches_logits_then_softmax(vocab_first, quantized, matmul_dtype):
+  """Also with bfloat16 operands (the logits' products on the same rounded operands, summed in float32). A
+  bfloat16 quantized table enters the vocabulary loop as such: the compiled gradient holds no float32 copy of it."""
   w = _normal(0, (97, 32) if vocab_first else (32, 97), 0.3)
   if quantized:
     w = quant.get("int", bits=4, group_size=16).quantize(w if not vocab_first else w.T)
@@ -87,14 +90,20 @@ def test_head_nll_matches_logits_then_softmax(vocab_first, quantized):
 
   def fused(x, w):
     # 21 positions: 8 + 8 + 5; 97 tokens: 40 + 40 + 17, the logsumexp accumulated over the three
-    return (layers.head_nll(x, w, targets, vocab_first=vocab_first, chunk=8, vocab_chunk=40) * g).sum()
+    return (layers.head_nll(x, w, targets, vocab_first=vocab_first, matmul_dtype=matmul_dtype, chunk=8,
+                            vocab_chunk=40) * g).sum()
 
   def plain(x, w):
-    return (metrics.token_nll(layers.head_logits(x, w, vocab_first), targets) * g).sum()
+    return (metrics.token_nll(layers.head_logits(x, w, vocab_first, matmul_dtype), targets) * g).sum()
 
-  _close(fused(x, w), plain(x, w))
+  tol = 1e-5 if matmul_dtype is None else 8e-3  # bfloat16: the probabilities rounded apart (2^-8 relative)
+  _close(fused(x, w), plain(x, w), tol)
   argnums = (0,) if quantized else (0, 1)
-  _close(jax.grad(fused, argnums)(x, w), jax.grad(plain, argnums)(x, w))
+  _close(jax.grad(fused, argnums)(x, w), jax.grad(plain, argnums)(x, w), tol)
+  if quantized and matmul_dtype == "bfloat16":
+    hlo = jax.jit(jax.grad(fused)).lower(x, w).compile().as_text()
+    loops = [line for line in hlo.splitlines() if " while(" in line]
+    assert loops and not any("f32[32,97]" in line for line in loops)
 
 
 def test_model_nll_and_its_gradients_match_the_logits_path():

@@ -138,6 +138,14 @@ def _head_pass(x, weight, targets, vocab_first, matmul_dtype, chunk, vocab_chunk
   w = materialize(weight, dtype) if grad or not int8 else None  # once; the int8 kernel reads `weight` itself
   axis = 0 if vocab_first else 1
   vocab = weight.shape[axis]
+  bits = w is not None and w.dtype == jnp.bfloat16
+  table = jax.lax.bitcast_convert_type(w, jnp.uint16) if bits else w
+
+  def columns(start, n):
+    """w's rows or columns for tokens [start, start + n). A bfloat16 table enters the loop as its bits: XLA's CPU
+    backend otherwise carries it into the loop as a float32 copy (twice the table, made every step)."""
+    piece = jax.lax.dynamic_slice_in_dim(table, start, n, axis)
+    return jax.lax.bitcast_convert_type(piece, jnp.bfloat16) if bits else piece
   size = vocab if int8 else min(vocab_chunk, vocab)
   n_loop = vocab // size
 
@@ -152,7 +160,7 @@ def _head_pass(x, weight, targets, vocab_first, matmul_dtype, chunk, vocab_chunk
     here = jnp.take_along_axis(z, jnp.clip(local, 0, n - 1)[:, None], axis=-1)[:, 0]
     picked = picked + jnp.where(inside, here, 0.0)
     if acc is not None:
-      w_v = jax.lax.dynamic_slice_in_dim(w, start, n, axis)
+      w_v = columns(start, n)
       acc = acc * rescale[:, None] + jnp.einsum("cv,vd->cd" if vocab_first else "cv,dv->cd", e.astype(w.dtype),
                                                 w_v, preferred_element_type=jnp.float32)
     return top, total * rescale + e.sum(axis=-1), picked, acc
@@ -160,7 +168,7 @@ def _head_pass(x, weight, targets, vocab_first, matmul_dtype, chunk, vocab_chunk
   def logits(xc, start, n):
     if int8:
       return head_logits(xc, weight, vocab_first, matmul_dtype)
-    return head_logits(xc, jax.lax.dynamic_slice_in_dim(w, start, n, axis), vocab_first, matmul_dtype)
+    return head_logits(xc, columns(start, n), vocab_first, matmul_dtype)
 
   nll, lse, dx = [], [], []
   for c in _chunks(x.shape[0], chunk):

@@ -71,7 +71,8 @@ REMAT_KEEP = {"qkv": ("attention_q", "attention_k", "attention_v"), "mlp": ("mlp
 def remat_saved(config: Config) -> tuple[str, ...]:
   """The checkpoint names a rematerialised block keeps: attention's output and statistics, the adapters' small
   intermediates (nn.adapters.REMAT_SAVED), and remat_keep's."""
-  return REMAT_SAVED + ADAPTER_REMAT_SAVED + tuple(n for part in config.remat_keep.split(",") if part for n in REMAT_KEEP[part])
+  kept = tuple(n for part in config.remat_keep.split(",") if part for n in REMAT_KEEP[part])
+  return REMAT_SAVED + ADAPTER_REMAT_SAVED + kept
 
 
 def param_shapes(config: Config) -> dict:
