@@ -575,7 +575,8 @@ ffi::Error check(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
 // ---- AMX tiles: the bfloat16 products as tdpbf16ps (a 16 x 16 float32 tile += a [16, 32] bfloat16 tile times a
 // [16, 16] tile of bfloat16 pairs along the contraction) ----
 //
-// Tiles of RT = 32 query rows. Per tile, with the keys it sees [k0, k0 + n) and n32 = n rounded up to 32:
+// Tiles of RT = 32 query rows forward, RT_BACKWARD = 64 backward. Per tile, with the keys it sees [k0, k0 + n) and
+// n32 = n rounded up to 32 (the backward pass takes them CHUNK at a time):
 //
 //   forward:  s = q_rows k^T  [RT, n32],   p = exp(scale s + bias - m) in bfloat16,   out_rows = p v  [RT, d]
 //   backward: s, dp = dout_rows v^T,  p = exp(scale s + bias - lse),  ds = p (dp - delta) scale,
@@ -724,26 +725,27 @@ bool backward_amx(ffi::ThreadPool& pool, const Problem& p, const float* op, cons
     const Tiles tiles;
     std::vector<float>& mine = acc[thread];
     if (mine.empty()) mine.assign(2 * keys, 0.f);
-    std::vector<float> s(RT_BACKWARD * CHUNK), dp(RT_BACKWARD * CHUNK), dq(RT_BACKWARD * d);
-    std::vector<bfloat16> qa(RT_BACKWARD * d), qt(d * RT_BACKWARD), ga(RT_BACKWARD * d), gt(d * RT_BACKWARD), ds(RT_BACKWARD * CHUNK), ds_pairs(RT_BACKWARD * CHUNK),
-        p_pairs(RT_BACKWARD * CHUNK);
+    constexpr int rows = RT_BACKWARD;
+    std::vector<float> s(rows * CHUNK), dp(rows * CHUNK), dq(rows * d);
+    std::vector<bfloat16> qa(rows * d), qt(d * rows), ga(rows * d), gt(d * rows), ds(rows * CHUNK),
+        ds_pairs(rows * CHUNK), p_pairs(rows * CHUNK);
     const __m512 sc = _mm512_set1_ps(p.scale);
     for (int64_t e = first; e < last; ++e) {
       const auto tl = p.tile(e / per, e % per);
-      gather(o.q, tl, d, RT_BACKWARD, qa.data(), qt.data());
-      gather(o.g, tl, d, RT_BACKWARD, ga.data(), gt.data());
-      float lse[RT_BACKWARD], delta[RT_BACKWARD];
-      for (int r = 0; r < RT_BACKWARD; ++r) {
+      gather(o.q, tl, d, rows, qa.data(), qt.data());
+      gather(o.g, tl, d, rows, ga.data(), gt.data());
+      float lse[rows], delta[rows];
+      for (int r = 0; r < rows; ++r) {
         lse[r] = r < tl.rows ? lp[tl.row[r]] : std::numeric_limits<float>::infinity();  // a repeated row: p = 0
         delta[r] = dot(gp + tl.row[r] * d, op + tl.row[r] * d, d);
       }
       std::fill(dq.begin(), dq.end(), 0.f);
       for (int64_t c0 = 0; c0 < tl.n; c0 += CHUNK) {
         const int64_t k0 = tl.k0 + c0, n = std::min<int64_t>(CHUNK, tl.n - c0), n32 = up32(n);
-        tile_product(qa.data(), d, o.of_unit(o.kt, tl) + k0 * 2, p.ld, s.data(), CHUNK, RT_BACKWARD, n32, d, false);
-        tile_product(ga.data(), d, o.of_unit(o.vt, tl) + k0 * 2, p.ld, dp.data(), CHUNK, RT_BACKWARD, n32, d, false);
-        for (int r = 0; r < RT_BACKWARD; ++r) p.hide(tl.pos[r], k0, n, s.data() + r * CHUNK);
-        for (int i = 0; i < RT_BACKWARD / 2; ++i) {
+        tile_product(qa.data(), d, o.of_unit(o.kt, tl) + k0 * 2, p.ld, s.data(), CHUNK, rows, n32, d, false);
+        tile_product(ga.data(), d, o.of_unit(o.vt, tl) + k0 * 2, p.ld, dp.data(), CHUNK, rows, n32, d, false);
+        for (int r = 0; r < rows; ++r) p.hide(tl.pos[r], k0, n, s.data() + r * CHUNK);
+        for (int i = 0; i < rows / 2; ++i) {
           const float *s0 = s.data() + 2 * i * CHUNK, *s1 = s0 + CHUNK, *dp0 = dp.data() + 2 * i * CHUNK,
                       *dp1 = dp0 + CHUNK;
           const __m512 lse0 = _mm512_set1_ps(lse[2 * i]), lse1 = _mm512_set1_ps(lse[2 * i + 1]),
@@ -759,10 +761,10 @@ bool backward_amx(ffi::ThreadPool& pool, const Problem& p, const float* op, cons
             _mm512_storeu_si512(p_pairs.data() + (i * CHUNK + j) * 2, interleave(p0, p1));
           }
         }
-        tile_product(ds.data(), CHUNK, o.pairs(p.k, tl) + k0 * d, d, dq.data(), d, RT_BACKWARD, d, n32, c0 > 0);
+        tile_product(ds.data(), CHUNK, o.pairs(p.k, tl) + k0 * d, d, dq.data(), d, rows, d, n32, c0 > 0);
         float* dkt = mine.data() + tl.unit * d * p.ld + k0;
-        tile_product(qt.data(), RT_BACKWARD, ds_pairs.data(), CHUNK, dkt, p.ld, d, n32, RT_BACKWARD, true);
-        tile_product(gt.data(), RT_BACKWARD, p_pairs.data(), CHUNK, dkt + keys, p.ld, d, n32, RT_BACKWARD, true);
+        tile_product(qt.data(), rows, ds_pairs.data(), CHUNK, dkt, p.ld, d, n32, rows, true);
+        tile_product(gt.data(), rows, p_pairs.data(), CHUNK, dkt + keys, p.ld, d, n32, rows, true);
       }
       for (int r = 0; r < tl.rows; ++r) std::copy_n(dq.data() + r * d, d, dqp + tl.row[r] * d);
     }
