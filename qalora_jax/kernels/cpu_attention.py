@@ -22,8 +22,9 @@ models.attention.Mask describes it (key_mask, the slot `index` of query 0, a win
   copies around them at a fraction of its matmul rate; the kernel's tiles run at most of the FMA units'.
   With `operand_dtype` bfloat16 its five products (q k^T, p v; dout v^T, ds k, ds^T q, p^T dout) round their
   operands to bfloat16 and sum in float32: on AMX tiles where the CPU has them (`amx_products`; tdpbf16ps,
-  tiles of 32 query rows forward, 64 backward), else with AVX512-BF16's vdpbf16ps (twice the float32 FMA rate); the softmax, lse,
-  rowsum(dout * out) and all outputs stay float32. Without AVX512-BF16 the products stay float32.
+  tiles of 32 query rows forward, 64 backward), else with AVX512-BF16's vdpbf16ps (twice the float32 FMA
+  rate); the softmax, lse, rowsum(dout * out) and all outputs stay float32. Without AVX512-BF16 the products
+  stay float32.
 
 models.attention uses them where `supports` / `supports_sequence` hold; the tests hold them to
 `attention.dense_attention`.
