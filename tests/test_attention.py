@@ -147,6 +147,7 @@ SEQUENCE_CASES = [
     (2, 20, 40, 4, 2, 32, 7, None, 3),     # a prompt at slot 7 of a 40-slot cache, left padding
     (1, 37, 37, 6, 3, 80, 0, None, 5),     # a head size of five 16-lane registers (64 + 16); an odd key count
     (4, 128, 128, 9, 3, 64, 0, None, 0),   # the benchmark's batch
+    (1, 70, 70, 4, 1, 128, 0, None, 0),    # LLaMA's head size: four AMX tiles of d; one KV head for four
 ]
 
 
