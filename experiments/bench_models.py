@@ -9,26 +9,15 @@ tokens), each the median of `repeats` timed runs after one compiling run.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from qalora_jax import models
+from qalora_jax.bench import median_seconds
 from qalora_jax.models import generation as gen
 from qalora_jax.models import llama
-
-
-def median_seconds(fn, repeats: int) -> float:
-  fn()  # compile
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def main() -> None:
@@ -44,7 +33,7 @@ def main() -> None:
   lm = models.load(args.model)
   rng = np.random.default_rng(0)
   tokens = jnp.asarray(rng.integers(3, lm.config.vocab_size, (args.batch, args.seq)), jnp.int32)
-  fwd = median_seconds(lambda: llama.apply_jit(lm.config, lm.params, tokens).block_until_ready(), args.repeats)
+  fwd = median_seconds(lambda: llama.apply_jit(lm.config, lm.params, tokens), args.repeats, warmup=1)
 
   prompt = rng.integers(3, lm.config.vocab_size, (1, args.prompt_tokens)).astype(np.int32)
   mask = jnp.ones(prompt.shape, bool)
@@ -57,7 +46,7 @@ def main() -> None:
                         jnp.float32(1.0), max_new_tokens=args.new_tokens, greedy=True)
     out.block_until_ready()
 
-  dec = median_seconds(decode, args.repeats)
+  dec = median_seconds(decode, args.repeats, warmup=1)
   print(f"device: {jax.devices()[0].device_kind}, model: {args.model}, dtype: {lm.config.dtype}")
   print(f"forward  batch {args.batch} x {args.seq}: {args.batch * args.seq / fwd:8.1f} tokens/s "
         f"({fwd * 1e3:.1f} ms per batch, median of {args.repeats})")

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qalora_jax import hardware
+from qalora_jax.bench import median_seconds
 from qalora_jax.files import write_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,13 +56,7 @@ def _seconds(fn, min_s: float = 0.2) -> float:
   fn()
   t0 = time.perf_counter()
   fn()
-  n = max(3, int(min_s / max(time.perf_counter() - t0, 1e-6)))
-  times = []
-  for _ in range(n):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+  return median_seconds(fn, max(3, int(min_s / max(time.perf_counter() - t0, 1e-6))))
 
 
 def xla_product(k: int, n: int, transposed: bool, dtype: str):

@@ -39,7 +39,10 @@ DECODE_METHODS = ("fp32", "qlora", "qalora-merged")
 EMBEDDINGS = ("float", "int8")
 
 
-def _median_s(fn, repeats: int) -> float:
+def median_seconds(fn, repeats: int, warmup: int = 0) -> float:
+  """Median wall seconds of `repeats` calls of fn (each waiting for its result), after `warmup` untimed calls."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
@@ -57,7 +60,7 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 5, dtype: str = "float32") -
   a = jnp.ones((n, n), dtype)
   f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
   f(a, a).block_until_ready()
-  return 2 * n**3 / _median_s(lambda: f(a, a), repeats)
+  return 2 * n**3 / median_seconds(lambda: f(a, a), repeats)
 
 
 def read_bandwidth(n_bytes: int = 256 << 20, repeats: int = 5) -> float:
@@ -65,7 +68,7 @@ def read_bandwidth(n_bytes: int = 256 << 20, repeats: int = 5) -> float:
   x = jnp.ones((n_bytes // 4,), jnp.float32)
   f = jax.jit(jnp.sum)
   f(x).block_until_ready()
-  return n_bytes / _median_s(lambda: f(x), repeats)
+  return n_bytes / median_seconds(lambda: f(x), repeats)
 
 
 def train_flops_per_token(config: models.Config, seq: int) -> float:
@@ -132,7 +135,7 @@ def bench_train(method: str = "qalora", batch: int = 4, seq: int = 128, model: s
 
   for _ in range(warmup):
     jax.block_until_ready(one())
-  step_s = _median_s(one, repeats)
+  step_s = median_seconds(one, repeats)
   peak = matmul_peak_flops(dtype=matmul_dtype)
   return {"bench": "train", "method": method, "batch": batch, "seq": seq, "dtype": dtype,
           "matmul_dtype": matmul_dtype, "remat": remat, "remat_keep": remat_keep,
@@ -182,7 +185,7 @@ def bench_decode(method: str = "qalora-merged", new_tokens: int = 64, prompt: in
   t0 = time.perf_counter()
   jax.block_until_ready(decode())
   compile_s = time.perf_counter() - t0
-  seconds = _median_s(decode, repeats)
+  seconds = median_seconds(decode, repeats)
   bytes_per_token = nn.tree_nbytes(params)
   tokens_per_s = new_tokens / seconds
   from qalora_jax.kernels import cpu_matmul
