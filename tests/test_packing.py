@@ -7,8 +7,8 @@ from hypothesis import given, settings, strategies as st
 from qalora_jax.quant import packing
 
 
-@settings(max_examples=30, deadline=None)
-@given(bits=st.sampled_from([2, 3, 4, 8]), dtype=st.sampled_from([np.uint8, np.uint32]),
+@settings(max_examples=60, deadline=None)
+@given(bits=st.sampled_from(packing.SUPPORTED_BITS), dtype=st.sampled_from([np.uint8, np.uint32]),
        n=st.integers(1, 97), cols=st.integers(1, 3), seed=st.integers(0, 2**16))
 def test_unpack_inverts_pack(bits, dtype, n, cols, seed):
   codes = np.random.default_rng(seed).integers(0, 2**bits, size=(n, cols)).astype(np.uint8)
