@@ -29,6 +29,7 @@ BENCHES = {
     "train qalora remat": ["train", "--method", "qalora", "--remat"],
     "train qalora fp32": ["train", "--method", "qalora", "--matmul-dtype", "float32"],
     "train qalora remat 1x2048": ["train", "--method", "qalora", "--remat", "--batch", "1", "--seq", "2048"],
+    "train qalora 3-bit g128": ["train", "--method", "qalora", "--bits", "3", "--group-size", "128"],
     "decode qalora-merged": ["decode", "--method", "qalora-merged"],
 }
 
