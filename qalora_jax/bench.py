@@ -59,16 +59,14 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 5, dtype: str = "float32") -
   """FLOP/s of one n x n x n matmul here (median), operands of `dtype` accumulated in float32."""
   a = jnp.ones((n, n), dtype)
   f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
-  f(a, a).block_until_ready()
-  return 2 * n**3 / median_seconds(lambda: f(a, a), repeats)
+  return 2 * n**3 / median_seconds(lambda: f(a, a), repeats, warmup=1)
 
 
 def read_bandwidth(n_bytes: int = 256 << 20, repeats: int = 5) -> float:
   """Bytes/s of a reduction over an n_bytes float32 array (each byte read once)."""
   x = jnp.ones((n_bytes // 4,), jnp.float32)
   f = jax.jit(jnp.sum)
-  f(x).block_until_ready()
-  return n_bytes / median_seconds(lambda: f(x), repeats)
+  return n_bytes / median_seconds(lambda: f(x), repeats, warmup=1)
 
 
 def train_flops_per_token(config: models.Config, seq: int) -> float:
@@ -133,9 +131,7 @@ def bench_train(method: str = "qalora", batch: int = 4, seq: int = 128, model: s
     box[0], m = compiled(box[0], exp.frozen, data, key)
     return m["loss"]
 
-  for _ in range(warmup):
-    jax.block_until_ready(one())
-  step_s = median_seconds(one, repeats)
+  step_s = median_seconds(one, repeats, warmup)
   peak = matmul_peak_flops(dtype=matmul_dtype)
   return {"bench": "train", "method": method, "batch": batch, "seq": seq, "dtype": dtype,
           "matmul_dtype": matmul_dtype, "remat": remat, "remat_keep": remat_keep,
