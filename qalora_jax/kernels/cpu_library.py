@@ -1,4 +1,4 @@
-"""The C++ CPU kernels (cpu_matmul.cc, cpu_attention.cc) as one library, compiled for this machine and
+"""The C++ CPU kernels (cpu_matmul.cc, cpu_attention.cc, cpu_gemm.cc) as one library, compiled for this machine and
 registered with XLA as FFI targets.
 
 The sources are compiled on first use with the system C++ compiler ($CXX, else g++) for this machine
@@ -25,10 +25,10 @@ import jaxlib
 
 from qalora_jax import hardware
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_matmul.cc", "cpu_attention.cc"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_matmul.cc", "cpu_attention.cc", "cpu_gemm.cc"))
 HEADERS = (Path(__file__).with_name("cpu_threads.h"),)
 TARGETS = ("qalora_cpu_matmul_f32", "qalora_cpu_matmul_f16", "qalora_cpu_attention", "qalora_cpu_attention_fwd",
-           "qalora_cpu_attention_bwd")
+           "qalora_cpu_attention_bwd", "qalora_cpu_gemm")
 
 
 def _build() -> tuple[list[str], Path]:

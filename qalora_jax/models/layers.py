@@ -7,12 +7,13 @@ QTensor, and optionally an adapter) meets an activation, so every method runs th
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 
-from qalora_jax.kernels import cpu_matmul
+from qalora_jax.kernels import cpu_gemm, cpu_matmul
 from qalora_jax.nn.linear import base_matmul, linear, materialize, operand_dtype
 from qalora_jax.quant import QTensor
 
@@ -135,15 +136,21 @@ def _head_pass(x, weight, targets, vocab_first, matmul_dtype, chunk, vocab_chunk
   """(nll [N], logsumexp [N], and with `grad` dnll / dx [N, D] in x.dtype, else None); see `head_nll`."""
   dtype = operand_dtype(matmul_dtype, x.dtype)
   int8 = matmul_dtype == "int8" and isinstance(weight, (QTensor, cpu_matmul.Strips))
-  w = materialize(weight, dtype) if grad or not int8 else None  # once; the int8 kernel reads `weight` itself
+  # float32 products with a quantized [D, V] table: the CPU GEMM reads its codes, chunk by chunk
+  gemm = not vocab_first and cpu_gemm.supports(weight, min(chunk, x.shape[0]), dtype)
+  w = materialize(weight, dtype) if (grad or not int8) and not gemm else None  # once; kernels read `weight`
   axis = 0 if vocab_first else 1
   vocab = weight.shape[axis]
   bits = w is not None and w.dtype == jnp.bfloat16
   table = jax.lax.bitcast_convert_type(w, jnp.uint16) if bits else w
 
   def columns(start, n):
-    """w's rows or columns for tokens [start, start + n). A bfloat16 table enters the loop as its bits: XLA's CPU
-    backend otherwise carries it into the loop as a float32 copy (twice the table, made every step)."""
+    """w's rows or columns for tokens [start, start + n) (for the GEMM, the QTensor's columns). A bfloat16 table
+    enters the loop as its bits: XLA's CPU backend otherwise carries it into the loop as a float32 copy (twice the
+    table, made every step)."""
+    if gemm:
+      return QTensor({k: jax.lax.dynamic_slice_in_dim(a, start, n, 1) for k, a in weight.arrays.items()},
+                     dataclasses.replace(weight.meta, shape=(weight.shape[0], n)))
     piece = jax.lax.dynamic_slice_in_dim(table, start, n, axis)
     return jax.lax.bitcast_convert_type(piece, jnp.bfloat16) if bits else piece
   size = vocab if int8 else min(vocab_chunk, vocab)
@@ -161,13 +168,18 @@ def _head_pass(x, weight, targets, vocab_first, matmul_dtype, chunk, vocab_chunk
     picked = picked + jnp.where(inside, here, 0.0)
     if acc is not None:
       w_v = columns(start, n)
-      acc = acc * rescale[:, None] + jnp.einsum("cv,vd->cd" if vocab_first else "cv,dv->cd", e.astype(w.dtype),
-                                                w_v, preferred_element_type=jnp.float32)
+      if gemm:
+        acc = acc * rescale[:, None] + cpu_gemm.matmul(e, w_v, transpose=True)
+      else:
+        acc = acc * rescale[:, None] + jnp.einsum("cv,vd->cd" if vocab_first else "cv,dv->cd", e.astype(w.dtype),
+                                                  w_v, preferred_element_type=jnp.float32)
     return top, total * rescale + e.sum(axis=-1), picked, acc
 
   def logits(xc, start, n):
     if int8:
       return head_logits(xc, weight, vocab_first, matmul_dtype)
+    if gemm:
+      return cpu_gemm.matmul(xc.astype(jnp.float32), columns(start, n))
     return head_logits(xc, columns(start, n), vocab_first, matmul_dtype)
 
   nll, lse, dx = [], [], []
@@ -188,7 +200,11 @@ def _head_pass(x, weight, targets, vocab_first, matmul_dtype, chunk, vocab_chunk
     lse.append(m + jnp.log(total))
     nll.append(lse[-1] - picked)
     if grad:
-      w_y = jnp.take(w, tc, axis=axis)
+      if gemm:  # the targets' columns, dequantized
+        w_y = QTensor({k: jnp.take(a, tc, axis=1) for k, a in weight.arrays.items()},
+                      dataclasses.replace(weight.meta, shape=(weight.shape[0], rows))).dequantize(jnp.float32)
+      else:
+        w_y = jnp.take(w, tc, axis=axis)
       dx.append((acc / total[:, None] - (w_y if vocab_first else w_y.T).astype(jnp.float32)).astype(x.dtype))
   return jnp.concatenate(nll), jnp.concatenate(lse), (jnp.concatenate(dx) if grad else None)
 

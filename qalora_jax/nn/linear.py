@@ -7,11 +7,12 @@ so every method (float, quantized, adapted) runs through the same model code.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 
-from qalora_jax.kernels import cpu_matmul
+from qalora_jax.kernels import cpu_gemm, cpu_matmul
 from qalora_jax.kernels import int4_matmul as pallas_int4
 from qalora_jax.nn.adapters import Adapter, adapter_delta
 from qalora_jax.quant import QTensor
@@ -37,7 +38,8 @@ def base_matmul(x: jax.Array, kernel, matmul_dtype=None) -> jax.Array:
 
   matmul_dtype "int8" multiplies an INT4 QTensor with int8-quantized activations in the CPU decoding kernel
   (qalora_jax.kernels.cpu_matmul) where it runs; other weights, and every weight where it does not, use x.dtype.
-  On CUDA GPUs an INT4 QTensor and few rows run x W and dy W^T in the Pallas kernel (kernels/int4_matmul.py).
+  On CUDA GPUs an INT4 QTensor and few rows run x W and dy W^T in the Pallas kernel (kernels/int4_matmul.py); on
+  CPUs, float32 operands and an INT4 QTensor run them in the GEMM that dequantizes as it packs (kernels/cpu_gemm.py).
 
   Its gradients are written out so that nothing float is kept for a quantized W:
     dx = dy W^T   (W dequantized again in the backward pass, straight into the matmul)
@@ -46,6 +48,8 @@ def base_matmul(x: jax.Array, kernel, matmul_dtype=None) -> jax.Array:
   if matmul_dtype == "int8" and cpu_matmul.supports(kernel):
     return cpu_matmul.matmul(x, kernel)
   dtype = operand_dtype(matmul_dtype, x.dtype)
+  if cpu_gemm.supports(kernel, math.prod(x.shape[:-1]), dtype):
+    return cpu_gemm.matmul(x, kernel)
 
   def xla(x, kernel):
     w = materialize(kernel, dtype)
@@ -63,6 +67,8 @@ def _base_matmul_bwd(matmul_dtype, residuals, dy):
   x, kernel = residuals
   dtype = operand_dtype(matmul_dtype, dy.dtype)
   if x is None:  # a frozen QTensor: dx only
+    if cpu_gemm.supports(kernel, math.prod(dy.shape[:-1]), dtype):
+      return cpu_gemm.matmul(dy, kernel, transpose=True), None
 
     def xla(dy, kernel):
       w = materialize(kernel, dtype)

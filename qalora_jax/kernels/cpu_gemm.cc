@@ -1,0 +1,257 @@
+// Float32 training products with a group-wise INT4 or INT8 weight on the CPU: y = x W~ and dx = dy W~^T, the
+// weight dequantized while it is packed (see qalora_jax/kernels/cpu_gemm.py).
+//
+// W~[i, o] = scale[g, o] * q[i, o] + offset[g, o] for input i in group g, q packed along the input axis, 8
+// four-bit or 4 eight-bit codes a uint32 word (input 8j + k in bits [4k, 4k + 4) of word j, or 4j + k in byte k): codes
+// [in / (32 / bits), out], scale and offset [groups, out] in float32. A product C [M, N] = A [M, K] B [K, N] runs as a blocked GEMM in the manner of
+// Goto and van de Geijn: B is packed (dequantized) a block of KC rows at a time into panels [KC][32] of 32
+// columns, A into panels [KC][14] of 14 rows, and a 14 x 32 tile of C is 28 AVX512 accumulators, each step k
+// one broadcast of A's 14 values against B's two vectors. For y = x W~, B[k, n] = W~[k, n] (a panel row is 32
+// outputs of one input, one shift of 32 code words); for dx = dy W~^T, B[k, n] = W~[n, k] (a panel row is 32
+// inputs of one output, the bytes of its 4 or 8 code words spread to 32 values). The work goes out as tasks (blocks
+// of A's rows to pack, then about eight blocks of C's columns) that this thread and XLA's intra-op pool take in
+// turn, so that a pool thread busy with another op delays nothing.
+#if !defined(__AVX512F__) || !defined(__AVX512BW__)
+#error "needs AVX512F and AVX512BW"
+#endif
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "cpu_threads.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t MR = 14, NR = 32;  // a tile of C: 14 rows, 32 columns (two vectors)
+constexpr int64_t KC = 256;          // B is packed about KC rows at a time (a panel: 32 KB)
+constexpr int64_t MB = 518;          // rows whose packed A is shared by the column tasks (37 panels)
+
+struct Weight {
+  const uint32_t* codes;  // [in / (32 / bits), out]
+  const float *scale, *offset;  // [groups, out]
+  int64_t in, out, group;
+};
+
+// 64-byte aligned float buffers that stay with their thread (XLA's pool threads live as long as the process):
+// 0 a task's B panels, 1 the A panels a call's tasks share.
+float* scratch(int which, int64_t floats) {
+  thread_local std::vector<float> buffers[2];
+  auto& b = buffers[which];
+  if (static_cast<int64_t>(b.size()) < floats + 16) b.resize(floats + 16);
+  return b.data() + (-reinterpret_cast<uintptr_t>(b.data()) / sizeof(float) & 15);
+}
+
+// Columns [n0, n0 + 32) of W~'s rows [k0, k0 + kc) into one panel [kc][32]; columns past `out` are zeros.
+template <int BITS>
+void pack_weight(const Weight& w, int64_t k0, int64_t kc, int64_t n0, float* dst) {
+  constexpr int per_word = 32 / BITS;
+  const int64_t valid = std::min<int64_t>(NR, w.out - n0);
+  const __mmask16 m0 = valid >= 16 ? 0xFFFF : (1u << valid) - 1;
+  const __mmask16 m1 = valid >= 32 ? 0xFFFF : valid > 16 ? (1u << (valid - 16)) - 1 : 0;
+  const __m512i code = _mm512_set1_epi32((1 << BITS) - 1);
+  for (int64_t k = 0; k < kc; ++k) {
+    const int64_t i = k0 + k, g = i / w.group;
+    const uint32_t* c = w.codes + (i / per_word) * w.out + n0;
+    const __m128i shift = _mm_cvtsi32_si128(static_cast<int>(BITS * (i % per_word)));
+    const float *s = w.scale + g * w.out + n0, *o = w.offset + g * w.out + n0;
+    const __m512i u0 = _mm512_maskz_loadu_epi32(m0, c), u1 = _mm512_maskz_loadu_epi32(m1, c + 16);
+    const __m512 q0 = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srl_epi32(u0, shift), code));
+    const __m512 q1 = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srl_epi32(u1, shift), code));
+    _mm512_store_ps(dst + k * NR, _mm512_fmadd_ps(q0, _mm512_maskz_loadu_ps(m0, s), _mm512_maskz_loadu_ps(m0, o)));
+    _mm512_store_ps(dst + k * NR + 16,
+                    _mm512_fmadd_ps(q1, _mm512_maskz_loadu_ps(m1, s + 16), _mm512_maskz_loadu_ps(m1, o + 16)));
+  }
+}
+
+// Four code words of output o from word row r on, `out` apart, as 16 bytes.
+inline __m128i words4(const uint32_t* c, int64_t out, int64_t o) {
+  return _mm_set_epi32(static_cast<int>(c[3 * out + o]), static_cast<int>(c[2 * out + o]),
+                       static_cast<int>(c[out + o]), static_cast<int>(c[o]));
+}
+
+// Inputs [n0, n0 + 32) of W~'s columns (outputs) [k0, k0 + kc) into one panel [kc][32]: the panel's row k is
+// W~[n0 : n0 + 32, k0 + k], the 16 bytes of four 4-bit code words (a byte: inputs 2b, 2b + 1 in its low and high
+// nibble) or the 32 bytes of eight 8-bit ones. Needs in % 32 == 0 and group % 16 == 0.
+template <int BITS>
+void pack_weight_transposed(const Weight& w, int64_t k0, int64_t kc, int64_t n0, float* dst) {
+  const uint32_t* c = w.codes + n0 / (32 / BITS) * w.out;
+  const int64_t g0 = n0 / w.group, g1 = (n0 + 16) / w.group;
+  const __m128i low = _mm_set1_epi8(15);
+  for (int64_t k = 0; k < kc; ++k) {
+    const int64_t o = k0 + k;
+    __m128i first, second;  // the codes of inputs 0-15 and 16-31 as bytes
+    if constexpr (BITS == 4) {
+      const __m128i bytes = words4(c, w.out, o);
+      const __m128i lo = _mm_and_si128(bytes, low), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low);
+      first = _mm_unpacklo_epi8(lo, hi);
+      second = _mm_unpackhi_epi8(lo, hi);
+    } else {
+      first = words4(c, w.out, o);
+      second = words4(c + 4 * w.out, w.out, o);
+    }
+    const __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(first));
+    const __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(second));
+    _mm512_store_ps(dst + k * NR, _mm512_fmadd_ps(q0, _mm512_set1_ps(w.scale[g0 * w.out + o]),
+                                                  _mm512_set1_ps(w.offset[g0 * w.out + o])));
+    _mm512_store_ps(dst + k * NR + 16, _mm512_fmadd_ps(q1, _mm512_set1_ps(w.scale[g1 * w.out + o]),
+                                                       _mm512_set1_ps(w.offset[g1 * w.out + o])));
+  }
+}
+
+// r[j] <- column j of the 16 x 16 block r (rows in order), in four rounds of shuffles.
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    for (int j = 0; j < 2; ++j) {
+      const __m512d a = _mm512_castps_pd(t[i + j]), b = _mm512_castps_pd(t[i + j + 2]);
+      r[i + 2 * j] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+      r[i + 2 * j + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    }
+  }
+  for (int i = 0; i < 16; i += 8) {
+    for (int j = 0; j < 4; ++j) {
+      t[i + j] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0x88);
+      t[i + j + 4] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0xdd);
+    }
+  }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
+    r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xdd);
+  }
+}
+
+// Rows [m0, m1) of a [.., lda] and its columns [k0, k0 + kc) into panels [kc][14], rows past m1 zeros.
+void pack_rows(const float* a, int64_t lda, int64_t m0, int64_t m1, int64_t k0, int64_t kc, float* dst) {
+  for (int64_t p = m0; p < m1; p += MR, dst += kc * MR) {
+    const int64_t rows = std::min(MR, m1 - p);
+    int64_t k = 0;
+    for (; k + 16 <= kc; k += 16) {
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i) r[i] = i < rows ? _mm512_loadu_ps(a + (p + i) * lda + k0 + k) : _mm512_setzero_ps();
+      transpose16(r);
+      for (int j = 0; j < 16; ++j) _mm512_mask_storeu_ps(dst + (k + j) * MR, (1u << MR) - 1, r[j]);
+    }
+    for (; k < kc; ++k)
+      for (int64_t i = 0; i < MR; ++i) dst[k * MR + i] = i < rows ? a[(p + i) * lda + k0 + k] : 0.f;
+  }
+}
+
+// c[14 x 32] (+)= a[kc][14] b[kc][32], c's rows ldc floats apart.
+template <bool ACCUMULATE>
+inline void tile(const float* __restrict a, const float* __restrict b, int64_t kc, float* c, int64_t ldc) {
+  __m512 acc[MR][2];
+#pragma GCC unroll 14
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k, a += MR, b += NR) {
+    const __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16);
+#pragma GCC unroll 14
+    for (int i = 0; i < MR; ++i) {
+      const __m512 ai = _mm512_set1_ps(a[i]);
+      acc[i][0] = _mm512_fmadd_ps(ai, b0, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(ai, b1, acc[i][1]);
+    }
+  }
+#pragma GCC unroll 14
+  for (int i = 0; i < MR; ++i) {
+    float* ci = c + i * ldc;
+    if (ACCUMULATE) {
+      acc[i][0] = _mm512_add_ps(acc[i][0], _mm512_loadu_ps(ci));
+      acc[i][1] = _mm512_add_ps(acc[i][1], _mm512_loadu_ps(ci + 16));
+    }
+    _mm512_storeu_ps(ci, acc[i][0]);
+    _mm512_storeu_ps(ci + 16, acc[i][1]);
+  }
+}
+
+// One tile of C at (r, n), `rows` x `cols` of it inside C: a whole tile in place, a partial one through a copy.
+void tile_at(const float* a, const float* b, int64_t kc, float* c, int64_t ldc, int64_t rows, int64_t cols,
+             bool accumulate) {
+  if (rows == MR && cols == NR) {
+    accumulate ? tile<true>(a, b, kc, c, ldc) : tile<false>(a, b, kc, c, ldc);
+    return;
+  }
+  alignas(64) float t[MR * NR];
+  for (int64_t i = 0; i < rows && accumulate; ++i) std::memcpy(t + i * NR, c + i * ldc, cols * sizeof(float));
+  accumulate ? tile<true>(a, b, kc, t, NR) : tile<false>(a, b, kc, t, NR);
+  for (int64_t i = 0; i < rows; ++i) std::memcpy(c + i * ldc, t + i * NR, cols * sizeof(float));
+}
+
+// C [M, N] = A [M, K] B for B packed by `pack(k0, kc, n, dst)` (one panel of 32 columns from n). Rows go MB at
+// a time: their A is packed (row panels shared out as tasks), then each task computes a block of columns for all
+// of them, packing its B a block of kc rows at a time, so no B panel is packed twice for the same rows.
+template <typename Pack>
+void gemm(ffi::ThreadPool& pool, const float* a, int64_t M, int64_t K, int64_t N, float* c, const Pack& pack) {
+  const int64_t blocks = (K + KC - 1) / KC, kc_max = (K + blocks - 1) / blocks;
+  const int64_t width = std::max(NR, ((N + 7) / 8 + NR - 1) / NR * NR);  // about 8 column tasks
+  const int64_t n_tasks = (N + width - 1) / width;
+  for (int64_t mb = 0; mb < M; mb += MB) {
+    const int64_t rows = std::min(MB, M - mb), panels = (rows + MR - 1) / MR;
+    float* pa = scratch(1, panels * MR * K);
+    qalora::tasks(pool, (panels + 3) / 4, [&](int64_t t) {
+      pack_rows(a, K, mb + 4 * t * MR, std::min(mb + rows, mb + 4 * (t + 1) * MR), 0, K, pa + 4 * t * MR * K);
+    });
+    qalora::tasks(pool, n_tasks, [&](int64_t t) {
+      const int64_t n0 = t * width, n1 = std::min(N, n0 + width);
+      float* pb = scratch(0, width * kc_max);
+      for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
+        const int64_t kc = std::min(kc_max, K - k0);
+        for (int64_t n = n0; n < n1; n += NR) pack(k0, kc, n, pb + (n - n0) * kc);
+        for (int64_t p = 0; p < panels; ++p)
+          for (int64_t n = n0; n < n1; n += NR)
+            tile_at(pa + p * MR * K + k0 * MR, pb + (n - n0) * kc, kc, c + (mb + p * MR) * N + n, N,
+                    std::min(MR, rows - p * MR), std::min(NR, n1 - n), k0 > 0);
+      }
+    });
+  }
+}
+
+// transpose 0: y [rows, out] = x [rows, in] W~; transpose 1: y [rows, in] = x [rows, out] W~^T.
+template <int BITS>
+void product(ffi::ThreadPool& pool, const float* x, int64_t rows, const Weight& w, bool transpose, float* y) {
+  if (transpose) {
+    gemm(pool, x, rows, w.out, w.in, y,
+         [&](int64_t k0, int64_t kc, int64_t n, float* dst) { pack_weight_transposed<BITS>(w, k0, kc, n, dst); });
+  } else {
+    gemm(pool, x, rows, w.in, w.out, y,
+         [&](int64_t k0, int64_t kc, int64_t n, float* dst) { pack_weight<BITS>(w, k0, kc, n, dst); });
+  }
+}
+
+ffi::Error IntGemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U32> codes,
+                   ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> offset, ffi::ResultBuffer<ffi::F32> y,
+                   int64_t group, int64_t bits, int64_t transpose) {
+  const auto xd = x.dimensions(), cd = codes.dimensions(), sd = scale.dimensions();
+  if (xd.size() != 2 || cd.size() != 2 || sd.size() != 2) return ffi::Error::InvalidArgument("needs 2-D arrays");
+  if (bits != 4 && bits != 8) return ffi::Error::InvalidArgument("bits must be 4 or 8");
+  const Weight w{codes.typed_data(), scale.typed_data(), offset.typed_data(), cd[0] * (32 / bits), cd[1], group};
+  if (w.in % 32 || group % 16 || sd[0] * group < w.in || sd[1] != w.out)
+    return ffi::Error::InvalidArgument("needs in % 32 == 0, group % 16 == 0, scale [groups, out]");
+  if (xd[1] != (transpose ? w.out : w.in)) return ffi::Error::InvalidArgument("x must be [rows, in] ([rows, out])");
+  (bits == 4 ? product<4> : product<8>)(pool, x.typed_data(), xd[0], w, transpose, y->typed_data());
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(qalora_cpu_gemm, IntGemm,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("group")
+                                  .Attr<int64_t>("bits")
+                                  .Attr<int64_t>("transpose"));

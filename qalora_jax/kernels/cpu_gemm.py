@@ -1,0 +1,55 @@
+"""Float32 training products with an INT4 QTensor on the CPU: y = x W~ and dx = dy W~^T, the weight dequantized
+inside the product.
+
+XLA's CPU backend dequantizes a quantized weight into a float32 copy, writes it, and multiplies with its own
+GEMM, which at the training step's shapes runs at about 0.8x PyTorch's float32 rate (experiments/perf/
+matmul_shapes.md). This kernel (cpu_gemm.cc) is a blocked GEMM whose packing step reads the INT4 codes,
+
+    W~[i, o] = scale[g, o] * q[i, o] + offset[g, o]      (i in group g),
+
+and writes the float32 panels its 14 x 32 AVX512 tile multiplies, so no float32 copy of W~ exists outside the
+cache-sized panels. Its products are float32 products summed in float32 (in another order than XLA's), so it
+runs where the operands are float32: `base_matmul` (nn/linear.py) calls it for x W~ and for the input gradient
+dy W~^T when the matmul dtype is float32, the backend a CPU with the kernels compiled (kernels.cpu_library),
+and the weight `supports` it. QALORA_CPU_GEMM=0 in the environment keeps XLA's dequantize-then-dot.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qalora_jax.kernels.cpu_library import available
+from qalora_jax.quant import QTensor
+
+TARGET = "qalora_cpu_gemm"
+MIN_ROWS = 64  # fewer rows (decoding) leave the tile mostly empty: XLA's matrix-vector products are faster
+
+
+def supports(kernel, rows: int, dtype) -> bool:
+  """Whether `matmul` takes this product: float32 operands, at least MIN_ROWS rows, a 2-D INT4 or INT8 "int"
+  QTensor with `in` a multiple of 32 and groups a multiple of 16, and the kernels available here."""
+  if not (isinstance(kernel, QTensor) and kernel.format == "int" and kernel.bits in (4, 8)):
+    return False
+  n_in, _ = kernel.shape
+  return (jnp.dtype(dtype) == jnp.float32 and rows >= MIN_ROWS and kernel["codes"].ndim == 2 and n_in % 32 == 0
+          and kernel.group_size % 16 == 0 and os.environ.get("QALORA_CPU_GEMM") != "0" and available())
+
+
+def matmul(x: jax.Array, qt: QTensor, transpose: bool = False) -> jax.Array:
+  """x W~ [..., out] for x [..., in]; with `transpose`, x W~^T [..., in] for x [..., out]; float32 products and
+  sums, the result in x.dtype."""
+  if not available():
+    raise RuntimeError("the CPU kernels are unavailable here (see kernels.cpu_library)")
+  n_in, n_out = qt.shape
+  rows = x.reshape(-1, n_out if transpose else n_in).astype(jnp.float32)
+  scale = qt["scale"].astype(jnp.float32)
+  offset = qt["offset"].astype(jnp.float32) if "offset" in qt.arrays else -(2.0 ** (qt.bits - 1)) * scale
+  call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows.shape[0], n_in if transpose else n_out), jnp.float32),
+                          vmap_method="sequential")
+  y = call(rows, qt["codes"], scale, offset, group=np.int64(qt.group_size), bits=np.int64(qt.bits),
+           transpose=np.int64(transpose))
+  return y.reshape(x.shape[:-1] + y.shape[-1:]).astype(x.dtype)

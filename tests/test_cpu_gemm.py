@@ -1,0 +1,103 @@
+"""The CPU float32 GEMM with INT4 and INT8 weights (kernels/cpu_gemm.py): y = x W~ and dx = dy W~^T against
+float64."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qalora_jax import quant
+from qalora_jax.kernels import cpu_gemm
+from qalora_jax.models import layers, metrics
+from qalora_jax.nn.linear import base_matmul
+
+pytestmark = pytest.mark.skipif(not cpu_gemm.available(), reason="the CPU kernels do not build here")
+
+
+def _int4(n_in, n_out, seed=0, **options):
+  w = np.random.default_rng(seed).normal(size=(n_in, n_out)).astype(np.float32) * 0.05
+  return quant.get("int", **{"bits": 4, "group_size": 32, **options}).quantize(w)
+
+
+def _error(got, want):
+  """Largest error over the largest entry."""
+  return float(np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max())
+
+
+# rows: tiles of 14 and a partial one; out: panels of 32 and partial ones (forward); K blocks of about 256
+@pytest.mark.parametrize("rows, n_in, n_out, options", [
+    (100, 64, 40, {"group_size": 16}),
+    (512, 576, 192, {}),
+    (77, 192, 600, {"group_size": 64, "scale_dtype": "float32"}),
+    (300, 1536, 96, {"group_size": 128, "symmetric": True}),
+    (64, 32, 1100, {"scale_dtype": "bfloat16"}),
+    (130, 576, 200, {"bits": 8}),
+    (70, 64, 64, {"bits": 8, "symmetric": True, "group_size": 64}),
+])
+def test_products_match_float64(rows, n_in, n_out, options):
+  qt = _int4(n_in, n_out, **options)
+  assert cpu_gemm.supports(qt, rows, jnp.float32)
+  w = np.asarray(qt.dequantize(jnp.float32), np.float64)
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(rows, n_in)).astype(np.float32)
+  dy = rng.normal(size=(rows, n_out)).astype(np.float32)
+  y = jax.jit(cpu_gemm.matmul)(x, qt)
+  dx = jax.jit(cpu_gemm.matmul, static_argnums=2)(dy, qt, True)
+  # float32 products summed in float32: within a few units of float32 rounding over the sum's length, as XLA's own
+  xla_y, xla_dx = x @ qt.dequantize(jnp.float32), dy @ qt.dequantize(jnp.float32).T
+  for got, xla, want, k in [(y, xla_y, x @ w, n_in), (dx, xla_dx, dy @ w.T, n_out)]:
+    assert got.shape == want.shape and got.dtype == jnp.float32
+    assert _error(got, want) < max(4 * _error(xla, want), 2e-6 * np.sqrt(k))
+
+
+def test_leading_axes():
+  qt = _int4(64, 96)
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(4, 20, 64)), jnp.float32)
+  np.testing.assert_allclose(np.asarray(cpu_gemm.matmul(x, qt)),
+                             np.asarray(cpu_gemm.matmul(x.reshape(80, 64), qt)).reshape(4, 20, 96), rtol=0, atol=0)
+
+
+def test_what_it_takes():
+  assert not cpu_gemm.supports(_int4(64, 96), 63, jnp.float32)  # too few rows: decoding stays on XLA's products
+  assert not cpu_gemm.supports(_int4(64, 96), 64, jnp.bfloat16)
+  assert not cpu_gemm.supports(_int4(48, 96, group_size=16), 64, jnp.float32)  # in not a multiple of 32
+  assert not cpu_gemm.supports(_int4(64, 96, group_size=8), 64, jnp.float32)
+  assert not cpu_gemm.supports(_int4(64, 96, bits=3), 64, jnp.float32)
+  assert cpu_gemm.supports(_int4(64, 96, bits=8), 64, jnp.float32)
+  assert not cpu_gemm.supports(np.ones((64, 96), np.float32), 64, jnp.float32)
+
+
+def test_base_matmul_runs_it_both_ways(monkeypatch):
+  """A float32 training product with a frozen INT4 weight runs the kernel forward and backward, with the
+  gradient XLA's dequantize-then-dot gives."""
+  qt = _int4(128, 96)
+  x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 40, 128)), jnp.float32)
+  loss = lambda x: jnp.sum(jnp.sin(base_matmul(x, qt, "float32")))
+  hlo = jax.jit(jax.value_and_grad(loss)).lower(x).as_text()
+  assert hlo.count(cpu_gemm.TARGET) == 2
+  value, grad = jax.jit(jax.value_and_grad(loss))(x)
+  monkeypatch.setenv("QALORA_CPU_GEMM", "0")
+  xla_loss = lambda x: jnp.sum(jnp.sin(base_matmul(x, qt, "float32")))  # a new function: traced again
+  assert cpu_gemm.TARGET not in jax.jit(jax.value_and_grad(xla_loss)).lower(x).as_text()
+  want_value, want_grad = jax.jit(jax.value_and_grad(xla_loss))(x)
+  np.testing.assert_allclose(float(value), float(want_value), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(grad), np.asarray(want_grad), rtol=1e-4, atol=1e-5)
+
+
+def test_the_head_runs_it_on_a_quantized_table():
+  """The fused head's float32 products with an 8-bit [D, V] table (the tied embedding as stored) run the kernel,
+  logits and gradient, with the loss and gradient of the logits-then-softmax path."""
+  table = _int4(64, 300, bits=8)
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=(2, 50, 64)), jnp.float32)
+  targets = jnp.asarray(rng.integers(0, 300, (2, 50)), jnp.int32)
+
+  def fused(x):  # 100 positions: 64 + 36; 300 tokens: 128 + 128 + 44
+    return layers.head_nll(x, table, targets, vocab_first=False, chunk=64, vocab_chunk=128).mean()
+
+  def plain(x):
+    return metrics.token_nll(layers.head_logits(x, table, False), targets).mean()
+
+  assert jax.jit(jax.grad(fused)).lower(x).as_text().count(cpu_gemm.TARGET) >= 4  # logits and gradient, twice
+  np.testing.assert_allclose(float(fused(x)), float(plain(x)), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(jax.grad(fused)(x)), np.asarray(jax.grad(plain)(x)), rtol=1e-4, atol=1e-6)
