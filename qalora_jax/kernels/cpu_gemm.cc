@@ -154,6 +154,7 @@ inline void tile(const float* __restrict a, const float* __restrict b, int64_t k
 #pragma GCC unroll 14
   for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
   for (int64_t k = 0; k < kc; ++k, a += MR, b += NR) {
+    _mm_prefetch(reinterpret_cast<const char*>(a + 16 * MR), _MM_HINT_T0);  // A streams from L2, B stays in L1
     const __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16);
 #pragma GCC unroll 14
     for (int i = 0; i < MR; ++i) {
@@ -190,8 +191,8 @@ void tile_at(const float* a, const float* b, int64_t kc, float* c, int64_t ldc, 
 // C [M, N] = A [M, K] B for B packed by `pack(k0, kc, n, dst)` (one panel of 32 columns from n). Rows go MB at
 // a time: their A is packed (row panels shared out as tasks), then each task computes a block of columns for all
 // of them, packing its B a block of kc rows at a time, so no B panel is packed twice for the same rows.
-template <typename Pack>
-void gemm(ffi::ThreadPool& pool, const float* a, int64_t M, int64_t K, int64_t N, float* c, const Pack& pack) {
+template <typename Pool, typename Pack>
+void gemm(Pool& pool, const float* a, int64_t M, int64_t K, int64_t N, float* c, const Pack& pack) {
   const int64_t blocks = (K + KC - 1) / KC, kc_max = (K + blocks - 1) / blocks;
   const int64_t width = std::max(NR, ((N + 7) / 8 + NR - 1) / NR * NR);  // about 8 column tasks
   const int64_t n_tasks = (N + width - 1) / width;
@@ -207,8 +208,8 @@ void gemm(ffi::ThreadPool& pool, const float* a, int64_t M, int64_t K, int64_t N
       for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
         const int64_t kc = std::min(kc_max, K - k0);
         for (int64_t n = n0; n < n1; n += NR) pack(k0, kc, n, pb + (n - n0) * kc);
-        for (int64_t p = 0; p < panels; ++p)
-          for (int64_t n = n0; n < n1; n += NR)
+        for (int64_t n = n0; n < n1; n += NR)  // a B panel stays in L1 while every A panel goes by
+          for (int64_t p = 0; p < panels; ++p)
             tile_at(pa + p * MR * K + k0 * MR, pb + (n - n0) * kc, kc, c + (mb + p * MR) * N + n, N,
                     std::min(MR, rows - p * MR), std::min(NR, n1 - n), k0 > 0);
       }
@@ -217,8 +218,8 @@ void gemm(ffi::ThreadPool& pool, const float* a, int64_t M, int64_t K, int64_t N
 }
 
 // transpose 0: y [rows, out] = x [rows, in] W~; transpose 1: y [rows, in] = x [rows, out] W~^T.
-template <int BITS>
-void product(ffi::ThreadPool& pool, const float* x, int64_t rows, const Weight& w, bool transpose, float* y) {
+template <int BITS, typename Pool>
+void product(Pool& pool, const float* x, int64_t rows, const Weight& w, bool transpose, float* y) {
   if (transpose) {
     gemm(pool, x, rows, w.out, w.in, y,
          [&](int64_t k0, int64_t kc, int64_t n, float* dst) { pack_weight_transposed<BITS>(w, k0, kc, n, dst); });
@@ -238,7 +239,8 @@ ffi::Error IntGemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   if (w.in % 32 || group % 16 || sd[0] * group < w.in || sd[1] != w.out)
     return ffi::Error::InvalidArgument("needs in % 32 == 0, group % 16 == 0, scale [groups, out]");
   if (xd[1] != (transpose ? w.out : w.in)) return ffi::Error::InvalidArgument("x must be [rows, in] ([rows, out])");
-  (bits == 4 ? product<4> : product<8>)(pool, x.typed_data(), xd[0], w, transpose, y->typed_data());
+  (bits == 4 ? product<4, ffi::ThreadPool> : product<8, ffi::ThreadPool>)(pool, x.typed_data(), xd[0], w, transpose,
+                                                                           y->typed_data());
   return ffi::Error::Success();
 }
 

@@ -39,8 +39,8 @@ void both(xla::ffi::ThreadPool& pool, F first, G second) {
 // Runs task(0) ... task(n - 1), each once, on this thread and on as many of the pool's as claim one: every thread
 // takes the next unclaimed task until none is left, so a pool thread busy elsewhere delays nothing; returns when
 // all have run. A pool thread that starts after the last task was claimed returns without touching `task`.
-template <typename F>
-void tasks(xla::ffi::ThreadPool& pool, int64_t n, const F& task) {
+template <typename Pool, typename F>
+void tasks(Pool& pool, int64_t n, const F& task) {
   struct Counter {
     std::atomic<int64_t> next{0}, done{0};
   };
