@@ -24,7 +24,7 @@ def _error(got, want):
   return float(np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max())
 
 
-# rows: tiles of 14 and a partial one; out: panels of 32 and partial ones (forward); K blocks of about 256
+# rows: tiles of 14 and a partial one; out: panels of 32 and partial ones (forward); K in blocks of at most 256
 @pytest.mark.parametrize("rows, n_in, n_out, options", [
     (100, 64, 40, {"group_size": 16}),
     (512, 576, 192, {}),
@@ -32,6 +32,7 @@ def _error(got, want):
     (300, 1536, 96, {"group_size": 128, "symmetric": True}),
     (64, 32, 1100, {"scale_dtype": "bfloat16"}),
     (130, 576, 200, {"bits": 8}),
+    (1100, 64, 96, {}),  # rows in blocks of 518, each packed in turn
     (70, 64, 64, {"bits": 8, "symmetric": True, "group_size": 64}),
 ])
 def test_products_match_float64(rows, n_in, n_out, options):
