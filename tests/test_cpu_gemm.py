@@ -14,7 +14,7 @@ from qalora_jax.nn.linear import base_matmul
 pytestmark = pytest.mark.skipif(not cpu_gemm.available(), reason="the CPU kernels do not build here")
 
 
-def _int4(n_in, n_out, seed=0, **options):
+def _quantized(n_in, n_out, seed=0, **options):
   w = np.random.default_rng(seed).normal(size=(n_in, n_out)).astype(np.float32) * 0.05
   return quant.get("int", **{"bits": 4, "group_size": 32, **options}).quantize(w)
 
@@ -36,7 +36,7 @@ def _error(got, want):
     (70, 64, 64, {"bits": 8, "symmetric": True, "group_size": 64}),
 ])
 def test_products_match_float64(rows, n_in, n_out, options):
-  qt = _int4(n_in, n_out, **options)
+  qt = _quantized(n_in, n_out, **options)
   assert cpu_gemm.supports(qt, rows, jnp.float32)
   w = np.asarray(qt.dequantize(jnp.float32), np.float64)
   rng = np.random.default_rng(1)
@@ -52,26 +52,26 @@ def test_products_match_float64(rows, n_in, n_out, options):
 
 
 def test_leading_axes():
-  qt = _int4(64, 96)
+  qt = _quantized(64, 96)
   x = jnp.asarray(np.random.default_rng(2).normal(size=(4, 20, 64)), jnp.float32)
   np.testing.assert_allclose(np.asarray(cpu_gemm.matmul(x, qt)),
                              np.asarray(cpu_gemm.matmul(x.reshape(80, 64), qt)).reshape(4, 20, 96), rtol=0, atol=0)
 
 
 def test_what_it_takes():
-  assert not cpu_gemm.supports(_int4(64, 96), 63, jnp.float32)  # too few rows: decoding stays on XLA's products
-  assert not cpu_gemm.supports(_int4(64, 96), 64, jnp.bfloat16)
-  assert not cpu_gemm.supports(_int4(48, 96, group_size=16), 64, jnp.float32)  # in not a multiple of 32
-  assert not cpu_gemm.supports(_int4(64, 96, group_size=8), 64, jnp.float32)
-  assert not cpu_gemm.supports(_int4(64, 96, bits=3), 64, jnp.float32)
-  assert cpu_gemm.supports(_int4(64, 96, bits=8), 64, jnp.float32)
+  assert not cpu_gemm.supports(_quantized(64, 96), 63, jnp.float32)  # too few rows: decoding stays on XLA's products
+  assert not cpu_gemm.supports(_quantized(64, 96), 64, jnp.bfloat16)
+  assert not cpu_gemm.supports(_quantized(48, 96, group_size=16), 64, jnp.float32)  # in not a multiple of 32
+  assert not cpu_gemm.supports(_quantized(64, 96, group_size=8), 64, jnp.float32)
+  assert not cpu_gemm.supports(_quantized(64, 96, bits=3), 64, jnp.float32)
+  assert cpu_gemm.supports(_quantized(64, 96, bits=8), 64, jnp.float32)
   assert not cpu_gemm.supports(np.ones((64, 96), np.float32), 64, jnp.float32)
 
 
 def test_base_matmul_runs_it_both_ways(monkeypatch):
   """A float32 training product with a frozen INT4 weight runs the kernel forward and backward, with the
   gradient XLA's dequantize-then-dot gives."""
-  qt = _int4(128, 96)
+  qt = _quantized(128, 96)
   x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 40, 128)), jnp.float32)
   loss = lambda x: jnp.sum(jnp.sin(base_matmul(x, qt, "float32")))
   hlo = jax.jit(jax.value_and_grad(loss)).lower(x).as_text()
@@ -88,7 +88,7 @@ def test_base_matmul_runs_it_both_ways(monkeypatch):
 def test_the_head_runs_it_on_a_quantized_table():
   """The fused head's float32 products with an 8-bit [D, V] table (the tied embedding as stored) run the kernel,
   logits and gradient, with the loss and gradient of the logits-then-softmax path."""
-  table = _int4(64, 300, bits=8)
+  table = _quantized(64, 300, bits=8)
   rng = np.random.default_rng(4)
   x = jnp.asarray(rng.normal(size=(2, 50, 64)), jnp.float32)
   targets = jnp.asarray(rng.integers(0, 300, (2, 50)), jnp.int32)

@@ -1,17 +1,18 @@
-"""Float32 training products with an INT4 QTensor on the CPU: y = x W~ and dx = dy W~^T, the weight dequantized
-inside the product.
+"""Float32 training products with an INT4 or INT8 QTensor on the CPU: y = x W~ and dx = dy W~^T, the weight
+dequantized inside the product.
 
 XLA's CPU backend dequantizes a quantized weight into a float32 copy, writes it, and multiplies with its own
 GEMM, which at the training step's shapes runs at about 0.8x PyTorch's float32 rate (experiments/perf/
-matmul_shapes.md). This kernel (cpu_gemm.cc) is a blocked GEMM whose packing step reads the INT4 codes,
+matmul_shapes.md). This kernel (cpu_gemm.cc) is a blocked GEMM whose packing step reads the codes,
 
     W~[i, o] = scale[g, o] * q[i, o] + offset[g, o]      (i in group g),
 
 and writes the float32 panels its 14 x 32 AVX512 tile multiplies, so no float32 copy of W~ exists outside the
 cache-sized panels. Its products are float32 products summed in float32 (in another order than XLA's), so it
 runs where the operands are float32: `base_matmul` (nn/linear.py) calls it for x W~ and for the input gradient
-dy W~^T when the matmul dtype is float32, the backend a CPU with the kernels compiled (kernels.cpu_library),
-and the weight `supports` it. QALORA_CPU_GEMM=0 in the environment keeps XLA's dequantize-then-dot.
+dy W~^T, and the fused head (models/layers.py's `head_nll`) for its products with an 8-bit token table, when
+the matmul dtype is float32, the backend a CPU with the kernels compiled (kernels.cpu_library), and the weight
+`supports` it. QALORA_CPU_GEMM=0 in the environment keeps XLA's dequantize-then-dot.
 """
 
 from __future__ import annotations

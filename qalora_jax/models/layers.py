@@ -7,7 +7,6 @@ QTensor, and optionally an adapter) meets an activation, so every method runs th
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -149,8 +148,7 @@ def _head_pass(x, weight, targets, vocab_first, matmul_dtype, chunk, vocab_chunk
     enters the loop as its bits: XLA's CPU backend otherwise carries it into the loop as a float32 copy (twice the
     table, made every step)."""
     if gemm:
-      return QTensor({k: jax.lax.dynamic_slice_in_dim(a, start, n, 1) for k, a in weight.arrays.items()},
-                     dataclasses.replace(weight.meta, shape=(weight.shape[0], n)))
+      return weight.columns(start=start, size=n)
     piece = jax.lax.dynamic_slice_in_dim(table, start, n, axis)
     return jax.lax.bitcast_convert_type(piece, jnp.bfloat16) if bits else piece
   size = vocab if int8 else min(vocab_chunk, vocab)
@@ -201,8 +199,7 @@ def _head_pass(x, weight, targets, vocab_first, matmul_dtype, chunk, vocab_chunk
     nll.append(lse[-1] - picked)
     if grad:
       if gemm:  # the targets' columns, dequantized
-        w_y = QTensor({k: jnp.take(a, tc, axis=1) for k, a in weight.arrays.items()},
-                      dataclasses.replace(weight.meta, shape=(weight.shape[0], rows))).dequantize(jnp.float32)
+        w_y = weight.columns(tc).dequantize(jnp.float32)
       else:
         w_y = jnp.take(w, tc, axis=axis)
       dx.append((acc / total[:, None] - (w_y if vocab_first else w_y.T).astype(jnp.float32)).astype(x.dtype))

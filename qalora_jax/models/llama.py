@@ -45,7 +45,6 @@ written "/"-joined: "blocks/attn/q_proj/kernel" (stacked) or "blocks/3/attn/q_pr
 
 from __future__ import annotations
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -188,12 +187,10 @@ class Embedding(nnx.Module):
     if isinstance(table, cpu_matmul.Strips):  # laid out for decoding
       columns = table.columns(flat)
     elif isinstance(table, QTensor):
-      vocab = table.shape[1]
-      if not all(a.ndim and a.shape[-1] == vocab for a in table.arrays.values()):
+      if not table.column_wise():
         # a format with arrays across columns (double quantization's absmax blocks): the whole table
         return jnp.take(table.dequantize(jnp.float32).T, tokens, axis=0).astype(dtype)
-      columns = QTensor({k: jnp.take(a, flat, axis=-1) for k, a in table.arrays.items()},
-                        dataclasses.replace(table.meta, shape=(table.shape[0], flat.size)))
+      columns = table.columns(flat)
     else:
       return jnp.take(table, tokens, axis=0).astype(dtype)
     # a quantized table: only the tokens' columns are dequantized
