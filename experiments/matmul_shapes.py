@@ -1,19 +1,22 @@
-"""The training step's matmuls alone, XLA's against PyTorch's, at the step's shapes and operand dtypes.
+"""The training step's matmuls alone, XLA's (and in float32 kernels.cpu_gemm's) against PyTorch's, at the step's
+shapes and operand dtypes.
 
     python experiments/matmul_shapes.py [--rounds 5] [--out experiments/perf]
 
 SmolLM2-135M at 4 x 128 tokens (M = 512 rows): each linear's forward product x W ([M, in] x [in, out]) and its
 input gradient dy W^T ([M, out] x [in, out]^T), and the head's (its table [vocabulary, d]), per chunk of 8,192
 entries (six a step). Each product is timed as a jitted `jnp.dot` (float32 accumulation) and as `torch.matmul`, in
-the same process with as many threads as cores, with float32 and with bfloat16 operands; the two libraries
-alternate within each round. A figure is the median of its rounds' GFLOP/s. The "step" row weights every shape by
+the same process with as many threads as cores, with float32 and with bfloat16 operands, and with float32 as
+kernels.cpu_gemm's product with the weight quantized as the step stores it (INT4 g32, the head's 8-bit table:
+its dequantization is in the figure); the libraries alternate within each round. A figure is the median of its
+rounds' GFLOP/s. The "step" row weights every shape by
 the times a step runs it,
 
     t = sum over shapes of  count x 2 M K N / rate,
 
 the time the step's matmuls alone would take with each library's products, the rest of the step left out.
 The float32 rows bound the all-float32 comparison with PEFT: the peer's step runs its products at PyTorch's
-rate, ours at XLA's.
+rate, ours at cpu_gemm's (XLA's where the kernel does not run).
 """
 
 from __future__ import annotations
@@ -69,6 +72,23 @@ def xla_product(k: int, n: int, transposed: bool, dtype: str):
   return lambda: f(x, w).block_until_ready()
 
 
+def ours_product(name: str, k: int, n: int, transposed: bool):
+  """The same product in kernels.cpu_gemm with the weight quantized as the step stores it (float32 only): INT4
+  g32 for a linear (its input gradient the kernel's transposed product), the 8-bit table [576, vocabulary] for
+  the head (its logits x W~, its input gradient the transposed product)."""
+  from qalora_jax import quant
+  from qalora_jax.kernels import cpu_gemm
+
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((M, k)), jnp.float32)
+  head = name.startswith("head")
+  shape = (k, n) if head == transposed else (n, k)  # the weight as [in, out] for cpu_gemm
+  qt = quant.get("int", bits=8 if head else 4, group_size=32).quantize(
+      rng.standard_normal(shape).astype(np.float32) * 0.05)
+  f = jax.jit(lambda x, qt: cpu_gemm.matmul(x, qt, transpose=head != transposed))
+  return lambda: f(x, qt).block_until_ready()
+
+
 def torch_product(k: int, n: int, transposed: bool, dtype: str):
   import torch
 
@@ -94,19 +114,22 @@ def tables(lines: list[dict]) -> str:
   out = [f"The SmolLM2-135M training step's matmuls at 4 x 128 tokens, alone: GFLOP/s, median of {rounds} rounds, "
          f"{c['cores']} threads. CPU: {c['model']}, {c['cores']} cores, {' '.join(c['flags'])}. "
          "`python experiments/matmul_shapes.py`.", "",
-         "| product | [M, K] x [K, N] | a step | XLA f32 | torch f32 | XLA / torch | XLA bf16 | torch bf16 "
-         "| XLA / torch |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+         "| product | [M, K] x [K, N] | a step | XLA f32 | ours f32 | torch f32 | XLA / torch | ours / torch "
+         "| XLA bf16 | torch bf16 | XLA / torch |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for name, k, n, _, count in SHAPES:
-    cells = []
-    for dtype in ("float32", "bfloat16"):
-      x, t = med[(name, "xla", dtype)], med[(name, "torch", dtype)]
-      cells += [f"{x:.0f}", f"{t:.0f}", f"{x / t:.2f}x"]
+    x, o, t = (med[(name, lib, "float32")] for lib in ("xla", "ours", "torch"))
+    cells = [f"{x:.0f}", f"{o:.0f}", f"{t:.0f}", f"{x / t:.2f}x", f"{o / t:.2f}x"]
+    x, t = med[(name, "xla", "bfloat16")], med[(name, "torch", "bfloat16")]
+    cells += [f"{x:.0f}", f"{t:.0f}", f"{x / t:.2f}x"]
     out.append(f"| {name} | [{M}, {k}] x [{k}, {n}] | {count} | " + " | ".join(cells) + " |")
-  cells = []
-  for dtype in ("float32", "bfloat16"):
-    ms = {lib: step_ms({name: med[(name, lib, dtype)] for name, *_ in SHAPES}) for lib in ("xla", "torch")}
-    cells += [f"{ms['xla']:.0f} ms", f"{ms['torch']:.0f} ms", f"{ms['torch'] / ms['xla']:.2f}x"]
-  out.append("| the step's matmuls, time (XLA / torch: torch's time over XLA's) | | | " + " | ".join(cells) + " |")
+  ms = {(lib, dtype): step_ms({name: med[(name, lib, dtype)] for name, *_ in SHAPES})
+        for lib, dtype in [("xla", "float32"), ("ours", "float32"), ("torch", "float32"), ("xla", "bfloat16"),
+                           ("torch", "bfloat16")]}
+  f32 = [ms[(lib, "float32")] for lib in ("xla", "ours", "torch")]
+  cells = [f"{v:.0f} ms" for v in f32] + [f"{f32[2] / f32[0]:.2f}x", f"{f32[2] / f32[1]:.2f}x"]
+  bf16 = [ms[(lib, "bfloat16")] for lib in ("xla", "torch")]
+  cells += [f"{v:.0f} ms" for v in bf16] + [f"{bf16[1] / bf16[0]:.2f}x"]
+  out.append("| the step's matmuls, time (x / torch: torch's time over x's) | | | " + " | ".join(cells) + " |")
   return "\n".join(out) + "\n"
 
 
@@ -121,11 +144,14 @@ def main() -> None:
   makers = {"xla": xla_product, "torch": torch_product}
   calls = {(name, lib, dtype): makers[lib](k, n, transposed, dtype)
            for name, k, n, transposed, _ in SHAPES for dtype in ("float32", "bfloat16") for lib in makers}
+  calls.update({(name, "ours", "float32"): ours_product(name, k, n, transposed)
+                for name, k, n, transposed, _ in SHAPES})
   lines = []
   for r in range(args.rounds):
     for name, k, n, _, _ in SHAPES:
       for dtype in ("float32", "bfloat16"):
-        for lib in (("xla", "torch") if r % 2 == 0 else ("torch", "xla")):
+        libs = ("xla", "ours", "torch") if dtype == "float32" else ("xla", "torch")
+        for lib in (libs if r % 2 == 0 else libs[::-1]):
           s = _seconds(calls[(name, lib, dtype)])
           lines.append({"round": r, "shape": name, "library": lib, "dtype": dtype, "m": M, "k": k, "n": n,
                         "gflop_s": 2 * M * k * n / s / 1e9, "cpu": hardware.cpu()})

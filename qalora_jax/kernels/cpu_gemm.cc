@@ -2,15 +2,15 @@
 // weight dequantized while it is packed (see qalora_jax/kernels/cpu_gemm.py).
 //
 // W~[i, o] = scale[g, o] * q[i, o] + offset[g, o] for input i in group g, q packed along the input axis, 8
-// four-bit or 4 eight-bit codes a uint32 word (input 8j + k in bits [4k, 4k + 4) of word j, or 4j + k in byte k): codes
-// [in / (32 / bits), out], scale and offset [groups, out] in float32. A product C [M, N] = A [M, K] B [K, N] runs as a blocked GEMM in the manner of
-// Goto and van de Geijn: B is packed (dequantized) a block of KC rows at a time into panels [KC][32] of 32
-// columns, A into panels [KC][14] of 14 rows, and a 14 x 32 tile of C is 28 AVX512 accumulators, each step k
-// one broadcast of A's 14 values against B's two vectors. For y = x W~, B[k, n] = W~[k, n] (a panel row is 32
-// outputs of one input, one shift of 32 code words); for dx = dy W~^T, B[k, n] = W~[n, k] (a panel row is 32
-// inputs of one output, the bytes of its 4 or 8 code words spread to 32 values). The work goes out as tasks (blocks
-// of A's rows to pack, then about eight blocks of C's columns) that this thread and XLA's intra-op pool take in
-// turn, so that a pool thread busy with another op delays nothing.
+// four-bit or 4 eight-bit codes a uint32 word (input 8j + k in bits [4k, 4k + 4) of word j, or 4j + k in byte
+// k): codes [in / (32 / bits), out], scale and offset [groups, out] in float32. A product C [M, N] = A [M, K]
+// B [K, N] runs as a blocked GEMM in the manner of Goto and van de Geijn: B is packed (dequantized) a block of
+// KC rows at a time into panels [KC][32] of 32 columns, A into panels [KC][14] of 14 rows, and a 14 x 32 tile of
+// C is 28 AVX512 accumulators, each step k one broadcast of A's 14 values against B's two vectors. For y = x W~,
+// B[k, n] = W~[k, n] (a panel row is 32 outputs of one input, one shift of 32 code words); for dx = dy W~^T,
+// B[k, n] = W~[n, k] (a panel row is 32 inputs of one output, the bytes of its 4 or 8 code words spread to 32
+// values). The work goes out as tasks (blocks of A's rows to pack, then about eight blocks of C's columns) that
+// this thread and XLA's intra-op pool take in turn, so that a pool thread busy with another op delays nothing.
 #if !defined(__AVX512F__) || !defined(__AVX512BW__)
 #error "needs AVX512F and AVX512BW"
 #endif
