@@ -9,8 +9,7 @@ entries (six a step). Each product is timed as a jitted `jnp.dot` (float32 accum
 the same process with as many threads as cores, with float32 and with bfloat16 operands, and with float32 as
 kernels.cpu_gemm's product with the weight quantized as the step stores it (INT4 g32, the head's 8-bit table:
 its dequantization is in the figure); the libraries alternate within each round. A figure is the median of its
-rounds' GFLOP/s. The "step" row weights every shape by
-the times a step runs it,
+rounds' GFLOP/s. The "step" row weights every shape by the times a step runs it,
 
     t = sum over shapes of  count x 2 M K N / rate,
 

@@ -148,7 +148,7 @@ def _head_pass(x, weight, targets, vocab_first, matmul_dtype, chunk, vocab_chunk
     enters the loop as its bits: XLA's CPU backend otherwise carries it into the loop as a float32 copy (twice the
     table, made every step)."""
     if gemm:
-      return weight.columns(start=start, size=n)
+      return weight.column_range(start, n)
     piece = jax.lax.dynamic_slice_in_dim(table, start, n, axis)
     return jax.lax.bitcast_convert_type(piece, jnp.bfloat16) if bits else piece
   size = vocab if int8 else min(vocab_chunk, vocab)

@@ -45,7 +45,6 @@ written "/"-joined: "blocks/attn/q_proj/kernel" (stacked) or "blocks/3/attn/q_pr
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 from flax import nnx

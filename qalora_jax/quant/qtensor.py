@@ -90,17 +90,19 @@ class QTensor:
 
   def column_wise(self) -> bool:
     """Whether every array ends in the `out` axis (one set of codes, scales and offsets per column, as the "int"
-    format's), so that `columns` can take columns apart."""
+    format's), so that `columns` and `column_range` can take columns apart."""
     return all(a.ndim and a.shape[-1] == self.shape[1] for a in self.arrays.values())
 
-  def columns(self, index: jax.Array | None = None, start=None, size: int | None = None) -> "QTensor":
-    """Columns `index` [n] of the weight (a gather), or the `size` columns from `start` (a slice; `start` may be
-    traced), as a QTensor [in, n]; needs `column_wise`."""
-    if index is not None:
-      arrays, n = {k: jnp.take(a, index, axis=-1) for k, a in self.arrays.items()}, index.size
-    else:
-      arrays = {k: jax.lax.dynamic_slice_in_dim(a, start, size, a.ndim - 1) for k, a in self.arrays.items()}
-      n = size
+  def columns(self, index: jax.Array) -> "QTensor":
+    """Columns `index` [n] of the weight (a gather) as a QTensor [in, n]; needs `column_wise`."""
+    return self._with_columns({k: jnp.take(a, index, axis=-1) for k, a in self.arrays.items()}, index.size)
+
+  def column_range(self, start, size: int) -> "QTensor":
+    """The `size` columns from `start` (which may be traced) as a QTensor [in, size]; needs `column_wise`."""
+    return self._with_columns(
+        {k: jax.lax.dynamic_slice_in_dim(a, start, size, a.ndim - 1) for k, a in self.arrays.items()}, size)
+
+  def _with_columns(self, arrays: dict, n: int) -> "QTensor":
     return QTensor(arrays, dataclasses.replace(self.meta, shape=(self.shape[0], n)))
 
   def __repr__(self) -> str:
