@@ -1,6 +1,9 @@
 """The CPU float32 GEMM with INT4 and INT8 weights (kernels/cpu_gemm.py): y = x W~ and dx = dy W~^T against
 float64."""
 
+import dataclasses
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +12,10 @@ import pytest
 from qalora_jax import quant
 from qalora_jax.kernels import cpu_gemm
 from qalora_jax.models import layers, metrics
+from qalora_jax.nn.adapters import Adapter, init_adapter
 from qalora_jax.nn.linear import base_matmul
+
+linear_module = importlib.import_module("qalora_jax.nn.linear")  # the package exports the function `linear`
 
 pytestmark = pytest.mark.skipif(not cpu_gemm.available(), reason="the CPU kernels do not build here")
 
@@ -102,3 +108,57 @@ def test_the_head_runs_it_on_a_quantized_table():
   assert jax.jit(jax.grad(fused)).lower(x).as_text().count(cpu_gemm.TARGET) >= 4  # logits and gradient, twice
   np.testing.assert_allclose(float(fused(x)), float(plain(x)), rtol=1e-5)
   np.testing.assert_allclose(np.asarray(jax.grad(fused)(x)), np.asarray(jax.grad(plain)(x)), rtol=1e-4, atol=1e-6)
+
+
+def _qalora_case(n_in=192, n_out=96, rows=100, group_size=32, seed=5):
+  qt = _quantized(n_in, n_out, group_size=group_size)
+  rng = np.random.default_rng(seed)
+  adapter = init_adapter(jax.random.PRNGKey(seed), "qalora", n_in, n_out, 8, alpha=16, group_size=group_size)
+  adapter = Adapter(adapter.a, jnp.asarray(rng.normal(size=adapter.b.shape) * 0.1, jnp.float32), adapter.meta)
+  x = jnp.asarray(rng.normal(size=(2, rows // 2, n_in)), jnp.float32)
+  return qt, adapter, x
+
+
+def test_qalora_folded_into_the_offsets_matches_float64():
+  """QA-LoRA on float32 operands runs as one product with offsets + s A B (`folded_matmul`): output and the
+  gradients of x, A and B against the branch written out in float64,
+
+    y = x W~ + s pool(x) A B,  dx = dy W~^T + s (dy B^T A^T) P^T,  dA = s pool(x)^T dy B^T,  dB = s (pool(x) A)^T dy.
+  """
+  qt, adapter, x = _qalora_case()
+  assert linear_module.folds(x, qt, adapter, None, "float32")
+
+  def loss(x, a, b):
+    y = linear_module.linear(x, {"kernel": qt, "adapter": Adapter(a, b, adapter.meta)}, matmul_dtype="float32")
+    return jnp.sum(y * dy), y
+
+  dy = jnp.asarray(np.random.default_rng(6).normal(size=x.shape[:-1] + (96,)), jnp.float32)
+  grad = jax.jit(jax.grad(loss, (0, 1, 2), has_aux=True))
+  hlo = grad.lower(x, adapter.a, adapter.b).as_text()
+  assert hlo.count(cpu_gemm.TARGET) == 2  # x W' and dy W'^T: no other product with x or dy of [tokens, in or out]
+  (gx, ga, gb), y = grad(x, adapter.a, adapter.b)
+
+  s, w = adapter.meta.scale, np.asarray(qt.dequantize(jnp.float32), np.float64)
+  a, b = np.asarray(adapter.a, np.float64), np.asarray(adapter.b, np.float64)
+  x64, dy64 = np.asarray(x, np.float64).reshape(-1, 192), np.asarray(dy, np.float64).reshape(-1, 96)
+  pool = np.kron(np.eye(6), np.ones((32, 1)))  # P [in, groups]: P_il = [i in group l]
+  px = x64 @ pool
+  want = {"y": x64 @ w + s * px @ a @ b, "dx": dy64 @ w.T + s * dy64 @ b.T @ a.T @ pool.T,
+          "da": s * px.T @ dy64 @ b.T, "db": s * (px @ a).T @ dy64}
+  got = {"y": y.reshape(-1, 96), "dx": gx.reshape(-1, 192), "da": ga, "db": gb}
+  for name in want:
+    assert _error(got[name], want[name]) < 2e-6, name
+
+
+def test_qalora_folds_only_where_it_is_exact():
+  qt, adapter, x = _qalora_case()
+  assert not linear_module.folds(x, qt, adapter, None, "bfloat16")  # rounding s A B into bfloat16 offsets
+  assert not linear_module.folds(x.astype(jnp.bfloat16), qt, adapter, None, None)
+  assert not linear_module.folds(x[:, :10], qt, adapter, None, "float32")  # too few rows for the GEMM
+  with_dropout = Adapter(adapter.a, adapter.b, dataclasses.replace(adapter.meta, dropout=0.1))
+  assert linear_module.folds(x, qt, with_dropout, None, "float32")  # evaluation: no dropout key
+  assert not linear_module.folds(x, qt, with_dropout, jax.random.PRNGKey(0), "float32")
+  coarser = init_adapter(jax.random.PRNGKey(0), "qalora", 192, 96, 8, alpha=16, group_size=64)
+  assert not linear_module.folds(x, qt, coarser, None, "float32")  # pooling other groups than the quantizer's
+  lora = init_adapter(jax.random.PRNGKey(0), "lora", 192, 96, 8, alpha=16)
+  assert not linear_module.folds(x, qt, lora, None, "float32")

@@ -40,15 +40,18 @@ def supports(kernel, rows: int, dtype) -> bool:
           and kernel.group_size % 16 == 0 and os.environ.get("QALORA_CPU_GEMM") != "0" and available())
 
 
-def matmul(x: jax.Array, qt: QTensor, transpose: bool = False) -> jax.Array:
+def matmul(x: jax.Array, qt: QTensor, transpose: bool = False, offset_delta: jax.Array | None = None) -> jax.Array:
   """x W~ [..., out] for x [..., in]; with `transpose`, x W~^T [..., in] for x [..., out]; float32 products and
-  sums, the result in x.dtype."""
+  sums, the result in x.dtype. `offset_delta` [groups, out] (float32) is added to the offsets first: the product
+  is then with W~ + P delta, P_il = [i in group l] (a QA-LoRA adapter folded in, nn/linear.py)."""
   if not available():
     raise RuntimeError("the CPU kernels are unavailable here (see kernels.cpu_library)")
   n_in, n_out = qt.shape
   rows = x.reshape(-1, n_out if transpose else n_in).astype(jnp.float32)
   scale = qt["scale"].astype(jnp.float32)
   offset = qt["offset"].astype(jnp.float32) if "offset" in qt.arrays else -(2.0 ** (qt.bits - 1)) * scale
+  if offset_delta is not None:
+    offset = offset + offset_delta.astype(jnp.float32)
   call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows.shape[0], n_in if transpose else n_out), jnp.float32),
                           vmap_method="sequential")
   y = call(rows, qt["codes"], scale, offset, group=np.int64(qt.group_size), bits=np.int64(qt.bits),

@@ -11,10 +11,11 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from qalora_jax.kernels import cpu_gemm, cpu_matmul
 from qalora_jax.kernels import int4_matmul as pallas_int4
-from qalora_jax.nn.adapters import Adapter, adapter_delta
+from qalora_jax.nn.adapters import Adapter, adapter_delta, delta_weight, pool_groups
 from qalora_jax.quant import QTensor
 
 
@@ -84,14 +85,58 @@ def _base_matmul_bwd(matmul_dtype, residuals, dy):
 base_matmul.defvjp(_base_matmul_fwd, _base_matmul_bwd)
 
 
+def folds(x: jax.Array, kernel, adapter: Adapter, dropout_rng, matmul_dtype) -> bool:
+  """Whether `linear` runs a QA-LoRA adapter folded into the base product (`folded_matmul`): a "qalora" adapter
+  without dropout in this call, pooling the groups the QTensor is quantized in, on float32 operands in the CPU
+  GEMM (cpu_gemm.supports)."""
+  meta = adapter.meta
+  return (meta.kind == "qalora" and (dropout_rng is None or meta.dropout == 0) and isinstance(kernel, QTensor)
+          and x.dtype == jnp.float32 and adapter.a.ndim == 2 and meta.group_size == kernel.group_size
+          and adapter.a.shape[0] == kernel["scale"].shape[0]
+          and cpu_gemm.supports(kernel, math.prod(x.shape[:-1]), operand_dtype(matmul_dtype, x.dtype)))
+
+
+@jax.custom_vjp
+def folded_matmul(x: jax.Array, kernel: QTensor, delta: jax.Array) -> jax.Array:
+  """y = x W~ + pool(x) delta = x (W~ + P delta) for delta = s A B [groups, out]: QA-LoRA's branch as a change of
+  the per-group offsets (P_il = [i in group l]; the merge of nn/merge.py, made in every call), so the product
+  with the offsets plus delta is the only product with x (cpu_gemm.matmul's `offset_delta`). Gradients:
+
+    dx = dy (W~ + P delta)^T,   d delta = pool(x)^T dy   (then dA = s d delta B^T, dB = s A^T d delta)
+
+  where the branch on its own makes x A, (x A) B, dy B^T, (dy B^T) A^T and h^T dy, and adds two [tokens, in or
+  out] results. Equal to x W~ + s (pool(x) A) B up to float32 rounding.
+  """
+  return cpu_gemm.matmul(x, kernel, offset_delta=delta)
+
+
+def _folded_fwd(x, kernel, delta):
+  pooled = checkpoint_name(pool_groups(x, kernel.group_size), "adapter_pooled")
+  return folded_matmul(x, kernel, delta), (pooled, kernel, delta)
+
+
+def _folded_bwd(residuals, dy):
+  pooled, kernel, delta = residuals
+  dx = cpu_gemm.matmul(dy, kernel, transpose=True, offset_delta=delta)
+  ddelta = jnp.einsum("tl,to->lo", pooled.reshape(-1, pooled.shape[-1]), dy.reshape(-1, dy.shape[-1]))
+  return dx, None, ddelta.astype(delta.dtype)
+
+
+folded_matmul.defvjp(_folded_fwd, _folded_bwd)
+
+
 def linear(x: jax.Array, p: dict, *, dropout_rng: jax.Array | None = None, matmul_dtype: str | None = None
            ) -> jax.Array:
   """y = x W + b + s * (pool(x) A) B for p = {"kernel", optional "bias", optional "adapter"}; x W as in
-  `base_matmul`, the adapter branch in x.dtype."""
-  y = base_matmul(x, p["kernel"], matmul_dtype)
+  `base_matmul`, the adapter branch in x.dtype (or folded into the product, see `folds`)."""
+  adapter = p.get("adapter")
+  if isinstance(adapter, Adapter) and folds(x, p["kernel"], adapter, dropout_rng, matmul_dtype):
+    y = folded_matmul(x, p["kernel"], delta_weight(adapter))
+    adapter = None
+  else:
+    y = base_matmul(x, p["kernel"], matmul_dtype)
   if p.get("bias") is not None:
     y = y + p["bias"].astype(x.dtype)
-  adapter = p.get("adapter")
   if isinstance(adapter, Adapter):
     y = y + adapter_delta(x, adapter, dropout_rng=dropout_rng)
   return y
