@@ -162,3 +162,33 @@ def test_qalora_folds_only_where_it_is_exact():
   assert not linear_module.folds(x, qt, coarser, None, "float32")  # pooling other groups than the quantizer's
   lora = init_adapter(jax.random.PRNGKey(0), "lora", 192, 96, 8, alpha=16)
   assert not linear_module.folds(x, qt, lora, None, "float32")
+
+
+def test_linears_reading_one_input_share_a_product_where_one_is_narrow():
+  """q/k/v-like linears (one narrower than cpu_gemm.NARROW) run as one folded product, with the outputs and
+  gradients of each folded on its own; gate/up-like ones (none narrow) stay apart."""
+  narrow, wide = cpu_gemm.NARROW // 2, cpu_gemm.NARROW
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.normal(size=(70, 64)), jnp.float32)
+  ps = []
+  for i, n_out in enumerate([wide, narrow, narrow]):
+    qt = _quantized(64, n_out, seed=i)
+    adapter = init_adapter(jax.random.PRNGKey(i), "qalora", 64, n_out, 4, alpha=8, group_size=32)
+    adapter = Adapter(adapter.a, jnp.asarray(rng.normal(size=adapter.b.shape) * 0.1, jnp.float32), adapter.meta)
+    ps.append({"kernel": qt, "adapter": adapter})
+  assert linear_module.shared_folded(x, ps[:1] * 2, [None] * 2, "float32") is None  # none narrow
+  assert linear_module.shared_folded(x, ps, [None] * 3, "bfloat16") is None  # does not fold
+
+  def loss(x, adapters, shared):
+    ps_now = [{"kernel": p["kernel"], "adapter": a} for p, a in zip(ps, adapters)]
+    ys = (linear_module.shared_folded(x, ps_now, [None] * 3, "float32") if shared
+          else [linear_module.linear(x, p, matmul_dtype="float32") for p in ps_now])
+    return sum(jnp.sum(jnp.sin(y)) for y in ys)
+
+  adapters = [p["adapter"] for p in ps]
+  assert jax.jit(jax.grad(loss), static_argnums=2).lower(x, adapters, True).as_text().count(cpu_gemm.TARGET) == 2
+  shared = jax.jit(jax.value_and_grad(loss, (0, 1)), static_argnums=2)(x, adapters, True)
+  apart = jax.jit(jax.value_and_grad(loss, (0, 1)), static_argnums=2)(x, adapters, False)
+  np.testing.assert_allclose(float(shared[0]), float(apart[0]), rtol=1e-6)
+  for got, want in zip(jax.tree.leaves(shared[1]), jax.tree.leaves(apart[1])):
+    assert float(jnp.abs(got - want).max()) < 1e-5 * float(jnp.abs(want).max())

@@ -172,7 +172,8 @@ def test_qalora_folded_into_the_offsets_trains_as_the_branch(remat, monkeypatch)
   def loss(adapters):
     return llama.nll(config, nn.combine(frozen, adapters), tokens[:, :-1], tokens[:, 1:]).mean()
 
-  assert jax.jit(jax.grad(loss)).lower(adapters).as_text().count(cpu_gemm.TARGET) >= 14  # 7 linears, both ways
+  if not remat:  # a layer's products both ways: q/k/v as one, o, gate/up as one (narrower than NARROW), down
+    assert jax.jit(jax.grad(loss)).lower(adapters).as_text().count(cpu_gemm.TARGET) == 8
   folded = jax.jit(jax.value_and_grad(loss))(adapters)
   monkeypatch.setenv("QALORA_CPU_GEMM", "0")
   branch = jax.jit(jax.value_and_grad(lambda adapters: loss(adapters)))(adapters)  # traced again

@@ -7,6 +7,7 @@ so every method (float, quantized, adapted) runs through the same model code.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import jax
@@ -97,32 +98,68 @@ def folds(x: jax.Array, kernel, adapter: Adapter, dropout_rng, matmul_dtype) -> 
 
 
 @jax.custom_vjp
-def folded_matmul(x: jax.Array, kernel: QTensor, delta: jax.Array) -> jax.Array:
-  """y = x W~ + pool(x) delta = x (W~ + P delta) for delta = s A B [groups, out]: QA-LoRA's branch as a change of
-  the per-group offsets (P_il = [i in group l]; the merge of nn/merge.py, made in every call), so the product
-  with the offsets plus delta is the only product with x (cpu_gemm.matmul's `offset_delta`). Gradients:
+def folded_matmul(x: jax.Array, kernels: tuple[QTensor, ...], adapters: tuple[Adapter, ...]) -> list[jax.Array]:
+  """[x W~_j + s_j (pool(x) A_j) B_j for each j]: QA-LoRA's branch as a change of the per-group offsets,
 
-    dx = dy (W~ + P delta)^T,   d delta = pool(x)^T dy   (then dA = s d delta B^T, dB = s A^T d delta)
+    x W~ + s (pool(x) A) B = x (W~ + P delta),   delta = s A B [groups, out],   P_il = [i in group l]
+
+  (the merge of nn/merge.py, made in every call), so the product with the offsets plus delta is the only
+  product with x (cpu_gemm.matmul's `offset_delta`). Linears that read the same x (q/k/v, gate/up) go side by
+  side (QTensor.concat_columns), one product for all. Gradients, dy = [dy_1 ... dy_n]:
+
+    dx = dy (W~ + P delta)^T,   d delta = pool(x)^T dy,   dA = s d delta B^T,   dB = s A^T d delta
 
   where the branch on its own makes x A, (x A) B, dy B^T, (dy B^T) A^T and h^T dy, and adds two [tokens, in or
-  out] results. Equal to x W~ + s (pool(x) A) B up to float32 rounding.
+  out] results. Equal to the branch up to float32 rounding. What the backward pass keeps is the pooled x (named
+  "adapter_pooled") and the call's own arguments; the weights and offsets side by side are made again.
   """
-  return cpu_gemm.matmul(x, kernel, offset_delta=delta)
+  kernel, delta = _side_by_side(kernels, adapters)
+  return _split(cpu_gemm.matmul(x, kernel, offset_delta=delta), kernels)
 
 
-def _folded_fwd(x, kernel, delta):
-  pooled = checkpoint_name(pool_groups(x, kernel.group_size), "adapter_pooled")
-  return folded_matmul(x, kernel, delta), (pooled, kernel, delta)
+def _side_by_side(kernels, adapters):
+  delta = jnp.concatenate([delta_weight(a) for a in adapters], axis=-1)
+  return (kernels[0] if len(kernels) == 1 else QTensor.concat_columns(list(kernels))), delta
 
 
-def _folded_bwd(residuals, dy):
-  pooled, kernel, delta = residuals
+def _split(y, kernels):
+  return jnp.split(y, list(itertools.accumulate(k.shape[1] for k in kernels[:-1])), axis=-1)
+
+
+def _folded_fwd(x, kernels, adapters):
+  pooled = checkpoint_name(pool_groups(x, kernels[0].group_size), "adapter_pooled")
+  return folded_matmul(x, kernels, adapters), (pooled, kernels, adapters)
+
+
+def _folded_bwd(residuals, dys):
+  pooled, kernels, adapters = residuals
+  kernel, delta = _side_by_side(kernels, adapters)
+  dy = jnp.concatenate(dys, axis=-1)
   dx = cpu_gemm.matmul(dy, kernel, transpose=True, offset_delta=delta)
   ddelta = jnp.einsum("tl,to->lo", pooled.reshape(-1, pooled.shape[-1]), dy.reshape(-1, dy.shape[-1]))
-  return dx, None, ddelta.astype(delta.dtype)
+  grads = tuple(Adapter((a.meta.scale * d @ a.b.T).astype(a.a.dtype), (a.meta.scale * a.a.T @ d).astype(a.b.dtype),
+                        a.meta) for a, d in zip(adapters, _split(ddelta, kernels)))
+  return dx, None, grads
 
 
 folded_matmul.defvjp(_folded_fwd, _folded_bwd)
+
+
+def shared_folded(x: jax.Array, ps: list[dict], dropout_rngs: list, matmul_dtype) -> list[jax.Array] | None:
+  """[linear(x, p) for p in ps] for linears that read the same x (q/k/v, gate/up), as one `folded_matmul`; None
+  where not every one `folds`, their QTensors are not alike (QTensor.concat_columns), or none is narrower than
+  cpu_gemm.NARROW (q/k/v share a product, gate/up do not)."""
+  adapters = [p.get("adapter") for p in ps]
+  if not all(isinstance(a, Adapter) and folds(x, p["kernel"], a, rng, matmul_dtype)
+             for p, a, rng in zip(ps, adapters, dropout_rngs)):
+    return None
+  if min(p["kernel"].shape[1] for p in ps) >= cpu_gemm.NARROW:
+    return None
+  kernels = [p["kernel"] for p in ps]
+  if jax.eval_shape(QTensor.concat_columns, kernels) is None:
+    return None
+  ys = folded_matmul(x, tuple(kernels), tuple(adapters))
+  return [y if p.get("bias") is None else y + p["bias"].astype(x.dtype) for p, y in zip(ps, ys)]
 
 
 def linear(x: jax.Array, p: dict, *, dropout_rng: jax.Array | None = None, matmul_dtype: str | None = None
@@ -131,7 +168,7 @@ def linear(x: jax.Array, p: dict, *, dropout_rng: jax.Array | None = None, matmu
   `base_matmul`, the adapter branch in x.dtype (or folded into the product, see `folds`)."""
   adapter = p.get("adapter")
   if isinstance(adapter, Adapter) and folds(x, p["kernel"], adapter, dropout_rng, matmul_dtype):
-    y = folded_matmul(x, p["kernel"], delta_weight(adapter))
+    (y,) = folded_matmul(x, (p["kernel"],), (adapter,))
     adapter = None
   else:
     y = base_matmul(x, p["kernel"], matmul_dtype)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qalora_jax.nn.adapters import Adapter, AdapterMeta, init_adapter
-from qalora_jax.nn.linear import linear
+from qalora_jax.nn.linear import linear, shared_folded
 from qalora_jax.quant import QTensor
 
 
@@ -234,10 +234,20 @@ class Linear(nnx.Module):
 def shared_input(x: jax.Array, layers: list[Linear], rngs: list) -> list[jax.Array]:
   """[layer(x) for layer in layers]: Linears that read the same x (q/k/v, gate/up). With matmul_dtype "int8" and
   INT4/INT8 bases the kernel takes together and no adapters, one CPU kernel call multiplies them all
-  (kernels.cpu_matmul.matmul_shared): x is quantized once, and the call's columns are shared between threads."""
+  (kernels.cpu_matmul.matmul_shared): x is quantized once, and the call's columns are shared between threads.
+  QA-LoRA adapters that fold into alike INT4 bases (float32 operands) run as one folded product
+  (nn.linear.shared_folded)."""
   from qalora_jax.kernels import cpu_matmul
 
   kernels = [layer.kernel.get_value() for layer in layers]
+  # QA-LoRA folded into the offsets (nn.linear.shared_folded); adapters without dropout draw no keys
+  if all(layer.adapter is not None and layer.adapter.meta.dropout == 0 and layer.layout is None
+         and layer.capture is None and layer.matmul_dtype == layers[0].matmul_dtype for layer in layers):
+    ps = [{"kernel": k, "bias": None if layer.bias is None else layer.bias.get_value(),
+           "adapter": layer.adapter.as_pytree()} for layer, k in zip(layers, kernels)]
+    outs = shared_folded(x, ps, [None] * len(layers), layers[0].matmul_dtype)
+    if outs is not None:
+      return outs
   fusable = all(layer.matmul_dtype == "int8" and layer.adapter is None and layer.layout is None
                 and layer.capture is None and cpu_matmul.supports(k) for layer, k in zip(layers, kernels))
   if not fusable or not cpu_matmul.compatible(kernels):

@@ -102,6 +102,19 @@ class QTensor:
     return self._with_columns(
         {k: jax.lax.dynamic_slice_in_dim(a, start, size, a.ndim - 1) for k, a in self.arrays.items()}, size)
 
+  @staticmethod
+  def concat_columns(tensors: list["QTensor"]) -> "QTensor | None":
+    """The weights [in, out_1], ..., [in, out_n] side by side as one QTensor [in, out_1 + ... + out_n], or None
+    where they are not alike (format, bits, group size, options, arrays and dtypes) or not `column_wise`."""
+    first = tensors[0]
+    alike = all(dataclasses.replace(t.meta, shape=first.shape) == first.meta and t.shape[0] == first.shape[0]
+                and {k: (a.dtype, a.shape[:-1]) for k, a in t.arrays.items()}
+                == {k: (a.dtype, a.shape[:-1]) for k, a in first.arrays.items()} and t.column_wise() for t in tensors)
+    if not alike:
+      return None
+    arrays = {k: jnp.concatenate([t.arrays[k] for t in tensors], axis=-1) for k in first.arrays}
+    return first._with_columns(arrays, sum(t.shape[1] for t in tensors))
+
   def _with_columns(self, arrays: dict, n: int) -> "QTensor":
     return QTensor(arrays, dataclasses.replace(self.meta, shape=(self.shape[0], n)))
 
