@@ -199,8 +199,12 @@ void gemm(Pool& pool, const float* a, int64_t M, int64_t K, int64_t N, float* c,
   for (int64_t mb = 0; mb < M; mb += MB) {
     const int64_t rows = std::min(MB, M - mb), panels = (rows + MR - 1) / MR;
     float* pa = scratch(1, panels * MR * K);
-    qalora::tasks(pool, (panels + 3) / 4, [&](int64_t t) {
-      pack_rows(a, K, mb + 4 * t * MR, std::min(mb + rows, mb + 4 * (t + 1) * MR), 0, K, pa + 4 * t * MR * K);
+    qalora::tasks(pool, (panels + 3) / 4, [&](int64_t t) {  // [K block][panel][kc][14]: a block's panels in turn
+      const int64_t m0 = mb + 4 * t * MR, m1 = std::min(mb + rows, m0 + 4 * MR);
+      for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
+        const int64_t kc = std::min(kc_max, K - k0);
+        pack_rows(a, K, m0, m1, k0, kc, pa + k0 * panels * MR + 4 * t * MR * kc);
+      }
     });
     qalora::tasks(pool, n_tasks, [&](int64_t t) {
       const int64_t n0 = t * width, n1 = std::min(N, n0 + width);
@@ -210,7 +214,7 @@ void gemm(Pool& pool, const float* a, int64_t M, int64_t K, int64_t N, float* c,
         for (int64_t n = n0; n < n1; n += NR) pack(k0, kc, n, pb + (n - n0) * kc);
         for (int64_t n = n0; n < n1; n += NR)  // a B panel stays in L1 while every A panel goes by
           for (int64_t p = 0; p < panels; ++p)
-            tile_at(pa + p * MR * K + k0 * MR, pb + (n - n0) * kc, kc, c + (mb + p * MR) * N + n, N,
+            tile_at(pa + k0 * panels * MR + p * MR * kc, pb + (n - n0) * kc, kc, c + (mb + p * MR) * N + n, N,
                     std::min(MR, rows - p * MR), std::min(NR, n1 - n), k0 > 0);
       }
     });
