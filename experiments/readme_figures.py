@@ -35,6 +35,7 @@ GPTQ = "experiments/quantize_report/gptq_vs_rtn.jsonl"  # experiments/gptq_repor
 NF_MERGE = "experiments/quantize_report/nf_offset_merge.jsonl"  # experiments/nf_offset_merge.py lines
 GPU_CHECK = "experiments/gpu/results/2026-11-30-h200/check.jsonl"  # every stage of experiments/gpu/run.sh
 GPU_DECODING = "experiments/gpu/results/2026-11-30-h200-decoding-blocks/check.jsonl"  # with the tuned blocks
+FOLD_AB = "experiments/perf/fold_ab.jsonl"  # experiments/ab_bench.py --old e4133dc --only "train qalora fp32"
 NF4 = {"block_size": 64, "double_quant": False}
 NF4_DQ = {"block_size": 64, "double_quant": True}
 
@@ -63,6 +64,13 @@ def median_ratio(lines: list[dict], num: str, den: str, field: str = "tokens_per
   ratio = perf_vs_peers.Target("", num, den, field, ">= 0")
   ratios = perf_vs_peers.within_round_ratios([x for x in lines if "error" not in x], ratio)
   return f"{statistics.median(ratios):.2f}"
+
+
+def ab_ratio(lines: list[dict]) -> tuple[str, ...]:
+  """An A/B's median new / old tokens/s over its rounds (ratios within a round), and the number of rounds."""
+  by_round = {(x["round"], x["side"]): x["tokens_per_s"] for x in lines}
+  rounds = sorted({x["round"] for x in lines})
+  return f"{statistics.median(by_round[r, 'new'] / by_round[r, 'old'] for r in rounds):.2f}", str(len(rounds))
 
 
 def largest_spread(lines: list[dict]) -> str:
@@ -201,6 +209,8 @@ FIGURES = [
            lambda lines: (median_ratio(lines, "ours qalora remat-keep 1x2048", "ours qalora remat 1x2048"),
                           median_ratio(lines, "ours qalora remat-keep 1x2048", "ours qalora remat 1x2048",
                                        "maxrss_mb"))),
+    Figure("README.md", "gone: with q/k/v below, {}x the float32 step's\n  tokens/s of the code before them (median of "
+           "{} alternating rounds", FOLD_AB, ab_ratio),
     Figure("README.md", "the same bench varies by up to {}% between rounds", PERF,
            lambda lines: (largest_spread(lines),)),
     Figure("README.md", "On SmolLM2 `pow2-int` costs {} / {} bits a weight at 4-bit g32 / g128 (an 8-bit exponent "
