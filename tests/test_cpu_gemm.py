@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from qalora_jax import quant
+from qalora_jax.quant import QTensor
 from qalora_jax.kernels import cpu_gemm
 from qalora_jax.models import layers, metrics
 from qalora_jax.nn.adapters import Adapter, init_adapter
@@ -177,6 +178,10 @@ def test_linears_reading_one_input_share_a_product_where_one_is_narrow():
     adapter = Adapter(adapter.a, jnp.asarray(rng.normal(size=adapter.b.shape) * 0.1, jnp.float32), adapter.meta)
     ps.append({"kernel": qt, "adapter": adapter})
   assert linear_module.shared_folded(x, ps[:1] * 2, [None] * 2, "float32") is None  # none narrow
+  other_groups = _quantized(64, narrow, group_size=64)
+  assert not QTensor.columns_alike([ps[1]["kernel"], other_groups])
+  with pytest.raises(ValueError, match="concat_columns needs column-wise QTensors alike"):
+    QTensor.concat_columns([ps[1]["kernel"], other_groups])
   assert linear_module.shared_folded(x, ps, [None] * 3, "bfloat16") is None  # does not fold
 
   def loss(x, adapters, shared):

@@ -31,7 +31,8 @@ MIN_ROWS = 64  # fewer rows (decoding) leave the tile mostly empty: XLA's matrix
 # Outputs narrower than this run well below the GEMM's rate (SmolLM2's k and v, 192 columns: 0.55x gate's and
 # up's in experiments/perf/matmul_shapes.md): side by side with the products that read the same x, they reach it
 # (nn.linear.shared_folded). Wider ones are at the rate already, and the copies of a side-by-side product's
-# outputs and gradients cost more than packing x once saves (gate and up: 0.97x the step, alternating runs).
+# outputs and gradients cost more than packing x once saves (gate and up side by side too: 0.93-0.99x the
+# float32 step's tokens/s with q/k/v alone side by side, 4 alternating runs).
 NARROW = 512
 
 

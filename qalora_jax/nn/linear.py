@@ -104,8 +104,8 @@ def folded_matmul(x: jax.Array, kernels: tuple[QTensor, ...], adapters: tuple[Ad
     x W~ + s (pool(x) A) B = x (W~ + P delta),   delta = s A B [groups, out],   P_il = [i in group l]
 
   (the merge of nn/merge.py, made in every call), so the product with the offsets plus delta is the only
-  product with x (cpu_gemm.matmul's `offset_delta`). Linears that read the same x (q/k/v, gate/up) go side by
-  side (QTensor.concat_columns), one product for all. Gradients, dy = [dy_1 ... dy_n]:
+  product with x (cpu_gemm.matmul's `offset_delta`). Several linears that read the same x go side by side
+  (QTensor.concat_columns), one product for all (`shared_folded`). Gradients, dy = [dy_1 ... dy_n]:
 
     dx = dy (W~ + P delta)^T,   d delta = pool(x)^T dy,   dA = s d delta B^T,   dB = s A^T d delta
 
@@ -147,8 +147,8 @@ folded_matmul.defvjp(_folded_fwd, _folded_bwd)
 
 def shared_folded(x: jax.Array, ps: list[dict], dropout_rngs: list, matmul_dtype) -> list[jax.Array] | None:
   """[linear(x, p) for p in ps] for linears that read the same x (q/k/v, gate/up), as one `folded_matmul`; None
-  where not every one `folds`, their QTensors are not alike (QTensor.concat_columns), or none is narrower than
-  cpu_gemm.NARROW (q/k/v share a product, gate/up do not)."""
+  where not every one `folds`, their QTensors are not alike (QTensor.columns_alike), or none is narrower than
+  cpu_gemm.NARROW (SmolLM2's q/k/v share a product, its gate/up do not)."""
   adapters = [p.get("adapter") for p in ps]
   if not all(isinstance(a, Adapter) and folds(x, p["kernel"], a, rng, matmul_dtype)
              for p, a, rng in zip(ps, adapters, dropout_rngs)):
@@ -156,7 +156,7 @@ def shared_folded(x: jax.Array, ps: list[dict], dropout_rngs: list, matmul_dtype
   if min(p["kernel"].shape[1] for p in ps) >= cpu_gemm.NARROW:
     return None
   kernels = [p["kernel"] for p in ps]
-  if jax.eval_shape(QTensor.concat_columns, kernels) is None:
+  if not QTensor.columns_alike(kernels):
     return None
   ys = folded_matmul(x, tuple(kernels), tuple(adapters))
   return [y if p.get("bias") is None else y + p["bias"].astype(x.dtype) for p, y in zip(ps, ys)]

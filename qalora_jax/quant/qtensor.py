@@ -103,17 +103,26 @@ class QTensor:
         {k: jax.lax.dynamic_slice_in_dim(a, start, size, a.ndim - 1) for k, a in self.arrays.items()}, size)
 
   @staticmethod
-  def concat_columns(tensors: list["QTensor"]) -> "QTensor | None":
-    """The weights [in, out_1], ..., [in, out_n] side by side as one QTensor [in, out_1 + ... + out_n], or None
-    where they are not alike (format, bits, group size, options, arrays and dtypes) or not `column_wise`."""
+  def columns_alike(tensors: list["QTensor"]) -> bool:
+    """Whether `concat_columns` takes these: `column_wise` weights with one `in`, format, bits, group size and
+    options, and the same arrays in the same dtypes."""
     first = tensors[0]
-    alike = all(dataclasses.replace(t.meta, shape=first.shape) == first.meta and t.shape[0] == first.shape[0]
-                and {k: (a.dtype, a.shape[:-1]) for k, a in t.arrays.items()}
-                == {k: (a.dtype, a.shape[:-1]) for k, a in first.arrays.items()} and t.column_wise() for t in tensors)
-    if not alike:
-      return None
-    arrays = {k: jnp.concatenate([t.arrays[k] for t in tensors], axis=-1) for k in first.arrays}
-    return first._with_columns(arrays, sum(t.shape[1] for t in tensors))
+
+    def layout(t):
+      return {k: (a.dtype, a.shape[:-1]) for k, a in t.arrays.items()}
+
+    return all(dataclasses.replace(t.meta, shape=first.shape) == first.meta and t.shape[0] == first.shape[0]
+               and layout(t) == layout(first) and t.column_wise() for t in tensors)
+
+  @staticmethod
+  def concat_columns(tensors: list["QTensor"]) -> "QTensor":
+    """The weights [in, out_1], ..., [in, out_n] side by side as one QTensor [in, out_1 + ... + out_n]; they must
+    be `columns_alike`."""
+    if not QTensor.columns_alike(tensors):
+      raise ValueError("concat_columns needs column-wise QTensors alike but for their output sizes; got "
+                       + ", ".join(map(repr, tensors)))
+    arrays = {k: jnp.concatenate([t.arrays[k] for t in tensors], axis=-1) for k in tensors[0].arrays}
+    return tensors[0]._with_columns(arrays, sum(t.shape[1] for t in tensors))
 
   def _with_columns(self, arrays: dict, n: int) -> "QTensor":
     return QTensor(arrays, dataclasses.replace(self.meta, shape=(self.shape[0], n)))
