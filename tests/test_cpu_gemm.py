@@ -163,6 +163,8 @@ def test_qalora_folds_only_where_it_is_exact():
   assert not linear_module.folds(x, qt, coarser, None, "float32")  # pooling other groups than the quantizer's
   lora = init_adapter(jax.random.PRNGKey(0), "lora", 192, 96, 8, alpha=16)
   assert not linear_module.folds(x, qt, lora, None, "float32")
+  nf4 = quant.get("nf4", block_size=32).quantize(np.asarray(qt.dequantize(jnp.float32)))  # no per-group offsets
+  assert not linear_module.folds(x, nf4, adapter, None, "float32")
 
 
 def test_linears_reading_one_input_share_a_product_where_one_is_narrow():

@@ -93,8 +93,8 @@ def folds(x: jax.Array, kernel, adapter: Adapter, dropout_rng, matmul_dtype) -> 
   meta = adapter.meta
   return (meta.kind == "qalora" and (dropout_rng is None or meta.dropout == 0) and isinstance(kernel, QTensor)
           and x.dtype == jnp.float32 and adapter.a.ndim == 2 and meta.group_size == kernel.group_size
-          and adapter.a.shape[0] == kernel["scale"].shape[0]
-          and cpu_gemm.supports(kernel, math.prod(x.shape[:-1]), operand_dtype(matmul_dtype, x.dtype)))
+          and cpu_gemm.supports(kernel, math.prod(x.shape[:-1]), operand_dtype(matmul_dtype, x.dtype))
+          and adapter.a.shape[0] == kernel["scale"].shape[0])
 
 
 @jax.custom_vjp
