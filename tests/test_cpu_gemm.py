@@ -1,5 +1,5 @@
 """The CPU float32 GEMM with INT4 and INT8 weights (kernels/cpu_gemm.py): y = x W~ and dx = dy W~^T against
-float64."""
+float64, and QA-LoRA folded into its offsets (nn.linear.folded_matmul, shared_folded)."""
 
 import dataclasses
 import importlib
@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from qalora_jax import quant
-from qalora_jax.quant import QTensor
 from qalora_jax.kernels import cpu_gemm
 from qalora_jax.models import layers, metrics
 from qalora_jax.nn.adapters import Adapter, init_adapter
 from qalora_jax.nn.linear import base_matmul
+from qalora_jax.quant import QTensor
 
 linear_module = importlib.import_module("qalora_jax.nn.linear")  # the package exports the function `linear`
 
