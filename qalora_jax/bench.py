@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qalora_jax import hardware, models, nn, quant
+from qalora_jax.kernels import cpu_gemm
 
 TRAIN_METHODS = ("lora", "qlora", "qalora")
 DECODE_METHODS = ("fp32", "qlora", "qalora-merged")
@@ -138,7 +139,7 @@ def bench_train(method: str = "qalora", batch: int = 4, seq: int = 128, model: s
           **({"bits": bits, "group_size": group_size} if method == "qalora" else {}),
           "tokens_per_s": batch * seq / step_s, "step_s": step_s, "compile_s": compile_s,
           "peak_rss_mb": peak_rss_mb(), "step_gflop": flops / 1e9, "matmul_peak_gflop_s": peak / 1e9,
-          "mfu": flops / step_s / peak, **machine()}
+          "mfu": flops / step_s / peak, "gemm": cpu_gemm.engine(matmul_dtype) if method == "qalora" and bits in (4, 8) else "xla", **machine()}
 
 
 def decode_params(method: str, lm: models.LanguageModel, embedding: str = "float") -> dict:

@@ -31,7 +31,17 @@ def _error(got, want):
   return float(np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max())
 
 
-# rows: tiles of 14 and a partial one; out: panels of 32 and partial ones (forward); K in blocks of at most 256
+def _engine(monkeypatch, tiles):
+  """The AVX512 kernel, or AMX's tiles (skipped where this CPU has none)."""
+  monkeypatch.setenv("QALORA_AMX", "1" if tiles else "0")
+  if tiles and not cpu_gemm.tiles():
+    pytest.skip("no AMX tiles here")
+  assert cpu_gemm.engine(jnp.float32) == ("amx" if tiles else "avx512")
+
+
+# rows: tiles of 14 and a partial one, blocks of 32 (AMX); out: panels of 32 and partial ones (forward); K in blocks
+# of at most 256 (AVX512) or 2048 (AMX)
+@pytest.mark.parametrize("tiles", [False, True], ids=["avx512", "amx"])
 @pytest.mark.parametrize("rows, n_in, n_out, options", [
     (100, 64, 40, {"group_size": 16}),
     (512, 576, 192, {}),
@@ -41,16 +51,19 @@ def _error(got, want):
     (130, 576, 200, {"bits": 8}),
     (1100, 64, 96, {}),  # rows in blocks of 518, each packed in turn
     (70, 64, 64, {"bits": 8, "symmetric": True, "group_size": 64}),
+    (96, 2560, 64, {}),  # K in two blocks on AMX
+    (70, 64, 2100, {}),  # K of the input gradient in two blocks, the second partial
 ])
-def test_products_match_float64(rows, n_in, n_out, options):
+def test_products_match_float64(rows, n_in, n_out, options, tiles, monkeypatch):
+  _engine(monkeypatch, tiles)
   qt = _quantized(n_in, n_out, **options)
   assert cpu_gemm.supports(qt, rows, jnp.float32)
   w = np.asarray(qt.dequantize(jnp.float32), np.float64)
   rng = np.random.default_rng(1)
   x = rng.normal(size=(rows, n_in)).astype(np.float32)
   dy = rng.normal(size=(rows, n_out)).astype(np.float32)
-  y = jax.jit(cpu_gemm.matmul)(x, qt)
-  dx = jax.jit(cpu_gemm.matmul, static_argnums=2)(dy, qt, True)
+  y = jax.jit(lambda x: cpu_gemm.matmul(x, qt))(x)  # a new function: traced with the engine set above
+  dx = jax.jit(lambda dy: cpu_gemm.matmul(dy, qt, True))(dy)
   # float32 products summed in float32: within a few units of float32 rounding over the sum's length, as XLA's own
   xla_y, xla_dx = x @ qt.dequantize(jnp.float32), dy @ qt.dequantize(jnp.float32).T
   for got, xla, want, k in [(y, xla_y, x @ w, n_in), (dx, xla_dx, dy @ w.T, n_out)]:

@@ -25,6 +25,12 @@
 #include "cpu_threads.h"
 #include "xla/ffi/api/ffi.h"
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define QALORA_AMX 1
+#endif
+
 namespace ffi = xla::ffi;
 
 namespace {
@@ -221,9 +227,207 @@ void gemm(Pool& pool, const float* a, int64_t M, int64_t K, int64_t N, float* c,
   }
 }
 
+
+#ifdef QALORA_AMX
+// The same products on AMX's bfloat16 tiles, at float32 precision. A float32 value splits exactly into three
+// bfloat16 ones, a = a0 + a1 + a2 (each the nearest bfloat16 to what is left: |a1| <= 2^-9 |a|, |a2| <= 2^-18 |a|),
+// and a b = sum of the six products a_i b_j with i + j <= 2 up to |a1 b2 + a2 b1 + a2 b2| <= 2^-26 |a b|, below
+// float32's rounding of one product (2^-24). A tile product multiplies bfloat16 pairs exactly and sums in float32,
+// so C = A0 B0 + A0 B1 + A1 B0 + A0 B2 + A2 B0 + A1 B1 is a float32 GEMM's result, up to the order of its sums,
+// at six tile products a step where AVX512 does one FMA a float32 value. A is packed a 16 x 32 tile at a time
+// [K block][16 rows][32-step][part][16][32], B as pairs of inputs [32 columns][16-column half][32-step][part]
+// [16 pairs][16][2] (AMX's layout for B), from the float32 panels the packing functions above write; C is
+// computed 32 x 32 at a time in four accumulator tiles.
+constexpr int64_t MBA = 256;   // rows whose packed A the column tasks share (the whole K of them: in L2)
+constexpr int64_t KCA = 2048;  // the longest K block: C stays in its tiles a whole block (storing it stalls them)
+
+// Whether this process may use the tiles (Linux grants them on request, once for the process).
+bool amx_granted() {
+  static const bool granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return granted;
+}
+
+// Eight tiles of 16 rows of 64 bytes. Loaded at the start of each task: another library on the thread may have
+// configured the tiles otherwise since.
+void amx_configure() {
+  struct alignas(64) {
+    uint8_t palette = 1, start = 0, reserved[14] = {};
+    uint16_t bytes[16] = {64, 64, 64, 64, 64, 64, 64, 64};
+    uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
+  } config;
+  _tile_loadconfig(&config);
+}
+
+// x as float32 rounded to the nearest bfloat16 (ties to even).
+inline __m512 bf16_round(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
+// x = part[0] + part[1] + part[2], each a bfloat16 value held as float32.
+inline void split3(__m512 x, __m512 part[3]) {
+  part[0] = bf16_round(x);
+  const __m512 rest = _mm512_sub_ps(x, part[0]);
+  part[1] = bf16_round(rest);
+  part[2] = _mm512_sub_ps(rest, part[1]);  // at most 8 significant bits: a bfloat16 already
+}
+
+// The 32 bfloat16 words of two vectors of bfloat16-valued floats: `index` picks their high halves.
+inline __m512i bf16_words(__m512 a, __m512 b, __m512i index) {
+  return _mm512_permutex2var_epi16(_mm512_castps_si512(a), index, _mm512_castps_si512(b));
+}
+
+// Rows [m0, m_end) of a [.., lda] and its columns [k0, k0 + kc) as tiles [16 rows][kc / 32][part][16][32]; rows
+// from m1 on and columns from k1 on are zeros (kc and m_end - m0 multiples of 32 and 16).
+void pack_rows_amx(const float* a, int64_t lda, int64_t m0, int64_t m_end, int64_t m1, int64_t k0, int64_t kc,
+                   int64_t k1, uint16_t* dst) {
+  alignas(64) static const uint16_t order[32] = {1,  3,  5,  7,  9,  11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31,
+                                                 33, 35, 37, 39, 41, 43, 45, 47, 49, 51, 53, 55, 57, 59, 61, 63};
+  const __m512i index = _mm512_load_si512(order);
+  const int64_t steps = kc / 32;
+  for (int64_t r = m0; r < m_end; r += 16, dst += 16 * kc * 3) {
+    for (int64_t i = 0; i < 16; ++i) {
+      const float* row = a + (r + i) * lda;
+      for (int64_t s = 0; s < steps; ++s) {
+        const int64_t k = k0 + 32 * s, left = r + i < m1 ? std::max<int64_t>(0, k1 - k) : 0;
+        const __mmask16 m_lo = left >= 16 ? 0xFFFF : (1u << left) - 1;
+        const __mmask16 m_hi = left >= 32 ? 0xFFFF : left > 16 ? (1u << (left - 16)) - 1 : 0;
+        __m512 lo[3], hi[3];
+        split3(_mm512_maskz_loadu_ps(m_lo, row + k), lo);
+        split3(_mm512_maskz_loadu_ps(m_hi, row + k + 16), hi);
+        for (int p = 0; p < 3; ++p)
+          _mm512_store_si512(dst + ((s * 3 + p) * 16 + i) * 32, bf16_words(lo[p], hi[p], index));
+      }
+    }
+  }
+}
+
+// Step s of `steps` of a B panel from 32 rows of float32 panel [32][32]: tiles [16-column half][step][part][16 pairs]
+// [16][2] at dst.
+void step_to_amx(const float* panel, int64_t s, int64_t steps, uint16_t* dst) {
+  alignas(64) static const uint16_t order[32] = {1,  33, 3,  35, 5,  37, 7,  39, 9,  41, 11, 43, 13, 45, 15, 47,
+                                                 17, 49, 19, 51, 21, 53, 23, 55, 25, 57, 27, 59, 29, 61, 31, 63};
+  const __m512i index = _mm512_load_si512(order);  // pairs: column j of row k, then of row k + 1
+  for (int64_t h = 0; h < 2; ++h)
+    for (int64_t k = 0; k < 32; k += 2) {
+      __m512 even[3], odd[3];
+      split3(_mm512_load_ps(panel + k * NR + 16 * h), even);
+      split3(_mm512_load_ps(panel + (k + 1) * NR + 16 * h), odd);
+      uint16_t* out = dst + ((h * steps + s) * 3 * 16 + k / 2) * 32;
+      for (int p = 0; p < 3; ++p) _mm512_store_si512(out + p * 16 * 32, bf16_words(even[p], odd[p], index));
+    }
+}
+
+// c[32 x 32] (+)= the six part products of A's tiles (two 16-row blocks, `a_step` words apart) and B's (two
+// 16-column halves, `b_half` words apart), over kc / 32 steps; c's rows ldc floats apart.
+void block_amx(const uint16_t* a, int64_t a_step, const uint16_t* b, int64_t b_half, int64_t steps, float* c,
+               int64_t ldc, bool accumulate) {
+  const int64_t stride = ldc * sizeof(float);
+  if (accumulate) {
+    _tile_loadd(0, c, stride);
+    _tile_loadd(1, c + 16, stride);
+    _tile_loadd(2, c + 16 * ldc, stride);
+    _tile_loadd(3, c + 16 * ldc + 16, stride);
+  } else {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  constexpr int64_t tile = 16 * 32;  // words
+  for (int64_t s = 0; s < steps; ++s, a += 3 * tile, b += 3 * tile) {
+    // (i, j) pairs: (0, 0) (0, 1) (0, 2) (1, 0) (1, 1) (2, 0), the A part loaded once for its B parts
+    for (int i = 0, q = 0; i < 3; ++i) {
+      _tile_loadd(4, a + i * tile, 64);
+      _tile_loadd(5, a + a_step + i * tile, 64);
+      for (int j = 0; j + i < 3; ++j, ++q) {  // A's next six tiles come from L2: into L1 while these run
+        const uint16_t* next = a + (q < 3 ? (3 + q) * tile : a_step + q * tile);
+        for (int line = 0; line < 16; ++line) _mm_prefetch(reinterpret_cast<const char*>(next + 32 * line), _MM_HINT_T0);
+        _tile_loadd(6, b + j * tile, 64);
+        _tile_loadd(7, b + b_half + j * tile, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+    }
+  }
+  _tile_stored(0, c, stride);
+  _tile_stored(1, c + 16, stride);
+  _tile_stored(2, c + 16 * ldc, stride);
+  _tile_stored(3, c + 16 * ldc + 16, stride);
+}
+
+// `gemm` on the tiles: rows MB at a time (their A packed as tasks), then the column tasks, each packing a 32-column
+// panel of B a block of K at a time (a block is the whole K up to KCA) and running every 32-row block of A past it.
+template <typename Pool, typename Pack>
+void gemm_amx(Pool& pool, const float* a, int64_t M, int64_t K, int64_t N, float* c, const Pack& pack) {
+  const int64_t blocks = (K + KCA - 1) / KCA, kc_max = ((K + blocks - 1) / blocks + 31) / 32 * 32;
+  const int64_t steps = kc_max / 32, tile_words = 16 * kc_max * 3;  // a 16-row (16-column) block of A (B)
+  const int64_t width = std::max(NR, ((N + 7) / 8 + NR - 1) / NR * NR);
+  const int64_t n_tasks = (N + width - 1) / width;
+  constexpr int64_t RB = 32;  // rows of a C block
+  for (int64_t mb = 0; mb < M; mb += MBA) {
+    const int64_t rows = std::min(MBA, M - mb), blocks_m = (rows + RB - 1) / RB, padded = blocks_m * RB;
+    uint16_t* pa = reinterpret_cast<uint16_t*>(scratch(1, padded * blocks * kc_max * 3 / 2));
+    qalora::tasks(pool, (blocks_m + 1) / 2, [&](int64_t t) {  // [K block][16 rows][step][part][16][32]
+      const int64_t m0 = mb + 2 * t * RB, m_end = std::min(m0 + 2 * RB, mb + padded);
+      for (int64_t kb = 0; kb < blocks; ++kb)
+        pack_rows_amx(a, K, m0, m_end, mb + rows, kb * kc_max, kc_max, K,
+                      pa + (kb * padded + m0 - mb) * kc_max * 3);
+    });
+    qalora::tasks(pool, n_tasks, [&](int64_t t) {
+      const int64_t n0 = t * width, n1 = std::min(N, n0 + width);
+      float* panel = scratch(0, 32 * NR + 2 * tile_words / 2);
+      uint16_t* pb = reinterpret_cast<uint16_t*>(panel + 32 * NR);
+      amx_configure();
+      for (int64_t n = n0; n < n1; n += NR) {
+        const int64_t cols = std::min(NR, n1 - n);
+        for (int64_t kb = 0; kb < blocks; ++kb) {
+          for (int64_t s = 0; s < steps; ++s) {
+            const int64_t k0 = kb * kc_max + 32 * s, kc = std::clamp<int64_t>(K - k0, 0, 32);
+            if (kc > 0) pack(k0, kc, n, panel);
+            std::memset(panel + kc * NR, 0, (32 - kc) * NR * sizeof(float));
+            step_to_amx(panel, s, steps, pb);
+          }
+          for (int64_t p = 0; p < blocks_m; ++p) {
+            const uint16_t* ap = pa + (kb * padded + p * RB) * kc_max * 3;
+            const int64_t r = std::min(RB, rows - p * RB);
+            float* cp = c + (mb + p * RB) * N + n;
+            if (r == RB && cols == NR) {
+              block_amx(ap, tile_words, pb, tile_words, steps, cp, N, kb > 0);
+            } else {
+              alignas(64) float tmp[RB * NR] = {};
+              for (int64_t i = 0; i < r && kb > 0; ++i) std::memcpy(tmp + i * NR, cp + i * N, cols * sizeof(float));
+              block_amx(ap, tile_words, pb, tile_words, steps, tmp, NR, kb > 0);
+              for (int64_t i = 0; i < r; ++i) std::memcpy(cp + i * N, tmp + i * NR, cols * sizeof(float));
+            }
+          }
+        }
+      }
+      _tile_release();
+    });
+  }
+}
+#endif
+
 // transpose 0: y [rows, out] = x [rows, in] W~; transpose 1: y [rows, in] = x [rows, out] W~^T.
 template <int BITS, typename Pool>
-void product(Pool& pool, const float* x, int64_t rows, const Weight& w, bool transpose, float* y) {
+void product(Pool& pool, const float* x, int64_t rows, const Weight& w, bool transpose, float* y, bool tiles) {
+#ifdef QALORA_AMX
+  if (tiles && amx_granted()) {
+    if (transpose) {
+      gemm_amx(pool, x, rows, w.out, w.in, y,
+               [&](int64_t k0, int64_t kc, int64_t n, float* dst) { pack_weight_transposed<BITS>(w, k0, kc, n, dst); });
+    } else {
+      gemm_amx(pool, x, rows, w.in, w.out, y,
+               [&](int64_t k0, int64_t kc, int64_t n, float* dst) { pack_weight<BITS>(w, k0, kc, n, dst); });
+    }
+    return;
+  }
+#endif
   if (transpose) {
     gemm(pool, x, rows, w.out, w.in, y,
          [&](int64_t k0, int64_t kc, int64_t n, float* dst) { pack_weight_transposed<BITS>(w, k0, kc, n, dst); });
@@ -235,7 +439,7 @@ void product(Pool& pool, const float* x, int64_t rows, const Weight& w, bool tra
 
 ffi::Error IntGemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U32> codes,
                    ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> offset, ffi::ResultBuffer<ffi::F32> y,
-                   int64_t group, int64_t bits, int64_t transpose) {
+                   int64_t group, int64_t bits, int64_t transpose, int64_t tiles) {
   const auto xd = x.dimensions(), cd = codes.dimensions(), sd = scale.dimensions();
   if (xd.size() != 2 || cd.size() != 2 || sd.size() != 2) return ffi::Error::InvalidArgument("needs 2-D arrays");
   if (bits != 4 && bits != 8) return ffi::Error::InvalidArgument("bits must be 4 or 8");
@@ -244,7 +448,7 @@ ffi::Error IntGemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
     return ffi::Error::InvalidArgument("needs in % 32 == 0, group % 16 == 0, scale [groups, out]");
   if (xd[1] != (transpose ? w.out : w.in)) return ffi::Error::InvalidArgument("x must be [rows, in] ([rows, out])");
   (bits == 4 ? product<4, ffi::ThreadPool> : product<8, ffi::ThreadPool>)(pool, x.typed_data(), xd[0], w, transpose,
-                                                                           y->typed_data());
+                                                                           y->typed_data(), tiles != 0);
   return ffi::Error::Success();
 }
 
@@ -260,4 +464,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(qalora_cpu_gemm, IntGemm,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("group")
                                   .Attr<int64_t>("bits")
-                                  .Attr<int64_t>("transpose"));
+                                  .Attr<int64_t>("transpose")
+                                  .Attr<int64_t>("tiles"));
+
+// 1 where the products can run on AMX's tiles here (compiled for a CPU with AMX-BF16, granted by the kernel).
+extern "C" int qalora_cpu_gemm_tiles() {
+#ifdef QALORA_AMX
+  return amx_granted() ? 1 : 0;
+#else
+  return 0;
+#endif
+}
