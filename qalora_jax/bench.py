@@ -134,12 +134,13 @@ def bench_train(method: str = "qalora", batch: int = 4, seq: int = 128, model: s
 
   step_s = median_seconds(one, repeats, warmup)
   peak = matmul_peak_flops(dtype=matmul_dtype)
+  gemm = cpu_gemm.engine(matmul_dtype) if method == "qalora" and bits in (4, 8) else "xla"
   return {"bench": "train", "method": method, "batch": batch, "seq": seq, "dtype": dtype,
           "matmul_dtype": matmul_dtype, "remat": remat, "remat_keep": remat_keep,
           **({"bits": bits, "group_size": group_size} if method == "qalora" else {}),
           "tokens_per_s": batch * seq / step_s, "step_s": step_s, "compile_s": compile_s,
           "peak_rss_mb": peak_rss_mb(), "step_gflop": flops / 1e9, "matmul_peak_gflop_s": peak / 1e9,
-          "mfu": flops / step_s / peak, "gemm": cpu_gemm.engine(matmul_dtype) if method == "qalora" and bits in (4, 8) else "xla", **machine()}
+          "mfu": flops / step_s / peak, "gemm": gemm, **machine()}
 
 
 def decode_params(method: str, lm: models.LanguageModel, embedding: str = "float") -> dict:
