@@ -190,14 +190,14 @@ def test_the_cpu_sequence_attention_with_bfloat16_operands_rounds_them_and_keeps
   changes no bit of the output or the gradients), and its output and gradients equal the dense form's on the
   rounded q, k, v within the rounding of the probabilities and ds to bfloat16 (8 significant bits: 2^-8 relative
   a term). AMX tiles take heads whose size is a multiple of 32; the others keep vdpbf16ps."""
-  from qalora_jax.kernels import cpu_attention
+  from qalora_jax.kernels import cpu_attention, cpu_library
 
   rng = np.random.default_rng(t + d)
   q, k, v = _inputs(rng, b, t, s, heads, kv_heads, d)
   if not (cpu_attention.supports_sequence(q, k, v) and cpu_attention.bf16_products()):
     pytest.skip("the CPU kernels do not build here, or the CPU has no AVX512-BF16")
   monkeypatch.setenv("QALORA_CPU_AMX", "1" if products == "amx" else "0")
-  if products == "amx" and not cpu_attention.amx_products():
+  if products == "amx" and not cpu_library.amx():
     pytest.skip("no AMX tiles here")
   attribute = 2 if products == "amx" and d % 32 == 0 else 1
   key_mask = jnp.asarray(np.arange(s)[None, :] >= np.array([[left_pad]] + [[0]] * (b - 1)))
@@ -231,11 +231,11 @@ def test_the_amx_products_equal_the_vdpbf16ps_products(b, t, s, heads, kv_heads,
   they differ only in the order of the sums, and where that order tips an entry of p or ds to the other bfloat16
   neighbour (2^-8 relative, one term of a sum). Nearly every entry agrees within 1e-4 of the largest, and none
   is further apart than a quarter of the tolerance against the dense form."""
-  from qalora_jax.kernels import cpu_attention
+  from qalora_jax.kernels import cpu_attention, cpu_library
 
   rng = np.random.default_rng(t + d)
   q, k, v = _inputs(rng, b, t, s, heads, kv_heads, d)
-  if not (cpu_attention.supports_sequence(q, k, v) and cpu_attention.amx_products()):
+  if not (cpu_attention.supports_sequence(q, k, v) and cpu_library.amx()):
     pytest.skip("no AMX tiles here")
   key_mask = jnp.asarray(np.arange(s)[None, :] >= np.array([[left_pad]] + [[0]] * (b - 1)))
   mask = attn.Mask(key_mask, index, window)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from qalora_jax import quant
-from qalora_jax.kernels import cpu_gemm
+from qalora_jax.kernels import cpu_gemm, cpu_library
 from qalora_jax.models import layers, metrics
 from qalora_jax.nn.adapters import Adapter, init_adapter
 from qalora_jax.nn.linear import base_matmul
@@ -33,8 +33,8 @@ def _error(got, want):
 
 def _engine(monkeypatch, tiles):
   """The AVX512 kernel, or AMX's tiles (skipped where this CPU has none)."""
-  monkeypatch.setenv("QALORA_AMX", "1" if tiles else "0")
-  if tiles and not cpu_gemm.tiles():
+  monkeypatch.setenv("QALORA_CPU_AMX", "1" if tiles else "0")
+  if tiles and not cpu_library.amx():
     pytest.skip("no AMX tiles here")
   assert cpu_gemm.engine(jnp.float32) == ("amx" if tiles else "avx512")
 

@@ -18,9 +18,7 @@
 #include <type_traits>
 #include <vector>
 
-#include <sys/syscall.h>
-#include <unistd.h>
-
+#include "cpu_amx.h"
 #include "cpu_threads.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -588,26 +586,8 @@ ffi::Error check(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
 #ifdef __AMX_BF16__
 constexpr int RT = 32;
 
-// Asks Linux, once, for this process's AMX tile state (XTILEDATA, feature 18); false where it refuses.
-bool amx_permitted() {
-  static const bool granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18) == 0;
-  return granted;
-}
-
-// Eight tiles of 16 rows of 64 bytes on this thread while in scope.
-struct Tiles {
-  struct Config {
-    uint8_t palette = 1, start_row = 0, reserved[14] = {};
-    uint16_t bytes_per_row[16] = {};
-    uint8_t rows[16] = {};
-  };
-  Tiles() {
-    Config c;
-    for (int i = 0; i < 8; ++i) c.bytes_per_row[i] = 64, c.rows[i] = 16;
-    _tile_loadconfig(&c);
-  }
-  ~Tiles() { _tile_release(); }
-};
+using qalora::amx_permitted;
+using qalora::Tiles;
 
 // c [m, n] float32 = (with `add`: +=) a [m, k] bfloat16 rows times b [k, n] in bfloat16 pairs along k ([k / 2, n,
 // 2]); strides lda, ldb (in pairs), ldc in elements; m, n and k multiples of 32. 32 x 32 of c at a time: tiles 0-3

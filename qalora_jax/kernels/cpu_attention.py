@@ -21,7 +21,7 @@ models.attention.Mask describes it (key_mask, the slot `index` of query 0, a win
   attention's small batched dots ([12 G, 64] x [64, keys] per head, G query heads a KV head) and the layout
   copies around them at a fraction of its matmul rate; the kernel's tiles run at most of the FMA units'.
   With `operand_dtype` bfloat16 its five products (q k^T, p v; dout v^T, ds k, ds^T q, p^T dout) round their
-  operands to bfloat16 and sum in float32: on AMX tiles where the CPU has them (`amx_products`; tdpbf16ps,
+  operands to bfloat16 and sum in float32: on AMX tiles where the CPU has them (`cpu_library.amx`; tdpbf16ps,
   tiles of 32 query rows forward, 64 backward), else with AVX512-BF16's vdpbf16ps (twice the float32 FMA
   rate); the softmax, lse, rowsum(dout * out) and all outputs stay float32. Without AVX512-BF16 the products
   stay float32.
@@ -33,7 +33,6 @@ models.attention uses them where `supports` / `supports_sequence` hold; the test
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +40,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from qalora_jax import hardware
-from qalora_jax.kernels.cpu_library import available, library
+from qalora_jax.kernels.cpu_library import amx, available
 
 
 def supports(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
@@ -70,21 +69,11 @@ def bf16_products() -> bool:
   return "avx512_bf16" in hardware.cpu()["flags"]
 
 
-def amx_products() -> bool:
-  """Whether `sequence_attention`'s bfloat16 products run on AMX tiles here: the CPU has AMX-BF16, Linux lets the
-  process use the tile state, and QALORA_CPU_AMX is not "0" (the vdpbf16ps products instead). Heads whose size is
-  not a multiple of 32 keep vdpbf16ps."""
-  if os.environ.get("QALORA_CPU_AMX") == "0" or "amx_bf16" not in hardware.cpu()["flags"]:
-    return False
-  loaded = library()
-  return loaded is not None and bool(loaded.qalora_amx_ready())
-
-
 def _bf16(operand_dtype, head_size: int) -> np.int64:
   """The kernels' `bf16` attribute: 0 float32 products, 1 vdpbf16ps, 2 AMX tiles."""
   if operand_dtype is None or jnp.dtype(operand_dtype) != jnp.bfloat16 or not bf16_products():
     return np.int64(0)
-  return np.int64(2 if head_size % 32 == 0 and amx_products() else 1)
+  return np.int64(2 if head_size % 32 == 0 and amx() else 1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))

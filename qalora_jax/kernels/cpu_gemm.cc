@@ -22,14 +22,9 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu_amx.h"
 #include "cpu_threads.h"
 #include "xla/ffi/api/ffi.h"
-
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#include <sys/syscall.h>
-#include <unistd.h>
-#define QALORA_AMX 1
-#endif
 
 namespace ffi = xla::ffi;
 
@@ -228,7 +223,7 @@ void gemm(Pool& pool, const float* a, int64_t M, int64_t K, int64_t N, float* c,
 }
 
 
-#ifdef QALORA_AMX
+#ifdef __AMX_BF16__
 // The same products on AMX's bfloat16 tiles, at float32 precision. A float32 value splits exactly into three
 // bfloat16 ones, a = a0 + a1 + a2 (each the nearest bfloat16 to what is left: |a1| <= 2^-9 |a|, |a2| <= 2^-18 |a|),
 // and a b = sum of the six products a_i b_j with i + j <= 2 up to |a1 b2 + a2 b1 + a2 b2| <= 2^-26 |a b|, below
@@ -240,23 +235,6 @@ void gemm(Pool& pool, const float* a, int64_t M, int64_t K, int64_t N, float* c,
 // computed 32 x 32 at a time in four accumulator tiles.
 constexpr int64_t MBA = 256;   // rows whose packed A the column tasks share (the whole K of them: in L2)
 constexpr int64_t KCA = 2048;  // the longest K block: C stays in its tiles a whole block (storing it stalls them)
-
-// Whether this process may use the tiles (Linux grants them on request, once for the process).
-bool amx_granted() {
-  static const bool granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
-  return granted;
-}
-
-// Eight tiles of 16 rows of 64 bytes. Loaded at the start of each task: another library on the thread may have
-// configured the tiles otherwise since.
-void amx_configure() {
-  struct alignas(64) {
-    uint8_t palette = 1, start = 0, reserved[14] = {};
-    uint16_t bytes[16] = {64, 64, 64, 64, 64, 64, 64, 64};
-    uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
-  } config;
-  _tile_loadconfig(&config);
-}
 
 // x as float32 rounded to the nearest bfloat16 (ties to even).
 inline __m512 bf16_round(__m512 x) {
@@ -382,7 +360,7 @@ void gemm_amx(Pool& pool, const float* a, int64_t M, int64_t K, int64_t N, float
       const int64_t n0 = t * width, n1 = std::min(N, n0 + width);
       float* panel = scratch(0, 32 * NR + 2 * tile_words / 2);
       uint16_t* pb = reinterpret_cast<uint16_t*>(panel + 32 * NR);
-      amx_configure();
+      const qalora::Tiles configured;
       for (int64_t n = n0; n < n1; n += NR) {
         const int64_t cols = std::min(NR, n1 - n);
         for (int64_t kb = 0; kb < blocks; ++kb) {
@@ -407,7 +385,6 @@ void gemm_amx(Pool& pool, const float* a, int64_t M, int64_t K, int64_t N, float
           }
         }
       }
-      _tile_release();
     });
   }
 }
@@ -416,8 +393,8 @@ void gemm_amx(Pool& pool, const float* a, int64_t M, int64_t K, int64_t N, float
 // transpose 0: y [rows, out] = x [rows, in] W~; transpose 1: y [rows, in] = x [rows, out] W~^T.
 template <int BITS, typename Pool>
 void product(Pool& pool, const float* x, int64_t rows, const Weight& w, bool transpose, float* y, bool tiles) {
-#ifdef QALORA_AMX
-  if (tiles && amx_granted()) {
+#ifdef __AMX_BF16__
+  if (tiles && qalora::amx_permitted()) {
     if (transpose) {
       gemm_amx(pool, x, rows, w.out, w.in, y,
                [&](int64_t k0, int64_t kc, int64_t n, float* dst) { pack_weight_transposed<BITS>(w, k0, kc, n, dst); });
@@ -466,12 +443,3 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(qalora_cpu_gemm, IntGemm,
                                   .Attr<int64_t>("bits")
                                   .Attr<int64_t>("transpose")
                                   .Attr<int64_t>("tiles"));
-
-// 1 where the products can run on AMX's tiles here (compiled for a CPU with AMX-BF16, granted by the kernel).
-extern "C" int qalora_cpu_gemm_tiles() {
-#ifdef QALORA_AMX
-  return amx_granted() ? 1 : 0;
-#else
-  return 0;
-#endif
-}

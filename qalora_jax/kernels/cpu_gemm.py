@@ -14,14 +14,14 @@ dy W~^T, and the fused head (models/layers.py's `head_nll`) for its products wit
 the matmul dtype is float32, the backend a CPU with the kernels compiled (kernels.cpu_library), and the weight
 `supports` it. QALORA_CPU_GEMM=0 in the environment keeps XLA's dequantize-then-dot.
 
-On a CPU with AMX (`tiles`), the same products run on its bfloat16 tiles at float32 precision: each float32
+On a CPU with AMX (`cpu_library.amx`), the same products run on its bfloat16 tiles at float32 precision: each float32
 operand splits exactly into three bfloat16 parts, a = a0 + a1 + a2, and
 
     a b = a0 b0 + a0 b1 + a1 b0 + a0 b2 + a2 b0 + a1 b1 + e,     |e| <= 2^-26 |a b|,
 
 below float32's rounding of the product itself (2^-24); the tiles multiply bfloat16 pairs exactly and sum in
 float32. Six tile products cost less than one AVX512 pass over the same values: the training step's products
-run at about 1.5x the AVX512 kernel's rate on the AMX machine. QALORA_AMX=0 keeps the AVX512 kernel.
+run at about 1.5x the AVX512 kernel's rate on the AMX machine. QALORA_CPU_AMX=0 keeps the AVX512 kernel.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qalora_jax.kernels.cpu_library import available, library
+from qalora_jax.kernels.cpu_library import amx, available
 from qalora_jax.quant import QTensor
 
 TARGET = "qalora_cpu_gemm"
@@ -55,18 +55,12 @@ def supports(kernel, rows: int, dtype) -> bool:
           and kernel.group_size % 16 == 0 and os.environ.get("QALORA_CPU_GEMM") != "0" and available())
 
 
-def tiles() -> bool:
-  """Whether `matmul` runs on AMX's tiles here: the kernels compiled for a CPU with AMX-BF16, the OS granting the
-  tiles to this process, and QALORA_AMX unset or not "0"."""
-  return available() and os.environ.get("QALORA_AMX") != "0" and bool(library().qalora_cpu_gemm_tiles())
-
-
 def engine(dtype) -> str:
   """What runs the float32 training products of a model quantized to INT4: "amx", "avx512" (this kernel) or "xla"
   (XLA's dequantize-then-dot), for benchmark records."""
   if jnp.dtype(dtype) != jnp.float32 or os.environ.get("QALORA_CPU_GEMM") == "0" or not available():
     return "xla"
-  return "amx" if tiles() else "avx512"
+  return "amx" if amx() else "avx512"
 
 
 def matmul(x: jax.Array, qt: QTensor, transpose: bool = False, offset_delta: jax.Array | None = None) -> jax.Array:
@@ -84,5 +78,5 @@ def matmul(x: jax.Array, qt: QTensor, transpose: bool = False, offset_delta: jax
   call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows.shape[0], n_in if transpose else n_out), jnp.float32),
                           vmap_method="sequential")
   y = call(rows, qt["codes"], scale, offset, group=np.int64(qt.group_size), bits=np.int64(qt.bits),
-           transpose=np.int64(transpose), tiles=np.int64(tiles()))
+           transpose=np.int64(transpose), tiles=np.int64(amx()))
   return y.reshape(x.shape[:-1] + y.shape[-1:]).astype(x.dtype)

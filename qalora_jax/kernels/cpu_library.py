@@ -26,7 +26,7 @@ import jaxlib
 from qalora_jax import hardware
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_matmul.cc", "cpu_attention.cc", "cpu_gemm.cc"))
-HEADERS = (Path(__file__).with_name("cpu_threads.h"),)
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("cpu_threads.h", "cpu_amx.h"))
 TARGETS = ("qalora_cpu_matmul_f32", "qalora_cpu_matmul_f16", "qalora_cpu_attention", "qalora_cpu_attention_fwd",
            "qalora_cpu_attention_bwd", "qalora_cpu_gemm")
 
@@ -82,3 +82,13 @@ def library() -> ctypes.CDLL | None:
 def available() -> bool:
   """Whether the kernels run here (see `library`)."""
   return library() is not None
+
+
+def amx() -> bool:
+  """Whether the kernels' products may run on AMX tiles here: the CPU has AMX-BF16, Linux lets the process use the
+  tile state, and QALORA_CPU_AMX is not "0" (attention's bfloat16 products then use vdpbf16ps, the float32 GEMM
+  its AVX512 FMAs)."""
+  if os.environ.get("QALORA_CPU_AMX") == "0" or "amx_bf16" not in hardware.cpu()["flags"]:
+    return False
+  loaded = library()
+  return loaded is not None and bool(loaded.qalora_amx_ready())
