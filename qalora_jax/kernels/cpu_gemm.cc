@@ -11,6 +11,8 @@
 // B[k, n] = W~[n, k] (a panel row is 32 inputs of one output, the bytes of its 4 or 8 code words spread to 32
 // values). The work goes out as tasks (blocks of A's rows to pack, then about eight blocks of C's columns) that
 // this thread and XLA's intra-op pool take in turn, so that a pool thread busy with another op delays nothing.
+// Where the CPU has AMX and the call asks for it (`tiles`), `gemm_amx` runs the same products on AMX's bfloat16
+// tiles at float32 precision.
 #if !defined(__AVX512F__) || !defined(__AVX512BW__)
 #error "needs AVX512F and AVX512BW"
 #endif
@@ -49,9 +51,10 @@ float* scratch(int which, int64_t floats) {
   return b.data() + (-reinterpret_cast<uintptr_t>(b.data()) / sizeof(float) & 15);
 }
 
-// Columns [n0, n0 + 32) of W~'s rows [k0, k0 + kc) into one panel [kc][32]; columns past `out` are zeros.
-template <int BITS>
-void pack_weight(const Weight& w, int64_t k0, int64_t kc, int64_t n0, float* dst) {
+// Columns [n0, n0 + 32) of W~'s rows [k0, k0 + kc), row k given as row(k, its columns 0-15, 16-31); columns
+// past `out` are zeros.
+template <int BITS, typename Row>
+void weight_rows(const Weight& w, int64_t k0, int64_t kc, int64_t n0, Row&& row) {
   constexpr int per_word = 32 / BITS;
   const int64_t valid = std::min<int64_t>(NR, w.out - n0);
   const __mmask16 m0 = valid >= 16 ? 0xFFFF : (1u << valid) - 1;
@@ -65,9 +68,8 @@ void pack_weight(const Weight& w, int64_t k0, int64_t kc, int64_t n0, float* dst
     const __m512i u0 = _mm512_maskz_loadu_epi32(m0, c), u1 = _mm512_maskz_loadu_epi32(m1, c + 16);
     const __m512 q0 = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srl_epi32(u0, shift), code));
     const __m512 q1 = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srl_epi32(u1, shift), code));
-    _mm512_store_ps(dst + k * NR, _mm512_fmadd_ps(q0, _mm512_maskz_loadu_ps(m0, s), _mm512_maskz_loadu_ps(m0, o)));
-    _mm512_store_ps(dst + k * NR + 16,
-                    _mm512_fmadd_ps(q1, _mm512_maskz_loadu_ps(m1, s + 16), _mm512_maskz_loadu_ps(m1, o + 16)));
+    row(k, _mm512_fmadd_ps(q0, _mm512_maskz_loadu_ps(m0, s), _mm512_maskz_loadu_ps(m0, o)),
+        _mm512_fmadd_ps(q1, _mm512_maskz_loadu_ps(m1, s + 16), _mm512_maskz_loadu_ps(m1, o + 16)));
   }
 }
 
@@ -77,11 +79,11 @@ inline __m128i words4(const uint32_t* c, int64_t out, int64_t o) {
                        static_cast<int>(c[out + o]), static_cast<int>(c[o]));
 }
 
-// Inputs [n0, n0 + 32) of W~'s columns (outputs) [k0, k0 + kc) into one panel [kc][32]: the panel's row k is
-// W~[n0 : n0 + 32, k0 + k], the 16 bytes of four 4-bit code words (a byte: inputs 2b, 2b + 1 in its low and high
-// nibble) or the 32 bytes of eight 8-bit ones. Needs in % 32 == 0 and group % 16 == 0.
-template <int BITS>
-void pack_weight_transposed(const Weight& w, int64_t k0, int64_t kc, int64_t n0, float* dst) {
+// Inputs [n0, n0 + 32) of W~'s columns (outputs) [k0, k0 + kc) as rows: row k is W~[n0 : n0 + 32, k0 + k], from
+// the 16 bytes of four 4-bit code words (a byte: inputs 2b, 2b + 1 in its low and high nibble) or the 32 bytes of
+// eight 8-bit ones, given as row(k, inputs 0-15, 16-31). Needs in % 32 == 0 and group % 16 == 0.
+template <int BITS, typename Row>
+void weight_rows_transposed(const Weight& w, int64_t k0, int64_t kc, int64_t n0, Row&& row) {
   const uint32_t* c = w.codes + n0 / (32 / BITS) * w.out;
   const int64_t g0 = n0 / w.group, g1 = (n0 + 16) / w.group;
   const __m128i low = _mm_set1_epi8(15);
@@ -99,10 +101,8 @@ void pack_weight_transposed(const Weight& w, int64_t k0, int64_t kc, int64_t n0,
     }
     const __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(first));
     const __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(second));
-    _mm512_store_ps(dst + k * NR, _mm512_fmadd_ps(q0, _mm512_set1_ps(w.scale[g0 * w.out + o]),
-                                                  _mm512_set1_ps(w.offset[g0 * w.out + o])));
-    _mm512_store_ps(dst + k * NR + 16, _mm512_fmadd_ps(q1, _mm512_set1_ps(w.scale[g1 * w.out + o]),
-                                                       _mm512_set1_ps(w.offset[g1 * w.out + o])));
+    row(k, _mm512_fmadd_ps(q0, _mm512_set1_ps(w.scale[g0 * w.out + o]), _mm512_set1_ps(w.offset[g0 * w.out + o])),
+        _mm512_fmadd_ps(q1, _mm512_set1_ps(w.scale[g1 * w.out + o]), _mm512_set1_ps(w.offset[g1 * w.out + o])));
   }
 }
 
@@ -189,11 +189,12 @@ void tile_at(const float* a, const float* b, int64_t kc, float* c, int64_t ldc, 
   for (int64_t i = 0; i < rows; ++i) std::memcpy(c + i * ldc, t + i * NR, cols * sizeof(float));
 }
 
-// C [M, N] = A [M, K] B for B packed by `pack(k0, kc, n, dst)` (one panel of 32 columns from n). Rows go MB at
-// a time: their A is packed (row panels shared out as tasks), then each task computes a block of columns for all
-// of them, packing its B a block of kc rows at a time, so no B panel is packed twice for the same rows.
-template <typename Pool, typename Pack>
-void gemm(Pool& pool, const float* a, int64_t M, int64_t K, int64_t N, float* c, const Pack& pack) {
+// C [M, N] = A [M, K] B for B's rows [k0, k0 + kc), columns [n, n + 32) given by `b_rows(k0, kc, n, row)`. Rows go
+// MB at a time: their A is packed (row panels shared out as tasks), then each task computes a block of columns for
+// all of them, packing its B a block of kc rows at a time into panels [kc][32], so no B panel is packed twice for
+// the same rows.
+template <typename Pool, typename Rows>
+void gemm(Pool& pool, const float* a, int64_t M, int64_t K, int64_t N, float* c, const Rows& b_rows) {
   const int64_t blocks = (K + KC - 1) / KC, kc_max = (K + blocks - 1) / blocks;
   const int64_t width = std::max(NR, ((N + 7) / 8 + NR - 1) / NR * NR);  // about 8 column tasks
   const int64_t n_tasks = (N + width - 1) / width;
@@ -212,7 +213,13 @@ void gemm(Pool& pool, const float* a, int64_t M, int64_t K, int64_t N, float* c,
       float* pb = scratch(0, width * kc_max);
       for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
         const int64_t kc = std::min(kc_max, K - k0);
-        for (int64_t n = n0; n < n1; n += NR) pack(k0, kc, n, pb + (n - n0) * kc);
+        for (int64_t n = n0; n < n1; n += NR) {
+          float* panel = pb + (n - n0) * kc;
+          b_rows(k0, kc, n, [panel](int64_t k, __m512 r0, __m512 r1) {
+            _mm512_store_ps(panel + k * NR, r0);
+            _mm512_store_ps(panel + k * NR + 16, r1);
+          });
+        }
         for (int64_t n = n0; n < n1; n += NR)  // a B panel stays in L1 while every A panel goes by
           for (int64_t p = 0; p < panels; ++p)
             tile_at(pa + k0 * panels * MR + p * MR * kc, pb + (n - n0) * kc, kc, c + (mb + p * MR) * N + n, N,
@@ -222,19 +229,19 @@ void gemm(Pool& pool, const float* a, int64_t M, int64_t K, int64_t N, float* c,
   }
 }
 
-
 #ifdef __AMX_BF16__
 // The same products on AMX's bfloat16 tiles, at float32 precision. A float32 value splits exactly into three
-// bfloat16 ones, a = a0 + a1 + a2 (each the nearest bfloat16 to what is left: |a1| <= 2^-9 |a|, |a2| <= 2^-18 |a|),
-// and a b = sum of the six products a_i b_j with i + j <= 2 up to |a1 b2 + a2 b1 + a2 b2| <= 2^-26 |a b|, below
-// float32's rounding of one product (2^-24). A tile product multiplies bfloat16 pairs exactly and sums in float32,
-// so C = A0 B0 + A0 B1 + A1 B0 + A0 B2 + A2 B0 + A1 B1 is a float32 GEMM's result, up to the order of its sums,
-// at six tile products a step where AVX512 does one FMA a float32 value. A is packed a 16 x 32 tile at a time
-// [K block][16 rows][32-step][part][16][32], B as pairs of inputs [32 columns][16-column half][32-step][part]
-// [16 pairs][16][2] (AMX's layout for B), from the float32 panels the packing functions above write; C is
-// computed 32 x 32 at a time in four accumulator tiles.
-constexpr int64_t MBA = 256;   // rows whose packed A the column tasks share (the whole K of them: in L2)
-constexpr int64_t KCA = 2048;  // the longest K block: C stays in its tiles a whole block (storing it stalls them)
+// bfloat16 ones, a = a0 + a1 + a2, each the nearest bfloat16 to what is left (|a1| <= 2^-8 |a|, |a2| <= 2^-16 |a|;
+// a2 has at most 8 significant bits), and a b is the sum of the six products a_i b_j with i + j <= 2 up to
+// |a1 b2 + a2 b1 + a2 b2| <= 2^-23 |a b|, two units of float32's rounding of one product. A tile product multiplies
+// bfloat16 pairs exactly and sums in float32, so C = A0 B0 + A0 B1 + A1 B0 + A0 B2 + A2 B0 + A1 B1 is a float32
+// GEMM's result up to the order of its sums and that term (against float64, as close as the AVX512 kernel's:
+// tests/test_cpu_gemm.py), at six tile products where AVX512 does one FMA a value. A is packed a 16 x 32 tile at a
+// time [K block][16 rows][32-step][part][16][32], B a 32-column panel at a time [16-column half][32-step][part]
+// [16 pairs of rows][16][2] (AMX's layout for B) from the rows `weight_rows` gives; C is computed 32 x 32 at a time
+// in four accumulator tiles, over a whole K block: storing the tiles waits for every product in flight.
+constexpr int64_t A_BYTES = 1 << 21;  // the packed A (a K block of rows, three parts) the column tasks share: in L2
+constexpr int64_t KCA = 2048;  // the longest K block
 
 // x as float32 rounded to the nearest bfloat16 (ties to even).
 inline __m512 bf16_round(__m512 x) {
@@ -282,20 +289,20 @@ void pack_rows_amx(const float* a, int64_t lda, int64_t m0, int64_t m_end, int64
   }
 }
 
-// Step s of `steps` of a B panel from 32 rows of float32 panel [32][32]: tiles [16-column half][step][part][16 pairs]
-// [16][2] at dst.
-void step_to_amx(const float* panel, int64_t s, int64_t steps, uint16_t* dst) {
+// Rows 2j and 2j + 1 of step s of a B panel (each as its columns 0-15 and 16-31) into its tiles [16-column half]
+// [step][part][16 pairs][16][2] at dst.
+inline void pair_to_amx(const __m512 even[2], const __m512 odd[2], int64_t s, int64_t steps, int64_t j,
+                        uint16_t* dst) {
   alignas(64) static const uint16_t order[32] = {1,  33, 3,  35, 5,  37, 7,  39, 9,  41, 11, 43, 13, 45, 15, 47,
                                                  17, 49, 19, 51, 21, 53, 23, 55, 25, 57, 27, 59, 29, 61, 31, 63};
-  const __m512i index = _mm512_load_si512(order);  // pairs: column j of row k, then of row k + 1
-  for (int64_t h = 0; h < 2; ++h)
-    for (int64_t k = 0; k < 32; k += 2) {
-      __m512 even[3], odd[3];
-      split3(_mm512_load_ps(panel + k * NR + 16 * h), even);
-      split3(_mm512_load_ps(panel + (k + 1) * NR + 16 * h), odd);
-      uint16_t* out = dst + ((h * steps + s) * 3 * 16 + k / 2) * 32;
-      for (int p = 0; p < 3; ++p) _mm512_store_si512(out + p * 16 * 32, bf16_words(even[p], odd[p], index));
-    }
+  const __m512i index = _mm512_load_si512(order);  // pairs: column n of row 2j, then of row 2j + 1
+  for (int64_t h = 0; h < 2; ++h) {
+    __m512 e[3], o[3];
+    split3(even[h], e);
+    split3(odd[h], o);
+    uint16_t* out = dst + ((h * steps + s) * 3 * 16 + j) * 32;
+    for (int p = 0; p < 3; ++p) _mm512_store_si512(out + p * 16 * 32, bf16_words(e[p], o[p], index));
+  }
 }
 
 // c[32 x 32] (+)= the six part products of A's tiles (two 16-row blocks, `a_step` words apart) and B's (two
@@ -317,12 +324,10 @@ void block_amx(const uint16_t* a, int64_t a_step, const uint16_t* b, int64_t b_h
   constexpr int64_t tile = 16 * 32;  // words
   for (int64_t s = 0; s < steps; ++s, a += 3 * tile, b += 3 * tile) {
     // (i, j) pairs: (0, 0) (0, 1) (0, 2) (1, 0) (1, 1) (2, 0), the A part loaded once for its B parts
-    for (int i = 0, q = 0; i < 3; ++i) {
+    for (int i = 0; i < 3; ++i) {
       _tile_loadd(4, a + i * tile, 64);
       _tile_loadd(5, a + a_step + i * tile, 64);
-      for (int j = 0; j + i < 3; ++j, ++q) {  // A's next six tiles come from L2: into L1 while these run
-        const uint16_t* next = a + (q < 3 ? (3 + q) * tile : a_step + q * tile);
-        for (int line = 0; line < 16; ++line) _mm_prefetch(reinterpret_cast<const char*>(next + 32 * line), _MM_HINT_T0);
+      for (int j = 0; j + i < 3; ++j) {
         _tile_loadd(6, b + j * tile, 64);
         _tile_loadd(7, b + b_half + j * tile, 64);
         _tile_dpbf16ps(0, 4, 6);
@@ -338,17 +343,18 @@ void block_amx(const uint16_t* a, int64_t a_step, const uint16_t* b, int64_t b_h
   _tile_stored(3, c + 16 * ldc + 16, stride);
 }
 
-// `gemm` on the tiles: rows MB at a time (their A packed as tasks), then the column tasks, each packing a 32-column
-// panel of B a block of K at a time (a block is the whole K up to KCA) and running every 32-row block of A past it.
-template <typename Pool, typename Pack>
-void gemm_amx(Pool& pool, const float* a, int64_t M, int64_t K, int64_t N, float* c, const Pack& pack) {
+// `gemm` on the tiles: rows `rows_max` at a time (their A packed as tasks), then the column tasks, each packing a
+// 32-column panel of B a block of K at a time (the whole K up to KCA) and running every 32-row block of A past it.
+template <typename Pool, typename Rows>
+void gemm_amx(Pool& pool, const float* a, int64_t M, int64_t K, int64_t N, float* c, const Rows& b_rows) {
   const int64_t blocks = (K + KCA - 1) / KCA, kc_max = ((K + blocks - 1) / blocks + 31) / 32 * 32;
   const int64_t steps = kc_max / 32, tile_words = 16 * kc_max * 3;  // a 16-row (16-column) block of A (B)
   const int64_t width = std::max(NR, ((N + 7) / 8 + NR - 1) / NR * NR);
   const int64_t n_tasks = (N + width - 1) / width;
   constexpr int64_t RB = 32;  // rows of a C block
-  for (int64_t mb = 0; mb < M; mb += MBA) {
-    const int64_t rows = std::min(MBA, M - mb), blocks_m = (rows + RB - 1) / RB, padded = blocks_m * RB;
+  const int64_t rows_max = std::clamp<int64_t>(A_BYTES / (6 * kc_max) / 32 * 32, 32, 512);
+  for (int64_t mb = 0; mb < M; mb += rows_max) {
+    const int64_t rows = std::min(rows_max, M - mb), blocks_m = (rows + RB - 1) / RB, padded = blocks_m * RB;
     uint16_t* pa = reinterpret_cast<uint16_t*>(scratch(1, padded * blocks * kc_max * 3 / 2));
     qalora::tasks(pool, (blocks_m + 1) / 2, [&](int64_t t) {  // [K block][16 rows][step][part][16][32]
       const int64_t m0 = mb + 2 * t * RB, m_end = std::min(m0 + 2 * RB, mb + padded);
@@ -358,17 +364,25 @@ void gemm_amx(Pool& pool, const float* a, int64_t M, int64_t K, int64_t N, float
     });
     qalora::tasks(pool, n_tasks, [&](int64_t t) {
       const int64_t n0 = t * width, n1 = std::min(N, n0 + width);
-      float* panel = scratch(0, 32 * NR + 2 * tile_words / 2);
-      uint16_t* pb = reinterpret_cast<uint16_t*>(panel + 32 * NR);
+      uint16_t* pb = reinterpret_cast<uint16_t*>(scratch(0, tile_words));
       const qalora::Tiles configured;
       for (int64_t n = n0; n < n1; n += NR) {
         const int64_t cols = std::min(NR, n1 - n);
         for (int64_t kb = 0; kb < blocks; ++kb) {
           for (int64_t s = 0; s < steps; ++s) {
             const int64_t k0 = kb * kc_max + 32 * s, kc = std::clamp<int64_t>(K - k0, 0, 32);
-            if (kc > 0) pack(k0, kc, n, panel);
-            std::memset(panel + kc * NR, 0, (32 - kc) * NR * sizeof(float));
-            step_to_amx(panel, s, steps, pb);
+            if (kc < 32)  // rows past K are zeros
+              for (int64_t t = 0; t < 6; ++t) std::memset(pb + ((t / 3 * steps + s) * 3 + t % 3) * 512, 0, 1024);
+            __m512 even[2];
+            b_rows(k0, kc, n, [&](int64_t k, __m512 r0, __m512 r1) {
+              const __m512 odd[2] = {r0, r1}, zeros[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+              if (k % 2) {
+                pair_to_amx(even, odd, s, steps, k / 2, pb);
+              } else {
+                even[0] = r0, even[1] = r1;
+                if (k + 1 == kc) pair_to_amx(even, zeros, s, steps, k / 2, pb);
+              }
+            });
           }
           for (int64_t p = 0; p < blocks_m; ++p) {
             const uint16_t* ap = pa + (kb * padded + p * RB) * kc_max * 3;
@@ -390,28 +404,18 @@ void gemm_amx(Pool& pool, const float* a, int64_t M, int64_t K, int64_t N, float
 }
 #endif
 
-// transpose 0: y [rows, out] = x [rows, in] W~; transpose 1: y [rows, in] = x [rows, out] W~^T.
+// transpose 0: y [rows, out] = x [rows, in] W~; transpose 1: y [rows, in] = x [rows, out] W~^T. B's rows come
+// from the codes as the products take them (`weight_rows`, `weight_rows_transposed`).
 template <int BITS, typename Pool>
 void product(Pool& pool, const float* x, int64_t rows, const Weight& w, bool transpose, float* y, bool tiles) {
+  const auto b_rows = [&](int64_t k0, int64_t kc, int64_t n, auto&& row) {
+    transpose ? weight_rows_transposed<BITS>(w, k0, kc, n, row) : weight_rows<BITS>(w, k0, kc, n, row);
+  };
+  const int64_t K = transpose ? w.out : w.in, N = transpose ? w.in : w.out;
 #ifdef __AMX_BF16__
-  if (tiles && qalora::amx_permitted()) {
-    if (transpose) {
-      gemm_amx(pool, x, rows, w.out, w.in, y,
-               [&](int64_t k0, int64_t kc, int64_t n, float* dst) { pack_weight_transposed<BITS>(w, k0, kc, n, dst); });
-    } else {
-      gemm_amx(pool, x, rows, w.in, w.out, y,
-               [&](int64_t k0, int64_t kc, int64_t n, float* dst) { pack_weight<BITS>(w, k0, kc, n, dst); });
-    }
-    return;
-  }
+  if (tiles && qalora::amx_permitted()) return gemm_amx(pool, x, rows, K, N, y, b_rows);
 #endif
-  if (transpose) {
-    gemm(pool, x, rows, w.out, w.in, y,
-         [&](int64_t k0, int64_t kc, int64_t n, float* dst) { pack_weight_transposed<BITS>(w, k0, kc, n, dst); });
-  } else {
-    gemm(pool, x, rows, w.in, w.out, y,
-         [&](int64_t k0, int64_t kc, int64_t n, float* dst) { pack_weight<BITS>(w, k0, kc, n, dst); });
-  }
+  gemm(pool, x, rows, K, N, y, b_rows);
 }
 
 ffi::Error IntGemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U32> codes,
