@@ -69,6 +69,25 @@ def test_matmul_shapes_weights_each_product_by_its_count_in_a_step():
   assert ms.step_ms(rates) - ms.step_ms({n: 1000.0 for n in rates}) == pytest.approx(30 * 2 * 512 * 1536 * 576 / 1e9)
 
 
+def test_matmul_shapes_tables_each_float32_library_with_its_error():
+  import matmul_shapes as ms
+
+  cpu = {"model": "X", "cores": 2, "flags": ["amx_bf16"]}
+  rates = {"xla": 100.0, "ours": 200.0, "ours-amx": 300.0, "torch": 150.0}
+  lines = [{"round": r, "shape": name, "library": lib, "dtype": "float32", "gflop_s": rate, "cpu": cpu,
+            "error": 1e-6 * (i + 1)} for r in range(2) for name, *_ in ms.SHAPES
+           for i, (lib, rate) in enumerate(rates.items())]
+  lines += [{"round": r, "shape": name, "library": lib, "dtype": "bfloat16", "gflop_s": 400.0, "cpu": cpu}
+            for r in range(2) for name, *_ in ms.SHAPES for lib in ("xla", "torch")]
+  text = ms.tables(lines)
+  assert "| ours (AVX512) f32 | ours (AMX) f32 | torch f32 | XLA / torch | ours (AVX512) / torch | ours (AMX) / torch" \
+      in text
+  assert "| down forward | [512, 1536] x [1536, 576] | 30 | 100 | 200 | 300 | 150 | 0.67x | 1.33x | 2.00x |" in text
+  assert "| down forward | 1.0e-06 | 2.0e-06 | 3.0e-06 | 4.0e-06 |" in text
+  # without AMX the column is not there
+  assert "AMX" not in ms.tables([x for x in lines if x["library"] != "ours-amx"])
+
+
 def test_a_llamacpp_run_without_its_repacked_layouts_is_said_so():
   import llamacpp_decode
 
