@@ -7,8 +7,10 @@ train: the jitted training step of LoRA (float base), QLoRA (NF4 + double quanti
 `bits` 2/3/4/8 and `group_size`, default INT4 g32), r = 16 on all seven linears, AdamW, on random token batches
 (as the PyTorch peers in shared/bench).
 tokens_per_s is batch x seq over the median of `repeats` timed steps after `warmup` steps; compile_s the
-time to lower and compile the step; mfu = model FLOPs per second / the float32 matmul peak measured in the
-same process, with the model FLOPs of a step on a frozen base counted as forward + input gradients:
+time to lower and compile the step; mfu = model FLOPs per second / the matmul peak of the step's products
+measured in the same process (`matmul_peak_flops`: XLA's at the operand dtype, or the float32 products of
+kernels.cpu_gemm where the step runs them, `gemm` "amx" or "avx512"), with the model FLOPs of a step on a frozen
+base counted as forward + input gradients:
 
     flops/token = 2 x (2 (N_linear + V d) + 4 L t q_size)      (no weight gradients but the adapters')
 
@@ -56,11 +58,18 @@ def peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def matmul_peak_flops(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
-  """FLOP/s of one n x n x n matmul here (median), operands of `dtype` accumulated in float32."""
+def matmul_peak_flops(n: int = 2048, repeats: int = 5, dtype: str = "float32", gemm: str = "xla") -> float:
+  """FLOP/s of one n x n x n matmul here (median), operands of `dtype` accumulated in float32: XLA's, or with
+  `gemm` "amx" or "avx512" kernels.cpu_gemm's with an INT4 g32 weight (the float32 products of a QA-LoRA step)."""
   a = jnp.ones((n, n), dtype)
-  f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
-  return 2 * n**3 / median_seconds(lambda: f(a, a), repeats, warmup=1)
+  if gemm == "xla":
+    f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+    return 2 * n**3 / median_seconds(lambda: f(a, a), repeats, warmup=1)
+  rng = np.random.default_rng(0)  # random values: the tiles' products draw more power on them than on ones
+  x = jnp.asarray(rng.normal(size=(n, n)), jnp.float32)
+  w = quant.get("int", bits=4, group_size=32).quantize(rng.normal(size=(n, n)).astype(np.float32))
+  f = jax.jit(cpu_gemm.matmul)
+  return 2 * n**3 / median_seconds(lambda: f(x, w), repeats, warmup=1)
 
 
 def read_bandwidth(n_bytes: int = 256 << 20, repeats: int = 5) -> float:
@@ -133,8 +142,8 @@ def bench_train(method: str = "qalora", batch: int = 4, seq: int = 128, model: s
     return m["loss"]
 
   step_s = median_seconds(one, repeats, warmup)
-  peak = matmul_peak_flops(dtype=matmul_dtype)
   gemm = cpu_gemm.engine(matmul_dtype) if method == "qalora" and bits in (4, 8) else "xla"
+  peak = matmul_peak_flops(dtype=matmul_dtype, gemm=gemm)
   return {"bench": "train", "method": method, "batch": batch, "seq": seq, "dtype": dtype,
           "matmul_dtype": matmul_dtype, "remat": remat, "remat_keep": remat_keep,
           **({"bits": bits, "group_size": group_size} if method == "qalora" else {}),
