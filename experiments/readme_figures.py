@@ -36,6 +36,8 @@ NF_MERGE = "experiments/quantize_report/nf_offset_merge.jsonl"  # experiments/nf
 GPU_CHECK = "experiments/gpu/results/2026-11-30-h200/check.jsonl"  # every stage of experiments/gpu/run.sh
 GPU_DECODING = "experiments/gpu/results/2026-11-30-h200-decoding-blocks/check.jsonl"  # with the tuned blocks
 FOLD_AB = "experiments/perf/fold_ab.jsonl"  # experiments/ab_bench.py --old e4133dc --only "train qalora fp32"
+AMX_AB = "experiments/perf/amx_ab.jsonl"  # experiments/ab_bench.py --old 6450309 --only "train qalora fp32"
+MATMULS = "experiments/perf/matmul_shapes.jsonl"  # experiments/matmul_shapes.py
 NF4 = {"block_size": 64, "double_quant": False}
 NF4_DQ = {"block_size": 64, "double_quant": True}
 
@@ -71,6 +73,22 @@ def ab_ratio(lines: list[dict]) -> tuple[str, ...]:
   by_round = {(x["round"], x["side"]): x["tokens_per_s"] for x in lines}
   rounds = sorted({x["round"] for x in lines})
   return f"{statistics.median(by_round[r, 'new'] / by_round[r, 'old'] for r in rounds):.2f}", str(len(rounds))
+
+
+def amx_matmuls(lines: list[dict]) -> tuple[str, ...]:
+  """The step's float32 matmul time on AMX over the AVX512 kernel's and over PyTorch's, and the largest error
+  against float64 on AMX, with AVX512, XLA and PyTorch (matmul_shapes.py's lines)."""
+  import matmul_shapes
+
+  rates = {}
+  for x in lines:
+    if x["dtype"] == "float32":
+      rates.setdefault(x["library"], {}).setdefault(x["shape"], []).append(x["gflop_s"])
+  ms = {lib: matmul_shapes.step_ms({s: statistics.median(v) for s, v in by_shape.items()})
+        for lib, by_shape in rates.items()}
+  worst = {lib: max(x["error"] for x in lines if x["library"] == lib and "error" in x) for lib in rates}
+  return (f"{ms['ours-amx'] / ms['ours']:.2f}", f"{ms['ours-amx'] / ms['torch']:.2f}", e(worst["ours-amx"], 1),
+          e(worst["ours"], 1), e(worst["xla"], 1), e(worst["torch"], 1))
 
 
 def largest_spread(lines: list[dict]) -> str:
@@ -211,6 +229,11 @@ FIGURES = [
                                        "maxrss_mb"))),
     Figure("README.md", "gone: with q/k/v below, {}x the float32 step's\n  tokens/s of the code before them (median of "
            "{} alternating rounds", FOLD_AB, ab_ratio),
+    Figure("README.md", "At the step's shapes the matmuls then take {}x the AVX512 kernel's time and {}x PyTorch's "
+           "float32\n  time, with errors against float64 of at most {} of the largest entry (AVX512: {}, XLA's "
+           "float32 dot:\n  {}, PyTorch's: {};", MATMULS, amx_matmuls),
+    Figure("README.md", "all-float32 step runs at {}x the tokens/s of the AVX512 kernel's (median of {} alternating "
+           "rounds", AMX_AB, ab_ratio),
     Figure("README.md", "the same bench varies by up to {}% between rounds", PERF,
            lambda lines: (largest_spread(lines),)),
     Figure("README.md", "On SmolLM2 `pow2-int` costs {} / {} bits a weight at 4-bit g32 / g128 (an 8-bit exponent "
