@@ -236,10 +236,11 @@ void gemm(Pool& pool, const float* a, int64_t M, int64_t K, int64_t N, float* c,
 // |a1 b2 + a2 b1 + a2 b2| <= 2^-23 |a b|, two units of float32's rounding of one product. A tile product multiplies
 // bfloat16 pairs exactly and sums in float32, so C = A0 B0 + A0 B1 + A1 B0 + A0 B2 + A2 B0 + A1 B1 is a float32
 // GEMM's result up to that term and the order of its sums, each part product rounding into them (against float64:
-// tests/test_cpu_gemm.py, experiments/perf/matmul_shapes.md), at six tile products where AVX512 does one FMA a value. A is packed a 16 x 32 tile at a
-// time [K block][16 rows][32-step][part][16][32], B a 32-column panel at a time [16-column half][32-step][part]
-// [16 pairs of rows][16][2] (AMX's layout for B) from the rows `weight_rows` gives; C is computed 32 x 32 at a time
-// in four accumulator tiles, over a whole K block: storing the tiles waits for every product in flight.
+// tests/test_cpu_gemm.py, experiments/perf/matmul_shapes.md), at six tile products where AVX512 does one FMA a
+// value. A is packed a 16 x 32 tile at a time [K block][16 rows][32-step][part][16][32], B a 32-column panel at a
+// time [16-column half][32-step][part][16 pairs of rows][16][2] (AMX's layout for B) from the rows `weight_rows`
+// gives; C is computed 32 x 32 at a time in four accumulator tiles, over a whole K block: storing the tiles waits
+// for every product in flight.
 constexpr int64_t A_BYTES = 1 << 21;  // the packed A (a K block of rows, three parts) the column tasks share: in L2
 constexpr int64_t KCA = 2048;  // the longest K block
 
