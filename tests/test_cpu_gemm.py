@@ -40,7 +40,7 @@ def _engine(monkeypatch, tiles):
 
 
 # rows: tiles of 14 and a partial one, blocks of 32 (AMX); out: panels of 32 and partial ones (forward); K in blocks
-# of at most 256 (AVX512) or 2048 (AMX)
+# of at most 256 (AVX512); K above 2048 runs with AVX512 FMAs on AMX machines too
 @pytest.mark.parametrize("tiles", [False, True], ids=["avx512", "amx"])
 @pytest.mark.parametrize("rows, n_in, n_out, options", [
     (100, 64, 40, {"group_size": 16}),
@@ -51,8 +51,9 @@ def _engine(monkeypatch, tiles):
     (130, 576, 200, {"bits": 8}),
     (1100, 64, 96, {}),  # rows in blocks of 518, each packed in turn
     (70, 64, 64, {"bits": 8, "symmetric": True, "group_size": 64}),
-    (96, 2560, 64, {}),  # K in two blocks on AMX
-    (70, 64, 2100, {}),  # K of the input gradient in two blocks, the second partial
+    (96, 2560, 64, {}),  # K above the tiles' limit
+    (70, 64, 2016, {}),  # the input gradient's K at the limit, not a multiple of 32 columns a panel
+    (70, 1984, 40, {"bits": 8}),  # K a multiple of 32 under the limit, a partial column panel
 ])
 def test_products_match_float64(rows, n_in, n_out, options, tiles, monkeypatch):
   _engine(monkeypatch, tiles)

@@ -237,12 +237,15 @@ void gemm(Pool& pool, const float* a, int64_t M, int64_t K, int64_t N, float* c,
 // bfloat16 pairs exactly and sums in float32, so C = A0 B0 + A0 B1 + A1 B0 + A0 B2 + A2 B0 + A1 B1 is a float32
 // GEMM's result up to that term and the order of its sums, each part product rounding into them (against float64:
 // tests/test_cpu_gemm.py, experiments/perf/matmul_shapes.md), at six tile products where AVX512 does one FMA a
-// value. A is packed a 16 x 32 tile at a time [K block][16 rows][32-step][part][16][32], B a 32-column panel at a
+// value. A is packed a 16 x 32 tile at a time [16 rows][32-step][part][16][32], B a 32-column panel at a
 // time [16-column half][32-step][part][16 pairs of rows][16][2] (AMX's layout for B) from the rows `weight_rows`
-// gives; C is computed 32 x 32 at a time in four accumulator tiles, over a whole K block: storing the tiles waits
-// for every product in flight.
-constexpr int64_t A_BYTES = 1 << 21;  // the packed A (a K block of rows, three parts) the column tasks share: in L2
-constexpr int64_t KCA = 2048;  // the longest K block
+// gives; C is computed 32 x 32 at a time in four accumulator tiles, over the whole K: storing the tiles waits for
+// every product in flight (at K blocks of 128 that cost half the rate).
+constexpr int64_t A_BYTES = 1 << 21;  // the packed A of a block of rows (the whole K, three parts): in L2
+// The longest sum the tiles take (longer ones run with AVX512 FMAs): each of the six part products rounds into it,
+// and B is packed again for each block of rows. The head's input gradient (K = 8192) ran both slower and with 4x
+// the error on the tiles.
+constexpr int64_t AMX_K = 2048;
 
 // x as float32 rounded to the nearest bfloat16 (ties to even).
 inline __m512 bf16_round(__m512 x) {
@@ -306,22 +309,15 @@ inline void pair_to_amx(const __m512 even[2], const __m512 odd[2], int64_t s, in
   }
 }
 
-// c[32 x 32] (+)= the six part products of A's tiles (two 16-row blocks, `a_step` words apart) and B's (two
+// c[32 x 32] = the six part products of A's tiles (two 16-row blocks, `a_step` words apart) and B's (two
 // 16-column halves, `b_half` words apart), over kc / 32 steps; c's rows ldc floats apart.
 void block_amx(const uint16_t* a, int64_t a_step, const uint16_t* b, int64_t b_half, int64_t steps, float* c,
-               int64_t ldc, bool accumulate) {
+               int64_t ldc) {
   const int64_t stride = ldc * sizeof(float);
-  if (accumulate) {
-    _tile_loadd(0, c, stride);
-    _tile_loadd(1, c + 16, stride);
-    _tile_loadd(2, c + 16 * ldc, stride);
-    _tile_loadd(3, c + 16 * ldc + 16, stride);
-  } else {
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-  }
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
   constexpr int64_t tile = 16 * 32;  // words
   for (int64_t s = 0; s < steps; ++s, a += 3 * tile, b += 3 * tile) {
     // (i, j) pairs: (0, 0) (0, 1) (0, 2) (1, 0) (1, 1) (2, 0), the A part loaded once for its B parts
@@ -344,59 +340,53 @@ void block_amx(const uint16_t* a, int64_t a_step, const uint16_t* b, int64_t b_h
   _tile_stored(3, c + 16 * ldc + 16, stride);
 }
 
-// `gemm` on the tiles: rows `rows_max` at a time (their A packed as tasks), then the column tasks, each packing a
-// 32-column panel of B a block of K at a time (the whole K up to KCA) and running every 32-row block of A past it.
+// `gemm` on the tiles for K <= AMX_K: rows `rows_max` at a time (their A packed as tasks), then the column tasks,
+// each packing a 32-column panel of B over the whole K and running every 32-row block of A past it.
 template <typename Pool, typename Rows>
 void gemm_amx(Pool& pool, const float* a, int64_t M, int64_t K, int64_t N, float* c, const Rows& b_rows) {
-  const int64_t blocks = (K + KCA - 1) / KCA, kc_max = ((K + blocks - 1) / blocks + 31) / 32 * 32;
-  const int64_t steps = kc_max / 32, tile_words = 16 * kc_max * 3;  // a 16-row (16-column) block of A (B)
+  const int64_t kc = (K + 31) / 32 * 32, steps = kc / 32, tile_words = 16 * kc * 3;  // 16 rows (columns) of A (B)
   const int64_t width = std::max(NR, ((N + 7) / 8 + NR - 1) / NR * NR);
   const int64_t n_tasks = (N + width - 1) / width;
   constexpr int64_t RB = 32;  // rows of a C block
-  const int64_t rows_max = std::clamp<int64_t>(A_BYTES / (6 * kc_max) / 32 * 32, 32, 512);
+  const int64_t rows_max = std::clamp<int64_t>(A_BYTES / (6 * kc) / 32 * 32, 32, 512);
   for (int64_t mb = 0; mb < M; mb += rows_max) {
     const int64_t rows = std::min(rows_max, M - mb), blocks_m = (rows + RB - 1) / RB, padded = blocks_m * RB;
-    uint16_t* pa = reinterpret_cast<uint16_t*>(scratch(1, padded * blocks * kc_max * 3 / 2));
-    qalora::tasks(pool, (blocks_m + 1) / 2, [&](int64_t t) {  // [K block][16 rows][step][part][16][32]
+    uint16_t* pa = reinterpret_cast<uint16_t*>(scratch(1, padded * kc * 3 / 2));
+    qalora::tasks(pool, (blocks_m + 1) / 2, [&](int64_t t) {  // [16 rows][step][part][16][32]
       const int64_t m0 = mb + 2 * t * RB, m_end = std::min(m0 + 2 * RB, mb + padded);
-      for (int64_t kb = 0; kb < blocks; ++kb)
-        pack_rows_amx(a, K, m0, m_end, mb + rows, kb * kc_max, kc_max, K,
-                      pa + (kb * padded + m0 - mb) * kc_max * 3);
+      pack_rows_amx(a, K, m0, m_end, mb + rows, 0, kc, K, pa + (m0 - mb) * kc * 3);
     });
     qalora::tasks(pool, n_tasks, [&](int64_t t) {
       const int64_t n0 = t * width, n1 = std::min(N, n0 + width);
       uint16_t* pb = reinterpret_cast<uint16_t*>(scratch(0, tile_words));
       const qalora::Tiles configured;
       for (int64_t n = n0; n < n1; n += NR) {
-        const int64_t cols = std::min(NR, n1 - n);
-        for (int64_t kb = 0; kb < blocks; ++kb) {
-          for (int64_t s = 0; s < steps; ++s) {
-            const int64_t k0 = kb * kc_max + 32 * s, kc = std::clamp<int64_t>(K - k0, 0, 32);
-            if (kc < 32)  // rows past K are zeros
-              for (int64_t t = 0; t < 6; ++t) std::memset(pb + ((t / 3 * steps + s) * 3 + t % 3) * 512, 0, 1024);
-            __m512 even[2];
-            b_rows(k0, kc, n, [&](int64_t k, __m512 r0, __m512 r1) {
-              const __m512 odd[2] = {r0, r1}, zeros[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-              if (k % 2) {
-                pair_to_amx(even, odd, s, steps, k / 2, pb);
-              } else {
-                even[0] = r0, even[1] = r1;
-                if (k + 1 == kc) pair_to_amx(even, zeros, s, steps, k / 2, pb);
-              }
-            });
-          }
-          for (int64_t p = 0; p < blocks_m; ++p) {
-            const uint16_t* ap = pa + (kb * padded + p * RB) * kc_max * 3;
-            const int64_t r = std::min(RB, rows - p * RB);
-            float* cp = c + (mb + p * RB) * N + n;
-            if (r == RB && cols == NR) {
-              block_amx(ap, tile_words, pb, tile_words, steps, cp, N, kb > 0);
+        for (int64_t s = 0; s < steps; ++s) {
+          const int64_t k0 = 32 * s, rows_b = std::min<int64_t>(K - k0, 32);
+          if (rows_b < 32)  // rows past K are zeros
+            for (int64_t t = 0; t < 6; ++t) std::memset(pb + ((t / 3 * steps + s) * 3 + t % 3) * 512, 0, 1024);
+          __m512 even[2];
+          b_rows(k0, rows_b, n, [&](int64_t k, __m512 r0, __m512 r1) {
+            const __m512 odd[2] = {r0, r1}, zeros[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+            if (k % 2) {
+              pair_to_amx(even, odd, s, steps, k / 2, pb);
             } else {
-              alignas(64) float tmp[RB * NR] = {};
-              for (int64_t i = 0; i < r && kb > 0; ++i) std::memcpy(tmp + i * NR, cp + i * N, cols * sizeof(float));
-              block_amx(ap, tile_words, pb, tile_words, steps, tmp, NR, kb > 0);
-              for (int64_t i = 0; i < r; ++i) std::memcpy(cp + i * N, tmp + i * NR, cols * sizeof(float));
+              even[0] = r0, even[1] = r1;
+              if (k + 1 == rows_b) pair_to_amx(even, zeros, s, steps, k / 2, pb);
             }
+          });
+        }
+        const int64_t cols = std::min(NR, n1 - n);
+        for (int64_t p = 0; p < blocks_m; ++p) {
+          const uint16_t* ap = pa + p * RB * kc * 3;
+          const int64_t r = std::min(RB, rows - p * RB);
+          float* cp = c + (mb + p * RB) * N + n;
+          if (r == RB && cols == NR) {
+            block_amx(ap, tile_words, pb, tile_words, steps, cp, N);
+          } else {
+            alignas(64) float tmp[RB * NR];
+            block_amx(ap, tile_words, pb, tile_words, steps, tmp, NR);
+            for (int64_t i = 0; i < r; ++i) std::memcpy(cp + i * N, tmp + i * NR, cols * sizeof(float));
           }
         }
       }
@@ -414,7 +404,7 @@ void product(Pool& pool, const float* x, int64_t rows, const Weight& w, bool tra
   };
   const int64_t K = transpose ? w.out : w.in, N = transpose ? w.in : w.out;
 #ifdef __AMX_BF16__
-  if (tiles && qalora::amx_permitted()) return gemm_amx(pool, x, rows, K, N, y, b_rows);
+  if (tiles && K <= AMX_K && qalora::amx_permitted()) return gemm_amx(pool, x, rows, K, N, y, b_rows);
 #endif
   gemm(pool, x, rows, K, N, y, b_rows);
 }
