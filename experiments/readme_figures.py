@@ -229,10 +229,10 @@ FIGURES = [
                                        "maxrss_mb"))),
     Figure("README.md", "gone: with q/k/v below, {}x the float32 step's\n  tokens/s of the code before them (median of "
            "{} alternating rounds", FOLD_AB, ab_ratio),
-    Figure("README.md", "At the step's shapes the matmuls then take {}x the AVX512 kernel's time and {}x PyTorch's "
-           "float32\n  time, with errors against float64 of at most {} of the largest entry (AVX512: {}, XLA's "
-           "float32 dot:\n  {}, PyTorch's: {};", MATMULS, amx_matmuls),
-    Figure("README.md", "all-float32 step runs at {}x the tokens/s of the AVX512 kernel's (median of {} alternating "
+    Figure("README.md", "At the step's shapes the matmuls then take {}x\n  the AVX512 kernel's time and {}x PyTorch's "
+           "float32 time, with errors against float64 of at most {} of\n  the largest entry (AVX512: {}, XLA's "
+           "float32 dot: {}, PyTorch's: {};", MATMULS, amx_matmuls),
+    Figure("README.md", "all-float32 step runs at {}x the\n  tokens/s of the AVX512 kernel's (median of {} alternating "
            "rounds", AMX_AB, ab_ratio),
     Figure("README.md", "the same bench varies by up to {}% between rounds", PERF,
            lambda lines: (largest_spread(lines),)),

@@ -20,11 +20,11 @@ and
 
     a b = a0 b0 + a0 b1 + a1 b0 + a0 b2 + a2 b0 + a1 b1 + e,     |e| <= 2^-23 |a b|;
 
-the tiles multiply bfloat16 pairs exactly and sum in float32, each part product rounding into the sum. Against
-float64 that is float32's error in such sums (tests/test_cpu_gemm.py; at most 1.6e-6 of the largest entry at
-the training step's shapes, where XLA's float32 dot reaches 1.0e-6: experiments/perf/matmul_shapes.md), and six
-tile products cost less than one AVX512 pass over the same values: the step's products take 0.81x the AVX512
-kernel's time. QALORA_CPU_AMX=0 keeps the AVX512 kernel.
+the tiles multiply bfloat16 pairs exactly and sum in float32, each part product rounding into the sum (sums
+longer than 2048 stay on AVX512 FMAs). Against float64 that is float32's error in such sums (tests/test_cpu_gemm.py;
+at most 7.1e-7 of the largest entry at the training step's shapes, where XLA's float32 dot reaches 1.0e-6:
+experiments/perf/matmul_shapes.md), and six tile products cost less than one AVX512 pass over the same values:
+the step's products take 0.85x the AVX512 kernel's time. QALORA_CPU_AMX=0 keeps the AVX512 kernel.
 """
 
 from __future__ import annotations
