@@ -268,10 +268,10 @@ inline __m512i bf16_words(__m512 a, __m512 b, __m512i index) {
   return _mm512_permutex2var_epi16(_mm512_castps_si512(a), index, _mm512_castps_si512(b));
 }
 
-// Rows [m0, m_end) of a [.., lda] and its columns [k0, k0 + kc) as tiles [16 rows][kc / 32][part][16][32]; rows
-// from m1 on and columns from k1 on are zeros (kc and m_end - m0 multiples of 32 and 16).
-void pack_rows_amx(const float* a, int64_t lda, int64_t m0, int64_t m_end, int64_t m1, int64_t k0, int64_t kc,
-                   int64_t k1, uint16_t* dst) {
+// Rows [m0, m_end) of a [.., lda] and its columns [0, kc) as tiles [16 rows][kc / 32][part][16][32]; rows from m1
+// on and columns from k1 on are zeros (kc and m_end - m0 multiples of 32 and 16).
+void pack_rows_amx(const float* a, int64_t lda, int64_t m0, int64_t m_end, int64_t m1, int64_t kc, int64_t k1,
+                   uint16_t* dst) {
   alignas(64) static const uint16_t order[32] = {1,  3,  5,  7,  9,  11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31,
                                                  33, 35, 37, 39, 41, 43, 45, 47, 49, 51, 53, 55, 57, 59, 61, 63};
   const __m512i index = _mm512_load_si512(order);
@@ -280,7 +280,7 @@ void pack_rows_amx(const float* a, int64_t lda, int64_t m0, int64_t m_end, int64
     for (int64_t i = 0; i < 16; ++i) {
       const float* row = a + (r + i) * lda;
       for (int64_t s = 0; s < steps; ++s) {
-        const int64_t k = k0 + 32 * s, left = r + i < m1 ? std::max<int64_t>(0, k1 - k) : 0;
+        const int64_t k = 32 * s, left = r + i < m1 ? std::max<int64_t>(0, k1 - k) : 0;
         const __mmask16 m_lo = left >= 16 ? 0xFFFF : (1u << left) - 1;
         const __mmask16 m_hi = left >= 32 ? 0xFFFF : left > 16 ? (1u << (left - 16)) - 1 : 0;
         __m512 lo[3], hi[3];
@@ -354,7 +354,7 @@ void gemm_amx(Pool& pool, const float* a, int64_t M, int64_t K, int64_t N, float
     uint16_t* pa = reinterpret_cast<uint16_t*>(scratch(1, padded * kc * 3 / 2));
     qalora::tasks(pool, (blocks_m + 1) / 2, [&](int64_t t) {  // [16 rows][step][part][16][32]
       const int64_t m0 = mb + 2 * t * RB, m_end = std::min(m0 + 2 * RB, mb + padded);
-      pack_rows_amx(a, K, m0, m_end, mb + rows, 0, kc, K, pa + (m0 - mb) * kc * 3);
+      pack_rows_amx(a, K, m0, m_end, mb + rows, kc, K, pa + (m0 - mb) * kc * 3);
     });
     qalora::tasks(pool, n_tasks, [&](int64_t t) {
       const int64_t n0 = t * width, n1 = std::min(N, n0 + width);
@@ -364,7 +364,7 @@ void gemm_amx(Pool& pool, const float* a, int64_t M, int64_t K, int64_t N, float
         for (int64_t s = 0; s < steps; ++s) {
           const int64_t k0 = 32 * s, rows_b = std::min<int64_t>(K - k0, 32);
           if (rows_b < 32)  // rows past K are zeros
-            for (int64_t t = 0; t < 6; ++t) std::memset(pb + ((t / 3 * steps + s) * 3 + t % 3) * 512, 0, 1024);
+            for (int64_t h = 0; h < 2; ++h) std::memset(pb + (h * steps + s) * 3 * 512, 0, 3 * 1024);
           __m512 even[2];
           b_rows(k0, rows_b, n, [&](int64_t k, __m512 r0, __m512 r1) {
             const __m512 odd[2] = {r0, r1}, zeros[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
