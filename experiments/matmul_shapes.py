@@ -72,7 +72,7 @@ def operands(k: int, n: int, transposed: bool) -> tuple[np.ndarray, np.ndarray, 
 
 
 def xla_product(k: int, n: int, transposed: bool, dtype: str):
-  """A call running [M, k] x [k, n] (the weight stored [n, k] when transposed) through XLA, and its result."""
+  """A call running [M, k] x [k, n] (the weight stored [n, k] when transposed) through XLA."""
   x, w, _ = operands(k, n, transposed)
   x, w = jnp.asarray(x, dtype), jnp.asarray(w, dtype)
   dims = (((1,), (1,)), ((), ())) if transposed else (((1,), (0,)), ((), ()))

@@ -61,8 +61,8 @@ def peak_rss_mb() -> float:
 def matmul_peak_flops(n: int = 2048, repeats: int = 5, dtype: str = "float32", gemm: str = "xla") -> float:
   """FLOP/s of one n x n x n matmul here (median), operands of `dtype` accumulated in float32: XLA's, or with
   `gemm` "amx" or "avx512" kernels.cpu_gemm's with an INT4 g32 weight (the float32 products of a QA-LoRA step)."""
-  a = jnp.ones((n, n), dtype)
   if gemm == "xla":
+    a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
     return 2 * n**3 / median_seconds(lambda: f(a, a), repeats, warmup=1)
   rng = np.random.default_rng(0)  # random values: the tiles' products draw more power on them than on ones
